@@ -1,0 +1,199 @@
+//! Identifiers that end up inside NATS subjects, validated before they get anywhere near one.
+//!
+//! Every id a client or token supplies goes through [`UserId::parse`], [`ConvId::parse`],
+//! [`ClientMsgId::parse`] or [`DeviceId::parse`]. The accepted alphabets exclude `.`, `*`, `>`,
+//! whitespace and control characters, so a validated id is always exactly one subject token and
+//! subject injection is impossible by construction.
+
+use std::fmt;
+
+/// Longest user, device or client message id, in bytes.
+pub const MAX_ID_LEN: usize = 64;
+
+/// Why an id was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("{what} is empty")]
+    Empty { what: &'static str },
+    #[error("{what} is longer than {max} bytes")]
+    TooLong { what: &'static str, max: usize },
+    #[error("{what} contains a character outside [A-Za-z0-9_-]")]
+    BadChar { what: &'static str },
+    #[error(
+        "conversation id must be `dm~<user>~<user>` with two different users in ascending order"
+    )]
+    BadConversation,
+}
+
+fn check_token(s: &str, what: &'static str) -> Result<(), IdError> {
+    if s.is_empty() {
+        return Err(IdError::Empty { what });
+    }
+    if s.len() > MAX_ID_LEN {
+        return Err(IdError::TooLong {
+            what,
+            max: MAX_ID_LEN,
+        });
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Err(IdError::BadChar { what });
+    }
+    Ok(())
+}
+
+macro_rules! token_id {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates `s`: 1 to 64 bytes of `[A-Za-z0-9_-]`.
+            pub fn parse(s: &str) -> Result<Self, IdError> {
+                check_token(s, $what)?;
+                Ok(Self(s.to_owned()))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+token_id!(
+    /// A user id, as carried in the token's `sub` claim.
+    UserId,
+    "user id"
+);
+token_id!(
+    /// A device id, chosen by the client per installation.
+    DeviceId,
+    "device id"
+);
+token_id!(
+    /// A client-generated message id (for example a UUID), unique per sender and conversation.
+    ClientMsgId,
+    "client message id"
+);
+
+/// A conversation id.
+///
+/// Today every conversation is a one-to-one conversation named `dm~<a>~<b>`, where `a` and `b` are
+/// the two member user ids, different, in ascending byte order. Its membership is therefore the
+/// id itself: it exists implicitly, and is recorded by the sequencer at its first message.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConvId {
+    id: String,
+    members: [UserId; 2],
+}
+
+impl ConvId {
+    const DM_PREFIX: &'static str = "dm~";
+
+    pub fn parse(s: &str) -> Result<Self, IdError> {
+        let rest = s
+            .strip_prefix(Self::DM_PREFIX)
+            .ok_or(IdError::BadConversation)?;
+        let (a, b) = rest.split_once('~').ok_or(IdError::BadConversation)?;
+        let a = UserId::parse(a)?;
+        let b = UserId::parse(b)?;
+        if a >= b {
+            return Err(IdError::BadConversation);
+        }
+        Ok(Self {
+            id: s.to_owned(),
+            members: [a, b],
+        })
+    }
+
+    /// The one-to-one conversation between two different users.
+    pub fn direct(a: &UserId, b: &UserId) -> Result<Self, IdError> {
+        let (lo, hi) = if a < b { (a, b) } else { (b, a) };
+        Self::parse(&format!("{}{}~{}", Self::DM_PREFIX, lo, hi))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.id
+    }
+
+    pub fn members(&self) -> &[UserId] {
+        &self.members
+    }
+
+    pub fn is_member(&self, user: &UserId) -> bool {
+        self.members.contains(user)
+    }
+}
+
+impl fmt::Display for ConvId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_plain_ids() {
+        for s in ["alice", "Bob_2", "a-b", "0", &"x".repeat(64)] {
+            assert!(UserId::parse(s).is_ok(), "{s}");
+        }
+    }
+
+    #[test]
+    fn refuses_anything_that_could_change_a_subject() {
+        for s in [
+            "",
+            "a.b",
+            "*",
+            ">",
+            "a b",
+            "a\tb",
+            "a\nb",
+            "a\0b",
+            "é",
+            "a~b",
+            &"x".repeat(65),
+        ] {
+            assert!(UserId::parse(s).is_err(), "{s:?} must be refused");
+            assert!(ClientMsgId::parse(s).is_err(), "{s:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn direct_conversations_are_canonical() {
+        let a = UserId::parse("alice").unwrap();
+        let b = UserId::parse("bob").unwrap();
+        let c = ConvId::direct(&b, &a).unwrap();
+        assert_eq!(c.as_str(), "dm~alice~bob");
+        assert_eq!(ConvId::parse("dm~alice~bob").unwrap(), c);
+        assert!(c.is_member(&a) && c.is_member(&b));
+        assert!(!c.is_member(&UserId::parse("carol").unwrap()));
+        for bad in [
+            "dm~bob~alice",
+            "dm~alice~alice",
+            "dm~alice",
+            "alice~bob",
+            "dm~alice~bob~carol",
+            "dm~al.ice~bob",
+            "dm~alice~b*",
+            "dm~alice~>",
+            "dm~ alice~bob",
+        ] {
+            assert!(ConvId::parse(bad).is_err(), "{bad:?} must be refused");
+        }
+        assert!(ConvId::direct(&a, &a).is_err());
+    }
+}

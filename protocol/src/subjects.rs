@@ -1,0 +1,88 @@
+//! Every NATS subject the system uses is built here and nowhere else. See `nats/README.md`.
+
+use crate::ids::{ConvId, UserId};
+
+/// Number of conversation partitions. Fixed by the `CHAT_IN` subject transform
+/// (`partition(8,1)`) and by the per-partition consumers in `nats/consumers/`.
+pub const PARTITIONS: u32 = 8;
+
+/// Stream holding client sends until the sequencer stamped them.
+pub const STREAM_INBOUND: &str = "CHAT_IN";
+/// Stream holding stamped messages, one subject per conversation.
+pub const STREAM_STAMPED: &str = "CHAT_MSGS";
+
+/// Priority group of the sequencer's partition consumers.
+pub const SEQUENCER_GROUP: &str = "sequencer";
+/// Priority group of the fan-out workers' partition consumers.
+pub const FANOUT_GROUP: &str = "fanout";
+
+/// Queue group of the history responders.
+pub const HISTORY_QUEUE: &str = "history";
+/// Request subject for history pages (payload: [`crate::api::HistoryRequest`]).
+pub const HISTORY_API: &str = "chat.api.history";
+
+/// Where a gateway publishes a client's send: `chat.in.<conv>`. `CHAT_IN` rewrites it to
+/// `chat.inp.<partition>.<conv>` on ingest.
+pub fn inbound(conv: &ConvId) -> String {
+    format!("chat.in.{conv}")
+}
+
+/// The filter of the sequencer consumer of one partition.
+pub fn inbound_partition_filter(partition: u32) -> String {
+    format!("chat.inp.{partition}.*")
+}
+
+/// The stamped subject of a conversation: `chat.msg.<partition>.<conv>`. One subject per
+/// conversation, so `Nats-Expected-Last-Subject-Sequence` fences its stamper.
+pub fn stamped(conv: &ConvId) -> String {
+    format!("chat.msg.{}.{conv}", partition_of(conv))
+}
+
+/// The filter of the fan-out consumer of one partition.
+pub fn stamped_partition_filter(partition: u32) -> String {
+    format!("chat.msg.{partition}.*")
+}
+
+/// Core NATS subject on which every device of `user` receives its pushes.
+pub fn user(user: &UserId) -> String {
+    format!("chat.user.{user}")
+}
+
+/// The conversation id and partition token of a subject `chat.inp.<p>.<conv>` or
+/// `chat.msg.<p>.<conv>`.
+pub fn split_partitioned(subject: &str) -> Option<(u32, &str)> {
+    let mut parts = subject.splitn(4, '.');
+    let (_chat, _kind) = (parts.next()?, parts.next()?);
+    let p = parts.next()?.parse().ok()?;
+    Some((p, parts.next()?))
+}
+
+/// The partition of a conversation, computed exactly as nats-server's `partition(n, 1)` subject
+/// transform does (FNV-1a 32 of the token, modulo n), so services agree with the stream.
+pub fn partition_of(conv: &ConvId) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in conv.as_str().bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % PARTITIONS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builds_and_splits_subjects() {
+        let conv = ConvId::parse("dm~alice~bob").unwrap();
+        let s = stamped(&conv);
+        let (p, c) = split_partitioned(&s).unwrap();
+        assert_eq!(c, "dm~alice~bob");
+        assert_eq!(p, partition_of(&conv));
+        assert!(p < PARTITIONS);
+        assert_eq!(inbound(&conv), "chat.in.dm~alice~bob");
+        assert_eq!(split_partitioned("chat.inp.3.dm~a~b"), Some((3, "dm~a~b")));
+        assert_eq!(split_partitioned("chat.inp.x.dm~a~b"), None);
+        assert_eq!(split_partitioned("chat.inp"), None);
+    }
+}
