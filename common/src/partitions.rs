@@ -1,0 +1,97 @@
+//! Drives one pinned pull consumer per partition.
+//!
+//! Each partition's durable consumer uses the `pinned_client` priority policy: of all processes
+//! pulling it, the server delivers to exactly one (the pinned client) and moves the pin only after
+//! that client stopped pulling for the consumer's `priority_timeout`. That gives one owner per
+//! partition at a time; correctness across a pin move is the handler's business (the sequencer
+//! fences its writes).
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use async_nats::jetstream::{self, consumer::PullConsumer};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+/// How a partition consumer pulls.
+#[derive(Debug, Clone)]
+pub struct PullSettings {
+    pub group: &'static str,
+    pub batch: usize,
+    /// Pull request expiry: also bounds how long a dead pin is kept by a live puller's requests.
+    pub expires: Duration,
+}
+
+/// Runs `handle` for every message of every partition consumer, one message at a time per
+/// partition (in stream order), until `shutdown`. Errors of the pull itself are logged and
+/// retried with backoff; the handler acks or naks.
+pub async fn run<H, Fut>(
+    js: jetstream::Context,
+    stream: &'static str,
+    consumers: Vec<(u32, String)>,
+    settings: PullSettings,
+    handle: H,
+    shutdown: CancellationToken,
+) where
+    H: Fn(u32, jetstream::Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let handle = Arc::new(handle);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (partition, name) in consumers {
+        let js = js.clone();
+        let handle = handle.clone();
+        let settings = settings.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            while !shutdown.is_cancelled() {
+                match consume_partition(&js, stream, &name, partition, &settings, &*handle, &shutdown).await {
+                    Ok(()) => backoff = Duration::from_millis(100),
+                    Err(err) => {
+                        tracing::warn!(stream, consumer = %name, error = %err, "partition consumer failed, retrying");
+                        tokio::select! {
+                            _ = tokio::time::sleep(backoff) => {},
+                            _ = shutdown.cancelled() => {},
+                        }
+                        backoff = (backoff * 2).min(Duration::from_secs(5));
+                    }
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn consume_partition<H, Fut>(
+    js: &jetstream::Context,
+    stream: &str,
+    name: &str,
+    partition: u32,
+    settings: &PullSettings,
+    handle: &H,
+    shutdown: &CancellationToken,
+) -> Result<(), async_nats::Error>
+where
+    H: Fn(u32, jetstream::Message) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let consumer: PullConsumer = js.get_stream(stream).await?.get_consumer(name).await?;
+    let mut messages = consumer
+        .stream()
+        .group(settings.group)
+        .max_messages_per_batch(settings.batch)
+        .expires(settings.expires)
+        .messages()
+        .await?;
+    loop {
+        let next = tokio::select! {
+            next = messages.next() => next,
+            _ = shutdown.cancelled() => return Ok(()),
+        };
+        match next {
+            Some(Ok(msg)) => handle(partition, msg).await,
+            Some(Err(err)) => return Err(err.into()),
+            None => return Ok(()),
+        }
+    }
+}

@@ -1,0 +1,502 @@
+//! The embedded backend: one redb database file per store directory.
+//!
+//! Layout (all keys are redb tuples, which compare element by element, so a
+//! conversation id that is a prefix of another can never fall inside the
+//! other's key range):
+//!
+//! | table        | key                        | value                         |
+//! |--------------|----------------------------|-------------------------------|
+//! | `messages`   | `(conv, seq)`              | JSON [`Record`] (other fields) |
+//! | `client_ids` | `(conv, from, client_id)`  | seq                           |
+//! | `latest_seq` | `conv`                     | highest stored seq            |
+//! | `meta`       | `"applied_stream_seq"`     | highest applied stream seq    |
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition,
+    WriteTransaction,
+};
+
+use crate::{MessageStore, Page, PageQuery, StoreError, StoredMessage};
+
+const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
+const CLIENT_IDS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("client_ids");
+const LATEST_SEQ: TableDefinition<&str, u64> = TableDefinition::new("latest_seq");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+const APPLIED_STREAM_SEQ: &str = "applied_stream_seq";
+
+/// The stored value of a message; `conv` and `seq` live in the key.
+#[derive(serde::Serialize)]
+struct RecordRef<'a> {
+    from: &'a str,
+    client_id: &'a str,
+    ts_ms: u64,
+    body: &'a str,
+    stream_seq: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct Record {
+    from: String,
+    client_id: String,
+    ts_ms: u64,
+    body: String,
+    stream_seq: u64,
+}
+
+impl Record {
+    fn same_as(&self, m: &StoredMessage) -> bool {
+        self.from == m.from
+            && self.client_id == m.client_id
+            && self.ts_ms == m.ts_ms
+            && self.body == m.body
+            && self.stream_seq == m.stream_seq
+    }
+
+    fn into_message(self, conv: &str, seq: u64) -> StoredMessage {
+        StoredMessage {
+            conv: conv.to_owned(),
+            seq,
+            from: self.from,
+            client_id: self.client_id,
+            ts_ms: self.ts_ms,
+            body: self.body,
+            stream_seq: self.stream_seq,
+        }
+    }
+}
+
+fn encode(m: &StoredMessage) -> Vec<u8> {
+    let record = RecordRef {
+        from: &m.from,
+        client_id: &m.client_id,
+        ts_ms: m.ts_ms,
+        body: &m.body,
+        stream_seq: m.stream_seq,
+    };
+    // Serializing a struct of strings and integers into a Vec cannot fail.
+    serde_json::to_vec(&record).expect("record serialization is infallible")
+}
+
+fn decode(conv: &str, seq: u64, bytes: &[u8]) -> Result<Record, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        conv: conv.to_owned(),
+        seq,
+        reason: e.to_string(),
+    })
+}
+
+/// Maps a redb error to [`StoreError::Backend`] with the operation as context.
+fn backend<E: Into<redb::Error>>(op: &'static str) -> impl FnOnce(E) -> StoreError {
+    move |e| StoreError::Backend {
+        op,
+        source: e.into(),
+    }
+}
+
+/// The embedded message store: a redb database at `<dir>/messages.redb`.
+///
+/// Cheap to clone (the database handle is shared). Commits use redb's
+/// immediate durability: once [`MessageStore::append`] returns `Ok` the batch
+/// survives a process crash or power loss. Blocking redb calls run on tokio's
+/// blocking pool, so the async methods must be called inside a tokio runtime.
+///
+/// redb locks the file: a second `open` of the same directory while a store
+/// is open (in this or another process) fails with [`StoreError::Open`].
+#[derive(Clone)]
+pub struct EmbeddedStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Database,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedStore")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EmbeddedStore {
+    /// Name of the database file inside the store directory.
+    pub const DB_FILE: &'static str = "messages.redb";
+
+    /// Opens the store in directory `dir`, creating the directory and the
+    /// database file if needed.
+    ///
+    /// Blocking (file I/O, and crash recovery if the previous process did not
+    /// shut down cleanly): call it at startup or from `spawn_blocking`.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Self, StoreError> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| StoreError::Open {
+            path: dir.to_path_buf(),
+            source: e.into(),
+        })?;
+        let path = dir.join(Self::DB_FILE);
+        let open_err = |e: redb::Error| StoreError::Open {
+            path: path.clone(),
+            source: e,
+        };
+        let db = Database::create(&path).map_err(|e| open_err(e.into()))?;
+        // Create every table up front so read transactions can always open them.
+        let mut txn = db.begin_write().map_err(|e| open_err(e.into()))?;
+        txn.set_durability(Durability::Immediate)
+            .map_err(|e| open_err(e.into()))?;
+        txn.open_table(MESSAGES).map_err(|e| open_err(e.into()))?;
+        txn.open_table(CLIENT_IDS).map_err(|e| open_err(e.into()))?;
+        txn.open_table(LATEST_SEQ).map_err(|e| open_err(e.into()))?;
+        txn.open_table(META).map_err(|e| open_err(e.into()))?;
+        txn.commit().map_err(|e| open_err(e.into()))?;
+        Ok(EmbeddedStore {
+            inner: Arc::new(Inner { db, path }),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs a blocking closure against the database on tokio's blocking pool.
+    async fn blocking<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || f(&inner.db))
+            .await
+            .map_err(|source| StoreError::Worker { op, source })?
+    }
+}
+
+fn begin_read(db: &Database) -> Result<ReadTransaction, StoreError> {
+    db.begin_read().map_err(backend("begin read transaction"))
+}
+
+fn append_blocking(
+    db: &Database,
+    msgs: &[StoredMessage],
+    through: Option<u64>,
+) -> Result<(), StoreError> {
+    if msgs.is_empty() && through.is_none() {
+        return Ok(());
+    }
+    if let Some(m) = msgs.iter().find(|m| m.seq == 0) {
+        return Err(StoreError::Invalid {
+            conv: m.conv.clone(),
+            seq: m.seq,
+            reason: "seq must be at least 1",
+        });
+    }
+    let mut txn = db
+        .begin_write()
+        .map_err(backend("begin write transaction"))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(backend("set durability"))?;
+    match write_batch(&txn, msgs, through) {
+        Ok(()) => txn.commit().map_err(backend("commit append")),
+        Err(e) => {
+            // Nothing of the batch may be written; an abort failure is less
+            // interesting to the caller than the reason we aborted.
+            let _ = txn.abort();
+            Err(e)
+        }
+    }
+}
+
+fn write_batch(
+    txn: &WriteTransaction,
+    msgs: &[StoredMessage],
+    through: Option<u64>,
+) -> Result<(), StoreError> {
+    let mut messages = txn
+        .open_table(MESSAGES)
+        .map_err(backend("open messages table"))?;
+    let mut client_ids = txn
+        .open_table(CLIENT_IDS)
+        .map_err(backend("open client id table"))?;
+    let mut latest = txn
+        .open_table(LATEST_SEQ)
+        .map_err(backend("open latest seq table"))?;
+    let mut meta = txn.open_table(META).map_err(backend("open meta table"))?;
+
+    let mut batch_latest: HashMap<&str, u64> = HashMap::new();
+    for m in msgs {
+        let key = (m.conv.as_str(), m.seq);
+        let existing = messages
+            .get(key)
+            .map_err(backend("read message"))?
+            .map(|guard| decode(&m.conv, m.seq, guard.value()))
+            .transpose()?;
+        match existing {
+            Some(stored) if stored.same_as(m) => {}
+            Some(_) => {
+                return Err(StoreError::Conflict {
+                    conv: m.conv.clone(),
+                    seq: m.seq,
+                });
+            }
+            None => {
+                messages
+                    .insert(key, encode(m).as_slice())
+                    .map_err(backend("insert message"))?;
+            }
+        }
+
+        let cid_key = (m.conv.as_str(), m.from.as_str(), m.client_id.as_str());
+        let recorded = client_ids
+            .get(cid_key)
+            .map_err(backend("read client id"))?
+            .is_some();
+        if !recorded {
+            client_ids
+                .insert(cid_key, m.seq)
+                .map_err(backend("insert client id"))?;
+        }
+
+        match batch_latest.entry(m.conv.as_str()) {
+            Entry::Occupied(mut e) => {
+                let v = e.get_mut();
+                *v = (*v).max(m.seq);
+            }
+            Entry::Vacant(e) => {
+                e.insert(m.seq);
+            }
+        }
+    }
+
+    for (conv, seq) in batch_latest {
+        let current = latest
+            .get(conv)
+            .map_err(backend("read latest seq"))?
+            .map(|g| g.value());
+        if current.is_none_or(|c| seq > c) {
+            latest
+                .insert(conv, seq)
+                .map_err(backend("update latest seq"))?;
+        }
+    }
+
+    if let Some(through) = through {
+        let applied = meta
+            .get(APPLIED_STREAM_SEQ)
+            .map_err(backend("read applied stream seq"))?
+            .map_or(0, |g| g.value());
+        if through > applied {
+            meta.insert(APPLIED_STREAM_SEQ, through)
+                .map_err(backend("update applied stream seq"))?;
+        }
+    }
+    Ok(())
+}
+
+fn page_blocking(db: &Database, conv: &str, q: PageQuery) -> Result<Page, StoreError> {
+    let limit = q.effective_limit() as usize;
+    let (lower, upper) = match q {
+        PageQuery::Before {
+            before: Some(0), ..
+        } => return Ok(Page::default()),
+        PageQuery::Before { before, .. } => (
+            Bound::Included((conv, 0)),
+            before.map_or(Bound::Included((conv, u64::MAX)), |b| {
+                Bound::Excluded((conv, b))
+            }),
+        ),
+        PageQuery::After { after, .. } => (
+            Bound::Excluded((conv, after)),
+            Bound::Included((conv, u64::MAX)),
+        ),
+    };
+    let txn = begin_read(db)?;
+    let table = txn
+        .open_table(MESSAGES)
+        .map_err(backend("open messages table"))?;
+    let range = table
+        .range::<(&str, u64)>((lower, upper))
+        .map_err(backend("scan messages"))?;
+    // Read one extra message to know exactly whether there are more.
+    let rows: Box<dyn Iterator<Item = _>> = match q {
+        PageQuery::Before { .. } => Box::new(range.rev()),
+        PageQuery::After { .. } => Box::new(range),
+    };
+    let mut messages = Vec::with_capacity(limit + 1);
+    for row in rows.take(limit + 1) {
+        let (key, value) = row.map_err(backend("scan messages"))?;
+        let (row_conv, seq) = key.value();
+        messages.push(decode(row_conv, seq, value.value())?.into_message(row_conv, seq));
+    }
+    let more = messages.len() > limit;
+    messages.truncate(limit);
+    if matches!(q, PageQuery::Before { .. }) {
+        messages.reverse();
+    }
+    Ok(Page { messages, more })
+}
+
+impl MessageStore for EmbeddedStore {
+    async fn append(&self, msgs: Vec<StoredMessage>) -> Result<(), StoreError> {
+        if msgs.is_empty() {
+            return Ok(());
+        }
+        self.blocking("append", move |db| append_blocking(db, &msgs, None))
+            .await
+    }
+
+    async fn append_followed(
+        &self,
+        msgs: Vec<StoredMessage>,
+        through: u64,
+    ) -> Result<(), StoreError> {
+        self.blocking("append followed", move |db| {
+            append_blocking(db, &msgs, Some(through))
+        })
+        .await
+    }
+
+    async fn page(&self, conv: &str, q: PageQuery) -> Result<Page, StoreError> {
+        let conv = conv.to_owned();
+        self.blocking("read page", move |db| page_blocking(db, &conv, q))
+            .await
+    }
+
+    async fn latest_seq(&self, conv: &str) -> Result<Option<u64>, StoreError> {
+        let conv = conv.to_owned();
+        self.blocking("read latest seq", move |db| {
+            let txn = begin_read(db)?;
+            let table = txn
+                .open_table(LATEST_SEQ)
+                .map_err(backend("open latest seq table"))?;
+            let seq = table
+                .get(conv.as_str())
+                .map_err(backend("read latest seq"))?
+                .map(|g| g.value());
+            Ok(seq)
+        })
+        .await
+    }
+
+    async fn seq_for_client_id(
+        &self,
+        conv: &str,
+        from: &str,
+        client_id: &str,
+    ) -> Result<Option<u64>, StoreError> {
+        let (conv, from, client_id) = (conv.to_owned(), from.to_owned(), client_id.to_owned());
+        self.blocking("read client id", move |db| {
+            let txn = begin_read(db)?;
+            let table = txn
+                .open_table(CLIENT_IDS)
+                .map_err(backend("open client id table"))?;
+            let seq = table
+                .get((conv.as_str(), from.as_str(), client_id.as_str()))
+                .map_err(backend("read client id"))?
+                .map(|g| g.value());
+            Ok(seq)
+        })
+        .await
+    }
+
+    async fn applied_stream_seq(&self) -> Result<u64, StoreError> {
+        self.blocking("read applied stream seq", |db| {
+            let txn = begin_read(db)?;
+            let table = txn.open_table(META).map_err(backend("open meta table"))?;
+            let seq = table
+                .get(APPLIED_STREAM_SEQ)
+                .map_err(backend("read applied stream seq"))?
+                .map_or(0, |g| g.value());
+            Ok(seq)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::StoreErrorKind;
+
+    fn write_raw(store: &EmbeddedStore, conv: &str, seq: u64, bytes: &[u8]) {
+        let txn = store.inner.db.begin_write().unwrap();
+        txn.open_table(MESSAGES)
+            .unwrap()
+            .insert((conv, seq), bytes)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
+    fn message(conv: &str, seq: u64) -> StoredMessage {
+        StoredMessage {
+            conv: conv.into(),
+            seq,
+            from: "alice".into(),
+            client_id: format!("c{seq}"),
+            ts_ms: 1,
+            body: "hi".into(),
+            stream_seq: seq,
+        }
+    }
+
+    #[tokio::test]
+    async fn undecodable_record_is_corrupt_with_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path()).unwrap();
+        store
+            .append(vec![message("c1", 1), message("c1", 3)])
+            .await
+            .unwrap();
+        write_raw(&store, "c1", 2, b"\xffnot json");
+
+        for q in [
+            PageQuery::Before {
+                before: None,
+                limit: 10,
+            },
+            PageQuery::After {
+                after: 0,
+                limit: 10,
+            },
+        ] {
+            let err = store.page("c1", q).await.unwrap_err();
+            assert_eq!(err.kind(), StoreErrorKind::Corrupt);
+            assert!(
+                matches!(&err, StoreError::Corrupt { conv, seq: 2, .. } if conv == "c1"),
+                "{err:?}"
+            );
+        }
+        // Pages that do not touch the bad record still work.
+        let page = store
+            .page(
+                "c1",
+                PageQuery::After {
+                    after: 2,
+                    limit: 10,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(page.messages, vec![message("c1", 3)]);
+
+        // Re-putting over a corrupt record reports the corruption, not a conflict.
+        let err = store.append(vec![message("c1", 2)]).await.unwrap_err();
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err:?}");
+    }
+
+    #[test]
+    fn record_encoding_round_trips() {
+        let m = message("conv", 7);
+        let back = decode("conv", 7, &encode(&m)).unwrap();
+        assert!(back.same_as(&m));
+        assert_eq!(back.into_message("conv", 7), m);
+    }
+}
