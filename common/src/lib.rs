@@ -59,3 +59,15 @@ pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::C
         .await
         .with_context(|| format!("cannot connect to NATS at {url}"))
 }
+
+/// Binds `addr` unless it is empty (a disabled listener).
+pub async fn bind_optional(addr: &str) -> anyhow::Result<Option<tokio::net::TcpListener>> {
+    use anyhow::Context;
+    if addr.is_empty() {
+        return Ok(None);
+    }
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    Ok(Some(listener))
+}

@@ -152,7 +152,12 @@ async fn api(
     subject: String,
     body: &Value,
 ) -> Result<Value, ProvisionError> {
-    let payload = serde_json::to_vec(body).expect("JSON value encodes");
+    // Info requests take an empty payload, not `null`.
+    let payload = if body.is_null() {
+        Vec::new()
+    } else {
+        serde_json::to_vec(body).expect("JSON value encodes")
+    };
     let reply = client
         .request(subject.clone(), payload.into())
         .await

@@ -1,0 +1,143 @@
+//! The fan-out worker: delivers stamped messages to every device of every member.
+//!
+//! Consumes `CHAT_MSGS` through one pinned pull consumer per partition (`fanout-p<N>`, subjects
+//! `chat.msg.<N>.<conv>`), so one worker delivers a partition at a time and each recipient sees a
+//! conversation's messages in seq order. For each message it publishes the unchanged `message`
+//! frame to the core NATS subject `chat.user.<member>` of every member, the sender included (the
+//! sender's other devices see it, and the sender learns the seq), then acks.
+//!
+//! Pushes are best effort by design: a device that was offline or dropped a push recovers from
+//! history with its cursor. The ack travels on the same connection after the pushes, so an ack
+//! the server saw implies the pushes reached the server.
+
+use std::time::Duration;
+
+use chat_common::{
+    admin::{self, Readiness},
+    partitions::{self, PullSettings},
+};
+use chat_protocol::{frames::ServerFrame, ids::ConvId, jetstream::fanout_consumer, subjects};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+/// Fan-out worker settings (`CHAT_FANOUT_*` env vars or a TOML file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// NATS server URL.
+    pub nats_url: String,
+    /// Admin endpoint (`/healthz`, `/readyz`, `/metrics`); empty disables it.
+    pub admin_listen: String,
+    /// Partitions this worker competes for (default: all).
+    pub partitions: Option<Vec<u32>>,
+    /// Messages pulled per request.
+    pub pull_batch: usize,
+    /// Grace period for in-flight work at shutdown.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            admin_listen: "127.0.0.1:9092".into(),
+            partitions: None,
+            pull_batch: 256,
+            shutdown_grace_ms: 5000,
+        }
+    }
+}
+
+/// Delivers one stamped message to its members. Returns how many user subjects got it.
+async fn deliver(client: &async_nats::Client, msg: &async_nats::jetstream::Message) -> usize {
+    let conv = match serde_json::from_slice(&msg.payload) {
+        Ok(ServerFrame::Message(m)) => ConvId::parse(&m.conv),
+        _ => {
+            tracing::error!(subject = %msg.subject, "skipping undecodable stamped message");
+            return 0;
+        }
+    };
+    let Ok(conv) = conv else {
+        tracing::error!(subject = %msg.subject, "skipping stamped message with an invalid conversation");
+        return 0;
+    };
+    let mut sent = 0;
+    for member in conv.members() {
+        match client
+            .publish(subjects::user(member), msg.payload.clone())
+            .await
+        {
+            Ok(()) => sent += 1,
+            Err(err) => tracing::warn!(error = %err, "push failed"),
+        }
+    }
+    sent
+}
+
+/// Runs the worker until `shutdown`, then stops pulling, finishes the message in hand, and
+/// drains the NATS client.
+pub async fn run(
+    config: Config,
+    admin_listener: Option<tokio::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let partitions = config
+        .partitions
+        .clone()
+        .unwrap_or_else(|| (0..subjects::PARTITIONS).collect());
+    if let Some(bad) = partitions.iter().find(|p| **p >= subjects::PARTITIONS) {
+        anyhow::bail!(
+            "partition {bad} does not exist (partitions are 0..{})",
+            subjects::PARTITIONS
+        );
+    }
+    let client = chat_common::connect_nats(&config.nats_url, "fanout-worker").await?;
+    let js = async_nats::jetstream::new(client.clone());
+    let ready = Readiness::default();
+    let stop_admin = CancellationToken::new();
+    let admin_task =
+        admin_listener.map(|l| tokio::spawn(admin::serve(l, ready.clone(), stop_admin.clone())));
+    let consumers = partitions
+        .iter()
+        .map(|p| (*p, fanout_consumer(*p)))
+        .collect();
+    let push_client = client.clone();
+    let consuming = tokio::spawn(partitions::run(
+        js,
+        subjects::STREAM_STAMPED,
+        consumers,
+        PullSettings {
+            group: subjects::FANOUT_GROUP,
+            batch: config.pull_batch,
+            expires: Duration::from_secs(2),
+        },
+        move |_p, msg| {
+            let client = push_client.clone();
+            async move {
+                let pushed = deliver(&client, &msg).await;
+                metrics::counter!("fanout_pushes_total").increment(pushed as u64);
+                if let Err(err) = msg.ack().await {
+                    tracing::warn!(error = %err, "ack failed; the message will be pushed again");
+                }
+            }
+        },
+        shutdown.child_token(),
+    ));
+    ready.set(true);
+    tracing::info!(partitions = ?partitions, "fan-out worker running");
+    shutdown.cancelled().await;
+    ready.set(false);
+    let grace = Duration::from_millis(config.shutdown_grace_ms);
+    if tokio::time::timeout(grace, consuming).await.is_err() {
+        tracing::warn!(
+            grace_ms = config.shutdown_grace_ms,
+            "consumers did not stop within the grace period"
+        );
+    }
+    stop_admin.cancel();
+    if let Some(task) = admin_task {
+        let _ = task.await;
+    }
+    client.drain().await.ok();
+    Ok(())
+}

@@ -1,0 +1,48 @@
+//! Sequencer settings (`CHAT_SEQUENCER_*` env vars or a TOML file), documented in
+//! `sequencer/README.md`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// NATS server URL.
+    pub nats_url: String,
+    /// Admin endpoint (`/healthz`, `/readyz`, `/metrics`); empty disables it.
+    pub admin_listen: String,
+    /// Directory of the embedded message store.
+    pub store_dir: PathBuf,
+    /// Partitions this process competes for (default: all). Every partition needs at least one
+    /// running sequencer.
+    pub partitions: Option<Vec<u32>>,
+    /// Follow `CHAT_MSGS` into the local store, so that with several sequencer processes every
+    /// embedded store holds every conversation (history can be served by any of them).
+    pub follow_stamped: bool,
+    /// Answer history requests from the local store.
+    pub serve_history: bool,
+    /// How long a history request waits for the local store to catch up with the stream.
+    pub history_catch_up_ms: u64,
+    /// Grace period for in-flight work at shutdown.
+    pub shutdown_grace_ms: u64,
+    /// Name of this instance, recorded in the `Chat-Stamper` header of what it stamps
+    /// (default: host name and process id).
+    pub instance_id: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            nats_url: "nats://127.0.0.1:4222".into(),
+            admin_listen: "127.0.0.1:9091".into(),
+            store_dir: PathBuf::from(".run/store"),
+            partitions: None,
+            follow_stamped: true,
+            serve_history: true,
+            history_catch_up_ms: 2000,
+            shutdown_grace_ms: 5000,
+            instance_id: String::new(),
+        }
+    }
+}

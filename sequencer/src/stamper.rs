@@ -1,0 +1,317 @@
+//! Stamping: one inbound message at a time per partition, in stream order.
+//!
+//! The next seq of a conversation is the last stamped seq + 1, where "last" comes from the
+//! conversation's own subject in `CHAT_MSGS`. The publish carries
+//! `Nats-Expected-Last-Subject-Sequence` (the stream sequence of that last message), so a stale
+//! owner — paused, partitioned, or simply racing — is refused by JetStream instead of stamping a
+//! duplicate or out-of-place seq. It carries `Nats-Msg-Id` too, so re-stamping a redelivered
+//! message returns the original instead of a second copy.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use async_nats::{
+    HeaderMap,
+    jetstream::{self, AckKind, context::PublishErrorKind, stream::DirectGetErrorKind},
+};
+use chat_protocol::{
+    api::{InboundMessage, dedupe_id},
+    frames::{ErrorCode, ErrorFrame, Message, ServerFrame},
+    ids::{ClientMsgId, ConvId, UserId},
+    subjects,
+};
+use chat_store::{MessageStore, StoredMessage};
+
+/// Last stamped position of a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Head {
+    seq: u64,
+    /// Stream sequence of that message in `CHAT_MSGS` (0: none on the subject).
+    stream_seq: u64,
+}
+
+/// Failures of one stamping attempt.
+#[derive(Debug, thiserror::Error)]
+pub enum StampError {
+    #[error("reading the conversation head failed: {0}")]
+    Head(String),
+    #[error("publishing the stamped message failed: {0}")]
+    Publish(String),
+    #[error("store: {0}")]
+    Store(#[from] chat_store::StoreError),
+    #[error("fenced {0} times in a row")]
+    Fenced(u32),
+}
+
+/// Why an inbound message is refused for good (never stamped).
+#[derive(Debug, thiserror::Error)]
+enum Reject {
+    #[error("undecodable inbound message: {0}")]
+    Undecodable(String),
+    #[error("invalid id: {0}")]
+    InvalidId(#[from] chat_protocol::ids::IdError),
+    #[error("subject does not match the conversation")]
+    SubjectMismatch,
+    #[error("sender is not a member")]
+    NotMember {
+        from: UserId,
+        conv: String,
+        id: String,
+    },
+}
+
+const MAX_FENCE_RETRIES: u32 = 5;
+
+pub struct Stamper<S> {
+    js: jetstream::Context,
+    client: async_nats::Client,
+    stamped: jetstream::stream::Stream,
+    store: S,
+    heads: Mutex<HashMap<String, Head>>,
+    instance: String,
+}
+
+/// Header naming the sequencer instance that stamped a message (for operators and tests).
+pub const STAMPER_HEADER: &str = "Chat-Stamper";
+
+impl<S: MessageStore> Stamper<S> {
+    pub async fn new(
+        client: async_nats::Client,
+        store: S,
+        instance: String,
+    ) -> Result<Arc<Self>, async_nats::Error> {
+        let js = jetstream::new(client.clone());
+        let stamped = js.get_stream(subjects::STREAM_STAMPED).await?;
+        Ok(Arc::new(Self {
+            js,
+            client,
+            stamped,
+            store,
+            heads: Mutex::new(HashMap::new()),
+            instance,
+        }))
+    }
+
+    /// Handles one delivery of the partition consumer: stamp, store, then ack.
+    pub async fn handle(&self, partition: u32, msg: jetstream::Message) {
+        let started = std::time::Instant::now();
+        match self.validate(partition, &msg) {
+            Err(reject) => {
+                self.refuse(reject).await;
+                if let Err(err) = msg.ack_with(AckKind::Term).await {
+                    tracing::warn!(error = %err, "term of refused message failed");
+                }
+            }
+            Ok((inbound, conv)) => match self.stamp(&inbound, &conv).await {
+                Ok(seq) => {
+                    if let Err(err) = msg.ack().await {
+                        // Redelivery is harmless: the dedupe id returns the stored message.
+                        tracing::warn!(error = %err, "ack failed after stamping");
+                    }
+                    metrics::counter!("sequencer_stamped_total").increment(1);
+                    metrics::histogram!("sequencer_stamp_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    tracing::debug!(conv = %conv, seq, "stamped");
+                }
+                Err(err) => {
+                    metrics::counter!("sequencer_stamp_errors_total").increment(1);
+                    tracing::warn!(conv = %conv, error = %err, "stamping failed, will be redelivered");
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
+                        .await;
+                }
+            },
+        }
+    }
+
+    fn validate(
+        &self,
+        partition: u32,
+        msg: &jetstream::Message,
+    ) -> Result<(InboundMessage, ConvId), Reject> {
+        let inbound: InboundMessage =
+            serde_json::from_slice(&msg.payload).map_err(|e| Reject::Undecodable(e.to_string()))?;
+        let conv = ConvId::parse(&inbound.conv)?;
+        let from = UserId::parse(&inbound.from)?;
+        ClientMsgId::parse(&inbound.id)?;
+        if subjects::split_partitioned(&msg.subject) != Some((partition, conv.as_str())) {
+            return Err(Reject::SubjectMismatch);
+        }
+        if !conv.is_member(&from) {
+            return Err(Reject::NotMember {
+                from,
+                conv: inbound.conv,
+                id: inbound.id,
+            });
+        }
+        Ok((inbound, conv))
+    }
+
+    async fn refuse(&self, reject: Reject) {
+        metrics::counter!("sequencer_refused_total").increment(1);
+        tracing::warn!(reason = %reject, "refusing inbound message");
+        if let Reject::NotMember { from, conv, id } = reject {
+            let mut frame = ErrorFrame::new(
+                ErrorCode::NotMember,
+                "you are not a member of this conversation",
+            );
+            frame.id = Some(id);
+            frame.conv = Some(conv);
+            let payload = serde_json::to_vec(&ServerFrame::Error(frame)).expect("frame encodes");
+            let _ = self
+                .client
+                .publish(subjects::user(&from), payload.into())
+                .await;
+        }
+    }
+
+    /// Stamps one message (or finds its earlier stamp) and stores it. Returns its seq.
+    async fn stamp(&self, inbound: &InboundMessage, conv: &ConvId) -> Result<u64, StampError> {
+        if let Some(seq) = self
+            .store
+            .seq_for_client_id(conv.as_str(), &inbound.from, &inbound.id)
+            .await?
+        {
+            return Ok(seq);
+        }
+        let subject = subjects::stamped(conv);
+        for _ in 0..MAX_FENCE_RETRIES {
+            let head = self.head(conv, &subject).await?;
+            let message = Message {
+                conv: inbound.conv.clone(),
+                seq: head.seq + 1,
+                from: inbound.from.clone(),
+                id: inbound.id.clone(),
+                ts: chat_protocol::now_ms(),
+                body: inbound.body.clone(),
+            };
+            let payload =
+                serde_json::to_vec(&ServerFrame::Message(message.clone())).expect("frame encodes");
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                async_nats::header::NATS_MESSAGE_ID,
+                dedupe_id(&inbound.conv, &inbound.from, &inbound.id).as_str(),
+            );
+            headers.insert(
+                async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+                head.stream_seq.to_string().as_str(),
+            );
+            headers.insert(STAMPER_HEADER, self.instance.as_str());
+            let ack = match self
+                .js
+                .publish_with_headers(subject.clone(), headers, payload.into())
+                .await
+            {
+                Ok(fut) => fut.await,
+                Err(e) => Err(e),
+            };
+            match ack {
+                Ok(ack) if !ack.duplicate => {
+                    self.set_head(
+                        conv,
+                        Head {
+                            seq: message.seq,
+                            stream_seq: ack.sequence,
+                        },
+                    );
+                    self.store
+                        .append(vec![stored(message, ack.sequence)])
+                        .await?;
+                    return Ok(head.seq + 1);
+                }
+                Ok(ack) => {
+                    // Stamped before (a redelivery, or a retry through another gateway): store
+                    // the original, never a second copy.
+                    self.forget_head(conv);
+                    let original = self.load_stamped(ack.sequence).await?;
+                    let seq = original.seq;
+                    self.store.append(vec![original]).await?;
+                    metrics::counter!("sequencer_duplicates_total").increment(1);
+                    return Ok(seq);
+                }
+                Err(err) if err.kind() == PublishErrorKind::WrongLastSequence => {
+                    // Someone else stamped this conversation since we read its head.
+                    metrics::counter!("sequencer_fenced_total").increment(1);
+                    tracing::info!(conv = %conv, "fenced: conversation head moved, reloading");
+                    self.forget_head(conv);
+                }
+                Err(err) => {
+                    self.forget_head(conv);
+                    return Err(StampError::Publish(err.to_string()));
+                }
+            }
+        }
+        Err(StampError::Fenced(MAX_FENCE_RETRIES))
+    }
+
+    async fn head(&self, conv: &ConvId, subject: &str) -> Result<Head, StampError> {
+        if let Some(head) = self.heads.lock().expect("heads lock").get(conv.as_str()) {
+            return Ok(*head);
+        }
+        let head = match self.stamped.direct_get_last_for_subject(subject).await {
+            Ok(last) => {
+                let msg = decode_stamped(&last.payload, last.sequence)?;
+                Head {
+                    seq: msg.seq,
+                    stream_seq: last.sequence,
+                }
+            }
+            Err(err) if err.kind() == DirectGetErrorKind::NotFound => {
+                // Nothing on the subject (new conversation, or aged out of the stream): continue
+                // after what the store has, and expect no message on the subject.
+                let seq = self.store.latest_seq(conv.as_str()).await?.unwrap_or(0);
+                Head { seq, stream_seq: 0 }
+            }
+            Err(err) => return Err(StampError::Head(err.to_string())),
+        };
+        self.set_head(conv, head);
+        Ok(head)
+    }
+
+    async fn load_stamped(&self, stream_seq: u64) -> Result<StoredMessage, StampError> {
+        let raw = self
+            .stamped
+            .direct_get(stream_seq)
+            .await
+            .map_err(|e| StampError::Head(e.to_string()))?;
+        let msg = decode_stamped(&raw.payload, stream_seq)?;
+        Ok(stored(msg, stream_seq))
+    }
+
+    fn set_head(&self, conv: &ConvId, head: Head) {
+        self.heads
+            .lock()
+            .expect("heads lock")
+            .insert(conv.as_str().to_owned(), head);
+    }
+
+    fn forget_head(&self, conv: &ConvId) {
+        self.heads.lock().expect("heads lock").remove(conv.as_str());
+    }
+}
+
+/// Decodes a `CHAT_MSGS` payload (a `message` frame).
+pub fn decode_stamped(payload: &[u8], stream_seq: u64) -> Result<Message, StampError> {
+    match serde_json::from_slice(payload) {
+        Ok(ServerFrame::Message(m)) => Ok(m),
+        _ => Err(StampError::Head(format!(
+            "stream message {stream_seq} is not a message frame"
+        ))),
+    }
+}
+
+/// The store record of a stamped message.
+pub fn stored(m: Message, stream_seq: u64) -> StoredMessage {
+    StoredMessage {
+        conv: m.conv,
+        seq: m.seq,
+        from: m.from,
+        client_id: m.id,
+        ts_ms: m.ts,
+        body: m.body,
+        stream_seq,
+    }
+}
