@@ -71,3 +71,30 @@ pub async fn bind_optional(addr: &str) -> anyhow::Result<Option<tokio::net::TcpL
         .with_context(|| format!("cannot listen on {addr}"))?;
     Ok(Some(listener))
 }
+
+/// The whole `main` of a service binary: telemetry, config (defaults, `--config FILE`, env vars
+/// with `env_prefix`; a bad config exits 2 with a clear message), signals, then `run`.
+pub async fn service_main<C, F, Fut>(name: &str, env_prefix: &str, run: F) -> std::process::ExitCode
+where
+    C: serde::Serialize + serde::de::DeserializeOwned + Default,
+    F: FnOnce(C, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    init_telemetry();
+    let config = match config::config_path_from_args()
+        .and_then(|path| config::load::<C>(path.as_deref(), env_prefix).map_err(|e| e.to_string()))
+    {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("{name}: bad configuration: {err}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match run(config, shutdown_on_signals()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("{name}: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,32 +1,12 @@
-use std::process::ExitCode;
-
 #[tokio::main]
-async fn main() -> ExitCode {
-    chat_common::init_telemetry();
-    let config = match chat_common::config::config_path_from_args()
-        .map_err(|e| e.to_string())
-        .and_then(|path| {
-            chat_common::config::load::<chat_sequencer::Config>(path.as_deref(), "CHAT_SEQUENCER_")
-                .map_err(|e| e.to_string())
-        }) {
-        Ok(config) => config,
-        Err(err) => {
-            eprintln!("sequencer: bad configuration: {err}");
-            return ExitCode::from(2);
-        }
-    };
-    let admin = match chat_common::bind_optional(&config.admin_listen).await {
-        Ok(admin) => admin,
-        Err(err) => {
-            eprintln!("sequencer: {err:#}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match chat_sequencer::run(config, admin, chat_common::shutdown_on_signals()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("sequencer: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+async fn main() -> std::process::ExitCode {
+    chat_common::service_main(
+        "sequencer",
+        "CHAT_SEQUENCER_",
+        |config: chat_sequencer::Config, shutdown| async move {
+            let admin = chat_common::bind_optional(&config.admin_listen).await?;
+            chat_sequencer::run(config, admin, shutdown).await
+        },
+    )
+    .await
 }
