@@ -1,0 +1,320 @@
+//! End to end over real WebSockets: gateway, sequencer and fan-out worker running in-process
+//! against a real nats-server started by the test kit.
+
+use std::time::Duration;
+
+use chat_protocol::{
+    auth::mint_dev_token,
+    frames::{ClientFrame, ErrorCode, Message, ServerFrame},
+    ids::UserId,
+    jetstream::{Overrides, provision_all},
+};
+use chat_testkit::NatsServer;
+use futures::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite};
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &[u8] = b"e2e-secret";
+const WAIT: Duration = Duration::from_secs(15);
+
+/// The whole system, in-process, on a fresh nats-server. Stopped (and cleaned up) on drop.
+struct App {
+    ws_url: String,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _nats: NatsServer,
+    _dir: tempfile::TempDir,
+}
+
+async fn spawn_app() -> App {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    provision_all(&client, &Overrides::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let stop = CancellationToken::new();
+    let sequencer = chat_sequencer::Config {
+        nats_url: nats.url(),
+        admin_listen: String::new(),
+        store_dir: dir.path().join("store"),
+        ..Default::default()
+    };
+    let fanout = chat_fanout::Config {
+        nats_url: nats.url(),
+        admin_listen: String::new(),
+        ..Default::default()
+    };
+    let mut gateway = chat_gateway::Config {
+        nats_url: nats.url(),
+        ..Default::default()
+    };
+    gateway.auth.hs256_secret = Some(String::from_utf8(SECRET.to_vec()).unwrap());
+    gateway.sends_per_second = 1000;
+    gateway.send_burst = 1000;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_url = format!("ws://{}/ws", listener.local_addr().unwrap());
+    let tasks = vec![
+        tokio::spawn(chat_sequencer::run(sequencer, None, stop.clone())),
+        tokio::spawn(chat_fanout::run(fanout, None, stop.clone())),
+        tokio::spawn(chat_gateway::run(gateway, listener, None, stop.clone())),
+    ];
+    App {
+        ws_url,
+        stop,
+        tasks,
+        _nats: nats,
+        _dir: dir,
+    }
+}
+
+impl App {
+    async fn connect(&self, user: &str, device: &str) -> Device {
+        let token = mint_dev_token(SECRET, &UserId::parse(user).unwrap(), 3600);
+        let url = format!("{}?token={token}&device={device}", self.ws_url);
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect in time")
+            .expect("upgrade accepted");
+        let mut device = Device { ws };
+        match device.next().await {
+            ServerFrame::Hello { user: u, .. } => assert_eq!(u, user),
+            other => panic!("expected hello, got {other:?}"),
+        }
+        device
+    }
+
+    async fn shutdown(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            tokio::time::timeout(Duration::from_secs(20), task)
+                .await
+                .expect("service stops in time")
+                .unwrap()
+                .unwrap();
+        }
+    }
+}
+
+struct Device {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+impl Device {
+    async fn send_frame(&mut self, frame: &ClientFrame) {
+        let text = serde_json::to_string(frame).unwrap();
+        self.ws
+            .send(tungstenite::Message::text(text))
+            .await
+            .unwrap();
+    }
+
+    async fn send(&mut self, conv: &str, id: &str, body: &str) {
+        self.send_frame(&ClientFrame::Send {
+            conv: conv.into(),
+            id: id.into(),
+            body: body.into(),
+        })
+        .await;
+    }
+
+    /// The next server frame (pings are answered by tungstenite while reading).
+    async fn next(&mut self) -> ServerFrame {
+        loop {
+            let msg = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame in time")
+                .expect("socket open")
+                .expect("frame readable");
+            match msg {
+                tungstenite::Message::Text(t) => return serde_json::from_str(&t).unwrap(),
+                tungstenite::Message::Close(c) => panic!("closed: {c:?}"),
+                _ => continue,
+            }
+        }
+    }
+
+    async fn next_message(&mut self) -> Message {
+        match self.next().await {
+            ServerFrame::Message(m) => m,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    async fn history(
+        &mut self,
+        conv: &str,
+        after: Option<u64>,
+        before: Option<u64>,
+        limit: u32,
+    ) -> (Vec<Message>, bool) {
+        self.send_frame(&ClientFrame::History {
+            req: "h1".into(),
+            conv: conv.into(),
+            before,
+            after,
+            limit: Some(limit),
+        })
+        .await;
+        match self.next().await {
+            ServerFrame::History {
+                req,
+                messages,
+                more,
+                ..
+            } => {
+                assert_eq!(req, "h1");
+                (messages, more)
+            }
+            other => panic!("expected history, got {other:?}"),
+        }
+    }
+}
+
+const CONV: &str = "dm~alice~bob";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alice_to_bob_on_every_device_in_order_with_history() {
+    let app = spawn_app().await;
+    let mut alice = app.connect("alice", "phone").await;
+    let mut alice_laptop = app.connect("alice", "laptop").await;
+    let mut bob_phone = app.connect("bob", "phone").await;
+    let mut bob_laptop = app.connect("bob", "laptop").await;
+
+    // Sent first (JetStream has it), then the stamped message back with seq 1.
+    alice.send(CONV, "first", "hello bob").await;
+    match alice.next().await {
+        ServerFrame::Sent { id, conv, .. } => {
+            assert_eq!(id, "first");
+            assert_eq!(conv, CONV);
+        }
+        other => panic!("expected sent, got {other:?}"),
+    }
+    let echo = alice.next_message().await;
+    assert_eq!(
+        (echo.seq, echo.id.as_str(), echo.from.as_str()),
+        (1, "first", "alice")
+    );
+    assert_eq!(echo.body, "hello bob");
+    for device in [&mut bob_phone, &mut bob_laptop, &mut alice_laptop] {
+        let m = device.next_message().await;
+        assert_eq!(
+            m, echo,
+            "every device of both members gets the same message"
+        );
+    }
+
+    // 100 back to back: sent acks for all, then every device sees seqs 2..=101 in order.
+    for i in 0..100 {
+        alice
+            .send(CONV, &format!("m{i}"), &format!("message {i}"))
+            .await;
+    }
+    let mut sent = Vec::new();
+    let mut echoed = Vec::new();
+    while echoed.len() < 100 {
+        match alice.next().await {
+            ServerFrame::Sent { id, .. } => sent.push(id),
+            ServerFrame::Message(m) => echoed.push(m),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // Every message is acked as sent before (or while) it comes back stamped.
+    while sent.len() < 100 {
+        match alice.next().await {
+            ServerFrame::Sent { id, .. } => sent.push(id),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let expected_ids: Vec<String> = (0..100).map(|i| format!("m{i}")).collect();
+    assert_eq!(sent, expected_ids, "sent acks in send order");
+    let check = |msgs: &[Message]| {
+        assert_eq!(
+            msgs.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            (2..=101).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            msgs.iter().map(|m| m.id.clone()).collect::<Vec<_>>(),
+            expected_ids
+        );
+    };
+    check(&echoed);
+    for device in [&mut bob_phone, &mut bob_laptop, &mut alice_laptop] {
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            got.push(device.next_message().await);
+        }
+        check(&got);
+    }
+
+    // History: newest page first with `more`, then the rest; the same messages as pushed.
+    let (page, more) = bob_phone.history(CONV, None, None, 60).await;
+    assert!(more);
+    assert_eq!(
+        page.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (42..=101).collect::<Vec<_>>()
+    );
+    let (older, more) = bob_phone.history(CONV, None, Some(42), 60).await;
+    assert!(!more);
+    assert_eq!(
+        older.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        (1..=41).collect::<Vec<_>>()
+    );
+    assert_eq!(older[0], echo);
+    let (tail, more) = bob_laptop.history(CONV, Some(99), None, 50).await;
+    assert!(!more);
+    assert_eq!(
+        tail.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![100, 101]
+    );
+
+    // A third user can neither send to nor read the conversation, and learns nothing of it.
+    let mut carol = app.connect("carol", "phone").await;
+    carol.send(CONV, "sneak", "hi").await;
+    match carol.next().await {
+        ServerFrame::Error(e) => {
+            assert_eq!(e.code, ErrorCode::NotMember);
+            assert_eq!(e.id.as_deref(), Some("sneak"));
+        }
+        other => panic!("expected not_member, got {other:?}"),
+    }
+    carol
+        .send_frame(&ClientFrame::History {
+            req: "peek".into(),
+            conv: CONV.into(),
+            before: None,
+            after: None,
+            limit: None,
+        })
+        .await;
+    match carol.next().await {
+        ServerFrame::Error(e) => {
+            assert_eq!(e.code, ErrorCode::NotMember);
+            assert_eq!(e.req.as_deref(), Some("peek"));
+        }
+        other => panic!("expected not_member, got {other:?}"),
+    }
+    // Nothing carol did reached the conversation.
+    let (page, _) = alice.history(CONV, Some(100), None, 10).await;
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].id, "m99");
+
+    // A retry of an already-sent id is acked again but never becomes a second message.
+    alice.send(CONV, "m50", "message 50").await;
+    match alice.next().await {
+        ServerFrame::Sent { id, .. } => assert_eq!(id, "m50"),
+        other => panic!("expected sent, got {other:?}"),
+    }
+    alice.send(CONV, "after-retry", "x").await;
+    let mut next = None;
+    while next.is_none() {
+        match alice.next().await {
+            ServerFrame::Message(m) => next = Some(m),
+            ServerFrame::Sent { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let next = next.unwrap();
+    assert_eq!((next.seq, next.id.as_str()), (102, "after-retry"));
+
+    app.shutdown().await;
+}

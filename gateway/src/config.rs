@@ -1,0 +1,317 @@
+//! Gateway settings. Every field is documented in `gateway/README.md`; loaded with
+//! `chat_common::config::load` (defaults, then `--config FILE`, then `CHAT_GATEWAY_...` env vars).
+
+use std::{fmt, path::PathBuf, time::Duration};
+
+use chat_protocol::auth::{KeyError, TokenVerifier};
+use serde::{Deserialize, Serialize};
+
+/// The gateway's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// WebSocket listener address.
+    pub listen: String,
+    /// Admin listener (`/healthz`, `/readyz`, `/metrics`); empty disables it.
+    pub admin_listen: String,
+    pub nats_url: String,
+    pub auth: AuthConfig,
+    /// Largest inbound WebSocket message; larger closes the connection with 1009.
+    pub max_frame_bytes: usize,
+    /// Largest `send` body; larger is answered with `body_too_large`.
+    pub max_body_bytes: usize,
+    /// Sustained sends per second per user (all devices, this gateway).
+    pub sends_per_second: u32,
+    /// Sends a user may make at once before `sends_per_second` applies.
+    pub send_burst: u32,
+    /// WebSocket connections per user on this gateway; more are refused with HTTP 429.
+    pub max_connections_per_user: usize,
+    /// Frames queued for one connection; a full queue closes it with 4001 (slow consumer).
+    pub outgoing_queue: usize,
+    /// Sends (and history requests) of one connection awaiting their answer; at the limit the
+    /// gateway stops reading that socket until one completes.
+    pub max_inflight_sends: usize,
+    pub heartbeat_interval_ms: u64,
+    /// Nothing received for this long closes the connection with 4000.
+    pub heartbeat_timeout_ms: u64,
+    pub read_buffer_bytes: usize,
+    pub write_buffer_bytes: usize,
+    /// Deadline for a send to be stored by JetStream (publish plus ack).
+    pub publish_timeout_ms: u64,
+    pub history_timeout_ms: u64,
+    /// How long a closing connection waits to deliver its close frame and see the client's.
+    pub close_timeout_ms: u64,
+    /// How long shutdown waits for connections to finish in-flight sends and close.
+    pub shutdown_grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            admin_listen: "127.0.0.1:9090".into(),
+            nats_url: "nats://127.0.0.1:4222".into(),
+            auth: AuthConfig::default(),
+            max_frame_bytes: 131_072,
+            max_body_bytes: 65_536,
+            sends_per_second: 20,
+            send_burst: 40,
+            max_connections_per_user: 10,
+            outgoing_queue: 256,
+            max_inflight_sends: 64,
+            heartbeat_interval_ms: 15_000,
+            heartbeat_timeout_ms: 45_000,
+            read_buffer_bytes: 4096,
+            write_buffer_bytes: 4096,
+            publish_timeout_ms: 5000,
+            history_timeout_ms: 5000,
+            close_timeout_ms: 5000,
+            shutdown_grace_ms: 5000,
+        }
+    }
+}
+
+/// How access tokens are verified: exactly one of the three must be set.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// HS256 shared secret (development only).
+    pub hs256_secret: Option<String>,
+    /// PEM file with the RS256 public key.
+    pub rs256_public_key_file: Option<PathBuf>,
+    /// PEM file with the Ed25519 (EdDSA) public key.
+    pub eddsa_public_key_file: Option<PathBuf>,
+}
+
+// Hand-written so the secret never reaches a log line.
+impl fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field(
+                "hs256_secret",
+                &self.hs256_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("rs256_public_key_file", &self.rs256_public_key_file)
+            .field("eddsa_public_key_file", &self.eddsa_public_key_file)
+            .finish()
+    }
+}
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "auth: exactly one of `hs256_secret`, `rs256_public_key_file`, `eddsa_public_key_file` must be set ({0} are)"
+    )]
+    AuthKeyCount(usize),
+    #[error("auth: `hs256_secret` is empty")]
+    EmptySecret,
+    #[error("auth: cannot read {path}: {source}")]
+    KeyFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("auth: {0}")]
+    Key(#[from] KeyError),
+    #[error("`{field}` {reason}")]
+    Invalid {
+        field: &'static str,
+        reason: &'static str,
+    },
+}
+
+impl AuthConfig {
+    /// The token verifier these settings describe.
+    pub fn verifier(&self) -> Result<TokenVerifier, ConfigError> {
+        let set = usize::from(self.hs256_secret.is_some())
+            + usize::from(self.rs256_public_key_file.is_some())
+            + usize::from(self.eddsa_public_key_file.is_some());
+        if set != 1 {
+            return Err(ConfigError::AuthKeyCount(set));
+        }
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| ConfigError::KeyFile {
+                path: path.clone(),
+                source,
+            })
+        };
+        if let Some(secret) = &self.hs256_secret {
+            if secret.is_empty() {
+                return Err(ConfigError::EmptySecret);
+            }
+            Ok(TokenVerifier::hs256(secret.as_bytes()))
+        } else if let Some(path) = &self.rs256_public_key_file {
+            Ok(TokenVerifier::rs256_pem(&read(path)?)?)
+        } else if let Some(path) = &self.eddsa_public_key_file {
+            Ok(TokenVerifier::eddsa_pem(&read(path)?)?)
+        } else {
+            unreachable!("exactly one key source is set")
+        }
+    }
+}
+
+impl Config {
+    /// Checks the settings that have no sensible meaning at zero or out of order, and the
+    /// auth keys. [`crate::run`] calls it; `main` reports its error and exits non-zero.
+    pub fn validate(&self) -> Result<TokenVerifier, ConfigError> {
+        let positive: [(&'static str, u64); 12] = [
+            ("max_frame_bytes", self.max_frame_bytes as u64),
+            ("max_body_bytes", self.max_body_bytes as u64),
+            ("sends_per_second", self.sends_per_second.into()),
+            ("send_burst", self.send_burst.into()),
+            (
+                "max_connections_per_user",
+                self.max_connections_per_user as u64,
+            ),
+            ("outgoing_queue", self.outgoing_queue as u64),
+            ("max_inflight_sends", self.max_inflight_sends as u64),
+            ("heartbeat_interval_ms", self.heartbeat_interval_ms),
+            ("heartbeat_timeout_ms", self.heartbeat_timeout_ms),
+            ("read_buffer_bytes", self.read_buffer_bytes as u64),
+            ("publish_timeout_ms", self.publish_timeout_ms),
+            ("history_timeout_ms", self.history_timeout_ms),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: "must be greater than 0",
+                });
+            }
+        }
+        if self.max_body_bytes >= self.max_frame_bytes {
+            return Err(ConfigError::Invalid {
+                field: "max_body_bytes",
+                reason: "must be smaller than `max_frame_bytes` (a send frame carries the body)",
+            });
+        }
+        if self.heartbeat_timeout_ms <= self.heartbeat_interval_ms {
+            return Err(ConfigError::Invalid {
+                field: "heartbeat_timeout_ms",
+                reason: "must be greater than `heartbeat_interval_ms`",
+            });
+        }
+        self.auth.verifier()
+    }
+
+    pub(crate) fn ms(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(c: &Config) -> ConfigError {
+        match c.validate() {
+            Ok(_) => panic!("config unexpectedly valid"),
+            Err(e) => e,
+        }
+    }
+
+    fn dev() -> Config {
+        let mut c = Config::default();
+        c.auth.hs256_secret = Some("s3cret-value".into());
+        c
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = Config::default();
+        assert_eq!(c.listen, "127.0.0.1:8080");
+        assert_eq!(c.admin_listen, "127.0.0.1:9090");
+        assert_eq!(c.nats_url, "nats://127.0.0.1:4222");
+        assert_eq!(c.max_frame_bytes, 131_072);
+        assert_eq!(c.max_body_bytes, 65_536);
+        assert_eq!((c.sends_per_second, c.send_burst), (20, 40));
+        assert_eq!(c.max_connections_per_user, 10);
+        assert_eq!((c.outgoing_queue, c.max_inflight_sends), (256, 64));
+        assert_eq!(
+            (c.heartbeat_interval_ms, c.heartbeat_timeout_ms),
+            (15_000, 45_000)
+        );
+        assert_eq!((c.read_buffer_bytes, c.write_buffer_bytes), (4096, 4096));
+        assert!(dev().validate().is_ok());
+    }
+
+    #[test]
+    fn exactly_one_key_source() {
+        let none = Config::default();
+        assert!(matches!(none.validate(), Err(ConfigError::AuthKeyCount(0))));
+        let mut two = dev();
+        two.auth.eddsa_public_key_file = Some("/nonexistent.pem".into());
+        let err = refusal(&two);
+        assert!(matches!(err, ConfigError::AuthKeyCount(2)));
+        assert!(err.to_string().contains("exactly one"), "{err}");
+        let mut missing = Config::default();
+        missing.auth.rs256_public_key_file = Some("/nonexistent/key.pem".into());
+        let err = refusal(&missing);
+        assert!(err.to_string().contains("/nonexistent/key.pem"), "{err}");
+        let mut garbage = Config::default();
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "not a pem").unwrap();
+        garbage.auth.eddsa_public_key_file = Some(file.path().into());
+        assert!(matches!(garbage.validate(), Err(ConfigError::Key(_))));
+    }
+
+    #[test]
+    fn refuses_nonsense_limits() {
+        let mut c = dev();
+        c.outgoing_queue = 0;
+        assert!(refusal(&c).to_string().contains("outgoing_queue"));
+        let mut c = dev();
+        c.max_body_bytes = c.max_frame_bytes;
+        assert!(refusal(&c).to_string().contains("max_body_bytes"));
+        let mut c = dev();
+        c.heartbeat_timeout_ms = c.heartbeat_interval_ms;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn every_field_is_documented_in_the_readme() {
+        let readme = include_str!("../README.md");
+        let value = serde_json::to_value(Config::default()).unwrap();
+        let mut fields = Vec::new();
+        for (key, v) in value.as_object().unwrap() {
+            match v.as_object() {
+                Some(nested) => fields.extend(nested.keys().map(|k| format!("{key}.{k}"))),
+                None => fields.push(key.clone()),
+            }
+        }
+        for field in fields {
+            assert!(
+                readme.contains(&format!("| `{field}` |")),
+                "README.md config table lacks `{field}`"
+            );
+        }
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let shown = format!("{:?}", dev());
+        assert!(!shown.contains("s3cret-value"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+
+    #[test]
+    fn loads_file_and_env_and_rejects_unknown_fields() {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            file.path(),
+            "max_body_bytes = 1000\n[auth]\nhs256_secret = \"x\"\n",
+        )
+        .unwrap();
+        let c: Config =
+            chat_common::config::load(Some(file.path()), "CHAT_GATEWAY_TEST_UNSET_").unwrap();
+        assert_eq!(c.max_body_bytes, 1000);
+        assert_eq!(c.auth.hs256_secret.as_deref(), Some("x"));
+        assert_eq!(c.max_frame_bytes, 131_072);
+
+        std::fs::write(file.path(), "max_bodies = 1\n").unwrap();
+        let err =
+            chat_common::config::load::<Config>(Some(file.path()), "CHAT_GATEWAY_TEST_UNSET_")
+                .unwrap_err();
+        assert!(err.to_string().contains("max_bodies"), "{err}");
+    }
+}

@@ -1,0 +1,327 @@
+//! The gateway: the WebSocket edge of the chat backend.
+//!
+//! Clients connect to `GET /ws` with a JWT (`?token=` or `Authorization: Bearer`), verified at
+//! upgrade. The gateway is stateless: any gateway serves any user, and a user's devices may be
+//! spread over several gateways.
+//!
+//! **Produces**
+//! - `chat.in.<conv>` (JetStream, stream `CHAT_IN`): one [`InboundMessage`] per client `send`,
+//!   with `Nats-Msg-Id` = [`dedupe_id`] so a retry with the same client id is stored once. The
+//!   client gets `sent` only after JetStream acked the publish (persist before ack).
+//! - `chat.api.history` (core NATS request): [`HistoryRequest`] on behalf of the user, answered
+//!   by the sequencer with a [`HistoryReply`].
+//!
+//! **Consumes**
+//! - `chat.user.<user>` (core NATS), one subscription per connection: complete server frames
+//!   (`message`, or `error` from the sequencer), forwarded to the socket unchanged.
+//!
+//! Every id that becomes part of a subject is validated first (`chat_protocol::ids`); subjects
+//! come from `chat_protocol::subjects`. Every queue is bounded: the per-connection outgoing queue
+//! (a full queue closes the connection with 4001), the publishes in flight per connection (at
+//! the limit the socket is not read), and the WebSocket buffers.
+//!
+//! [`InboundMessage`]: chat_protocol::api::InboundMessage
+//! [`dedupe_id`]: chat_protocol::api::dedupe_id
+//! [`HistoryRequest`]: chat_protocol::api::HistoryRequest
+//! [`HistoryReply`]: chat_protocol::api::HistoryReply
+
+mod backend;
+pub mod config;
+mod connection;
+pub mod error;
+pub mod metrics;
+mod registry;
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use axum::{
+    Router,
+    extract::{
+        Query, State,
+        rejection::QueryRejection,
+        ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection},
+    },
+    http::{HeaderMap, header::AUTHORIZATION},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use chat_common::admin::{self, Readiness};
+use chat_protocol::{auth::TokenVerifier, ids::DeviceId};
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::time::Instant;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    backend::NatsBackend,
+    connection::{Session, Shared},
+    registry::Registry,
+};
+pub use crate::{
+    config::{AuthConfig, Config, ConfigError},
+    error::UpgradeError,
+};
+
+/// Room for a frame's envelope around the largest NATS payload, in the write buffer limit.
+const FRAME_ENVELOPE_BYTES: usize = 4096;
+/// The latest token expiry the gateway schedules (30 years, as tokio's `Sleep::far_future`).
+const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+/// NATS's default `max_payload`, used until the server said otherwise.
+const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// Everything the WebSocket route needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<StateInner>,
+}
+
+struct StateInner {
+    verifier: TokenVerifier,
+    backend: NatsBackend,
+    shared: Arc<Shared>,
+    registry: Registry,
+    read_buffer_bytes: usize,
+    write_buffer_bytes: usize,
+    max_frame_bytes: usize,
+    /// Upgraded connections, so shutdown can wait for them.
+    connections: TaskTracker,
+}
+
+impl AppState {
+    /// Builds the state from a validated config and a NATS client. Connections watch
+    /// `shutdown`: when it is cancelled they answer in-flight sends and close with 1001.
+    pub fn new(
+        config: &Config,
+        nats: async_nats::Client,
+        shutdown: CancellationToken,
+    ) -> Result<Self, ConfigError> {
+        let verifier = config.validate()?;
+        let backend = NatsBackend::new(
+            nats,
+            Config::ms(config.publish_timeout_ms),
+            Config::ms(config.history_timeout_ms),
+        );
+        Ok(Self {
+            inner: Arc::new(StateInner {
+                verifier,
+                backend,
+                shared: Arc::new(Shared::new(config, shutdown)),
+                registry: Registry::new(config.max_connections_per_user),
+                read_buffer_bytes: config.read_buffer_bytes,
+                write_buffer_bytes: config.write_buffer_bytes,
+                max_frame_bytes: config.max_frame_bytes,
+                connections: TaskTracker::new(),
+            }),
+        })
+    }
+
+    /// Waits until every connection ended. Call after `shutdown` was cancelled.
+    pub async fn connections_closed(&self) {
+        self.inner.connections.close();
+        self.inner.connections.wait().await;
+    }
+
+    /// Forgets rate limiter state of users idle long enough to be back at full burst.
+    fn prune_rate_limits(&self) {
+        let limiter = &self.inner.shared.limiter;
+        limiter.retain_recent();
+        limiter.shrink_to_fit();
+    }
+}
+
+/// The gateway's HTTP routes: `GET /ws`.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/ws", get(ws_handler))
+        .with_state(state)
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct WsParams {
+    token: Option<String>,
+    device: Option<String>,
+}
+
+/// Authenticates, checks the device id and the per-user connection limit, subscribes to the
+/// user's subject, then upgrades. Every refusal is an HTTP error with a JSON code.
+async fn ws_handler(
+    State(state): State<AppState>,
+    query: Result<Query<WsParams>, QueryRejection>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, UpgradeError> {
+    let inner = &state.inner;
+    // An unreadable query string carries no usable token: it is refused as unauthorized.
+    let params = query.map(|Query(p)| p).unwrap_or_default();
+    let token = params
+        .token
+        .as_deref()
+        .or_else(|| bearer(&headers))
+        .ok_or(UpgradeError::MissingToken)?;
+    let (user, claims) = inner.verifier.verify(token)?;
+    let device = match params.device.as_deref() {
+        Some(d) => DeviceId::parse(d).map_err(UpgradeError::InvalidDevice)?,
+        None => generated_device_id(),
+    };
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return Ok(rejection.into_response()),
+    };
+    let slot = inner
+        .registry
+        .try_acquire(&user)
+        .ok_or(UpgradeError::TooManyConnections)?;
+    let settings = &inner.shared.settings;
+    let pushes = match tokio::time::timeout(
+        settings.publish_timeout,
+        inner.backend.subscribe_user(&user),
+    )
+    .await
+    {
+        Ok(Ok(pushes)) => pushes,
+        Ok(Err(err)) => return Err(UpgradeError::Unavailable(err.into())),
+        Err(_) => {
+            return Err(UpgradeError::Unavailable(anyhow::anyhow!(
+                "subscribing to the user subject timed out"
+            )));
+        }
+    };
+    let remaining = claims
+        .exp
+        .saturating_mul(1000)
+        .saturating_sub(chat_protocol::now_ms());
+    let session = Session {
+        user,
+        device,
+        // Capped like tokio's own "far future", so any `exp` is a valid deadline.
+        expires_at: Instant::now() + Duration::from_millis(remaining).min(FAR_FUTURE),
+    };
+
+    // Small socket buffers: tungstenite's defaults (128 KiB each) per connection add up fast.
+    // The write buffer must hold one whole outgoing frame, at most a NATS payload plus envelope.
+    let max_payload = match inner.backend.client().server_info().max_payload {
+        0 => DEFAULT_MAX_PAYLOAD,
+        n => n,
+    };
+    let backend = inner.backend.clone();
+    let shared = inner.shared.clone();
+    let connections = inner.connections.clone();
+    let response = upgrade
+        .read_buffer_size(inner.read_buffer_bytes)
+        .write_buffer_size(inner.write_buffer_bytes)
+        .max_write_buffer_size(inner.write_buffer_bytes + max_payload + FRAME_ENVELOPE_BYTES)
+        .max_message_size(inner.max_frame_bytes)
+        .max_frame_size(inner.max_frame_bytes)
+        .on_failed_upgrade(|err| tracing::debug!(error = %err, "websocket upgrade failed"))
+        .on_upgrade(move |socket| {
+            connections.track_future(async move {
+                let _slot = slot;
+                let (sink, stream) = socket.split();
+                connection::serve(backend, shared, session, pushes, sink, stream).await;
+            })
+        });
+    Ok(response)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+/// A device id for clients that did not send one (valid by construction).
+fn generated_device_id() -> DeviceId {
+    DeviceId::parse(&format!("anon-{:016x}", rand::random::<u64>()))
+        .expect("a hex id is a valid device id")
+}
+
+/// Runs the gateway until `shutdown`: WebSocket connections on `listener`, the admin endpoint
+/// on `admin` (if any).
+///
+/// Shutdown order: stop accepting; every connection stops reading, answers its in-flight sends
+/// and closes with 1001; then the NATS client is drained. Connections get `shutdown_grace_ms`;
+/// an overrun is logged and shutdown goes on.
+pub async fn run(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    admin: Option<tokio::net::TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    config.validate().context("invalid gateway configuration")?;
+    if admin.is_some() {
+        // Install the recorder before describing, or the descriptions go nowhere.
+        admin::metrics_handle();
+        metrics::describe();
+    }
+    let nats = chat_common::connect_nats(&config.nats_url, "chat-gateway").await?;
+    // A listener failure stops this gateway's connections without cancelling the caller's token.
+    let stop = shutdown.child_token();
+    let state = AppState::new(&config, nats.clone(), stop.clone())?;
+    let ready = Readiness::default();
+
+    let background = TaskTracker::new();
+    if let Some(admin) = admin {
+        let (ready, stop) = (ready.clone(), stop.clone());
+        background.spawn(async move {
+            if let Err(err) = admin::serve(admin, ready, stop).await {
+                tracing::error!(error = %err, "admin endpoint failed");
+            }
+        });
+    }
+    background.spawn(watch_readiness(nats.clone(), ready.clone(), stop.clone()));
+    background.spawn({
+        let (state, stop) = (state.clone(), stop.clone());
+        async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            while stop.run_until_cancelled(every.tick()).await.is_some() {
+                state.prune_rate_limits();
+            }
+        }
+    });
+    background.close();
+
+    tracing::info!(addr = %listener.local_addr()?, "gateway listening");
+    let served = axum::serve(listener, app(state.clone()))
+        .with_graceful_shutdown(stop.clone().cancelled_owned())
+        .await;
+    stop.cancel();
+    ready.set(false);
+    tracing::info!("gateway stopping");
+
+    let grace = Config::ms(config.shutdown_grace_ms);
+    if tokio::time::timeout(grace, state.connections_closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace_ms = config.shutdown_grace_ms,
+            "connections still open after the shutdown grace period"
+        );
+    }
+    match tokio::time::timeout(grace, nats.drain()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => tracing::warn!(error = %err, "nats drain failed"),
+        Err(_) => tracing::warn!("nats drain did not finish in time"),
+    }
+    if tokio::time::timeout(grace, background.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("background tasks did not stop in time");
+    }
+    tracing::info!("gateway stopped");
+    served.context("websocket listener failed")
+}
+
+/// Ready while connected to NATS and not shutting down.
+async fn watch_readiness(nats: async_nats::Client, ready: Readiness, stop: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_millis(500));
+    while stop.run_until_cancelled(every.tick()).await.is_some() {
+        ready.set(nats.connection_state() == async_nats::connection::State::Connected);
+    }
+    ready.set(false);
+}

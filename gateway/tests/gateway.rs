@@ -1,0 +1,728 @@
+//! The gateway against a real nats-server, with real WebSocket clients. Every test starts its
+//! own nats-server and gateway (`spawn_gateway`) and asserts what a client sees: frames, close
+//! codes, HTTP statuses and JSON error codes, and what JetStream stored.
+
+use std::{net::SocketAddr, time::Duration};
+
+use async_nats::jetstream;
+use chat_gateway::Config;
+use chat_protocol::{
+    api::{self, InboundMessage},
+    auth::{Claims, mint_dev_token, mint_with_claims, now_secs},
+    frames::{ErrorCode, ErrorFrame, Message as ChatMessage, ServerFrame, close},
+    ids::UserId,
+    jetstream::provision_all,
+    subjects,
+};
+use chat_testkit::NatsServer;
+use futures::{SinkExt, StreamExt};
+use tokio::{net::TcpSocket, task::JoinHandle, time::timeout};
+use tokio_tungstenite::{
+    MaybeTlsStream, WebSocketStream,
+    tungstenite::{self, Message, client::IntoClientRequest},
+};
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &[u8] = b"gateway-test-secret";
+/// Bound on every wait that could hang.
+const WAIT: Duration = Duration::from_secs(10);
+
+type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct TestGateway {
+    addr: SocketAddr,
+    nats: async_nats::Client,
+    js: jetstream::Context,
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+    _server: NatsServer,
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A nats-server with the streams provisioned, and a gateway on a random port with test
+/// settings adjusted by `tweak`.
+async fn spawn_gateway(tweak: impl FnOnce(&mut Config)) -> TestGateway {
+    spawn_gateway_with(true, tweak).await
+}
+
+async fn spawn_gateway_with(provision: bool, tweak: impl FnOnce(&mut Config)) -> TestGateway {
+    let server = NatsServer::start();
+    let nats = server.client().await;
+    if provision {
+        provision_all(&nats, &Default::default()).await.unwrap();
+    }
+    let mut config = Config {
+        nats_url: server.url(),
+        admin_listen: String::new(),
+        sends_per_second: 1000,
+        send_burst: 1000,
+        ..Config::default()
+    };
+    config.auth.hs256_secret = Some(String::from_utf8(SECRET.to_vec()).unwrap());
+    tweak(&mut config);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(chat_gateway::run(config, listener, None, shutdown.clone()));
+    TestGateway {
+        addr,
+        js: jetstream::new(nats.clone()),
+        nats,
+        shutdown,
+        task: Some(task),
+        _server: server,
+    }
+}
+
+fn token(user: &str) -> String {
+    mint_dev_token(SECRET, &UserId::parse(user).unwrap(), 300)
+}
+
+/// Why a connection attempt failed: HTTP status and JSON body.
+#[derive(Debug)]
+struct Refused {
+    status: u16,
+    body: serde_json::Value,
+}
+
+impl TestGateway {
+    fn url(&self, query: &str) -> String {
+        format!("ws://{}/ws?{query}", self.addr)
+    }
+
+    /// Connects `user` from `device` and checks the `hello`.
+    async fn connect(&self, user: &str, device: &str) -> Ws {
+        let url = self.url(&format!("token={}&device={device}", token(user)));
+        let mut ws = try_connect(url, None).await.expect("upgrade accepted");
+        match next_frame(&mut ws).await {
+            ServerFrame::Hello {
+                user: u, device: d, ..
+            } => assert_eq!((u.as_str(), d.as_str()), (user, device)),
+            other => panic!("expected hello, got {other:?}"),
+        }
+        ws
+    }
+
+    async fn chat_in(&self) -> jetstream::stream::Stream {
+        self.js.get_stream(subjects::STREAM_INBOUND).await.unwrap()
+    }
+
+    async fn chat_in_count(&self) -> u64 {
+        self.chat_in()
+            .await
+            .get_info()
+            .await
+            .unwrap()
+            .state
+            .messages
+    }
+}
+
+/// Opens a WebSocket; `recv_buffer` shrinks the client's socket receive buffer (slow clients).
+async fn try_connect(
+    request: impl IntoClientRequest + Unpin,
+    recv_buffer: Option<u32>,
+) -> Result<Ws, Refused> {
+    let request = request.into_client_request().unwrap();
+    let authority = request.uri().authority().unwrap().as_str().to_owned();
+    let addr: SocketAddr = authority.parse().unwrap();
+    let socket = TcpSocket::new_v4().unwrap();
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let stream = timeout(WAIT, socket.connect(addr))
+        .await
+        .expect("tcp connect in time")
+        .unwrap();
+    let connecting = tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(stream));
+    match timeout(WAIT, connecting).await.expect("handshake in time") {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::Error::Http(resp)) => {
+            let body = resp.body().clone().unwrap_or_default();
+            Err(Refused {
+                status: resp.status().as_u16(),
+                body: serde_json::from_slice(&body)
+                    .unwrap_or_else(|e| panic!("refusal body is not JSON ({e}): {body:?}")),
+            })
+        }
+        Err(other) => panic!("websocket handshake failed: {other}"),
+    }
+}
+
+async fn refused(request: impl IntoClientRequest + Unpin) -> Refused {
+    match try_connect(request, None).await {
+        Ok(_) => panic!("upgrade unexpectedly accepted"),
+        Err(r) => r,
+    }
+}
+
+async fn send(ws: &mut Ws, json: &str) {
+    timeout(WAIT, ws.send(Message::text(json)))
+        .await
+        .expect("send in time")
+        .unwrap();
+}
+
+fn send_json(conv: &str, id: &str, body: &str) -> String {
+    serde_json::json!({"type": "send", "conv": conv, "id": id, "body": body}).to_string()
+}
+
+/// The next text frame as sent by the server, skipping pings.
+async fn next_text(ws: &mut Ws) -> String {
+    loop {
+        let msg = timeout(WAIT, ws.next())
+            .await
+            .expect("a frame in time")
+            .expect("connection still open")
+            .expect("no websocket error");
+        match msg {
+            Message::Text(t) => return t.as_str().to_owned(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+async fn next_frame(ws: &mut Ws) -> ServerFrame {
+    let text = next_text(ws).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad server frame {text}: {e}"))
+}
+
+async fn next_error(ws: &mut Ws) -> ErrorFrame {
+    match next_frame(ws).await {
+        ServerFrame::Error(e) => e,
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+}
+
+/// Reads (and discards) until the server's close frame; returns its code.
+async fn close_code(ws: &mut Ws) -> u16 {
+    loop {
+        let msg = timeout(WAIT, ws.next())
+            .await
+            .expect("the close frame in time")
+            .expect("a close frame before the end of the stream")
+            .expect("no websocket error before the close frame");
+        if let Message::Close(frame) = msg {
+            return frame.expect("close frame with a code").code.into();
+        }
+    }
+}
+
+/// Asserts that no text frame arrives within `within`.
+async fn assert_silent(ws: &mut Ws, within: Duration) {
+    let _ = timeout(within, async {
+        while let Some(msg) = ws.next().await {
+            if let Ok(Message::Text(t)) = msg {
+                panic!("unexpected frame {t}");
+            }
+        }
+    })
+    .await;
+}
+
+async fn ping_pong(ws: &mut Ws) {
+    send(ws, r#"{"type":"ping"}"#).await;
+    assert_eq!(next_frame(ws).await, ServerFrame::Pong);
+}
+
+fn message_frame(conv: &str, seq: u64, body: &str) -> String {
+    serde_json::to_string(&ServerFrame::Message(ChatMessage {
+        conv: conv.into(),
+        seq,
+        from: "bob".into(),
+        id: format!("b{seq}"),
+        ts: 1,
+        body: body.into(),
+    }))
+    .unwrap()
+}
+
+async fn push_to(gw: &TestGateway, user: &str, payload: String) {
+    gw.nats
+        .publish(
+            subjects::user(&UserId::parse(user).unwrap()),
+            payload.into(),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn send_is_acked_after_jetstream_stored_it_once() {
+    let gw = spawn_gateway(|_| {}).await;
+    let mut ws = gw.connect("alice", "phone").await;
+    send(&mut ws, &send_json("dm~alice~bob", "m1", "hello bob")).await;
+    let ts = match next_frame(&mut ws).await {
+        ServerFrame::Sent { id, conv, ts } => {
+            assert_eq!((id.as_str(), conv.as_str()), ("m1", "dm~alice~bob"));
+            ts
+        }
+        other => panic!("expected sent, got {other:?}"),
+    };
+
+    assert_eq!(gw.chat_in_count().await, 1);
+    let stored = gw.chat_in().await.get_raw_message(1).await.unwrap();
+    let inbound: InboundMessage = serde_json::from_slice(&stored.payload).unwrap();
+    assert_eq!(
+        inbound,
+        InboundMessage {
+            conv: "dm~alice~bob".into(),
+            from: "alice".into(),
+            device: "phone".into(),
+            id: "m1".into(),
+            body: "hello bob".into(),
+            ts,
+        }
+    );
+    let msg_id = stored
+        .headers
+        .get(async_nats::header::NATS_MESSAGE_ID)
+        .expect("Nats-Msg-Id header");
+    assert_eq!(
+        msg_id.as_str(),
+        api::dedupe_id("dm~alice~bob", "alice", "m1")
+    );
+    let conv = chat_protocol::ids::ConvId::parse("dm~alice~bob").unwrap();
+    let partition = subjects::inbound_partition_filter(subjects::partition_of(&conv));
+    assert!(stored.subject.starts_with(partition.trim_end_matches('*')));
+
+    // A retry with the same id, here from another device, is acked again but stored once.
+    send(&mut ws, &send_json("dm~alice~bob", "m1", "hello bob")).await;
+    assert!(matches!(next_frame(&mut ws).await, ServerFrame::Sent { id, .. } if id == "m1"));
+    let mut laptop = gw.connect("alice", "laptop").await;
+    send(&mut laptop, &send_json("dm~alice~bob", "m1", "hello bob")).await;
+    assert!(matches!(next_frame(&mut laptop).await, ServerFrame::Sent { id, .. } if id == "m1"));
+    assert_eq!(gw.chat_in_count().await, 1);
+
+    send(&mut ws, &send_json("dm~alice~bob", "m2", "again")).await;
+    assert!(matches!(next_frame(&mut ws).await, ServerFrame::Sent { id, .. } if id == "m2"));
+    assert_eq!(gw.chat_in_count().await, 2);
+}
+
+#[tokio::test]
+async fn pushes_reach_every_device_of_the_user_and_nobody_else() {
+    let gw = spawn_gateway(|_| {}).await;
+    let mut phone = gw.connect("alice", "phone").await;
+    let mut laptop = gw.connect("alice", "laptop").await;
+    let mut bob = gw.connect("bob", "phone").await;
+
+    let frame = message_frame("dm~alice~bob", 1, "for alice");
+    push_to(&gw, "alice", frame.clone()).await;
+    assert_eq!(next_text(&mut phone).await, frame, "forwarded unchanged");
+    assert_eq!(next_text(&mut laptop).await, frame);
+    assert_silent(&mut bob, Duration::from_millis(300)).await;
+
+    let for_bob = message_frame("dm~alice~bob", 2, "for bob");
+    push_to(&gw, "bob", for_bob.clone()).await;
+    assert_eq!(next_text(&mut bob).await, for_bob);
+    assert_silent(&mut phone, Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn upgrade_refusals_are_http_errors_with_codes() {
+    let gw = spawn_gateway(|_| {}).await;
+    let check = |r: Refused, status: u16, code: &str| {
+        assert_eq!(r.status, status, "{:?}", r.body);
+        assert_eq!(r.body["code"], code, "{:?}", r.body);
+        assert!(r.body["message"].as_str().is_some_and(|m| !m.is_empty()));
+    };
+    check(refused(gw.url("device=phone")).await, 401, "unauthorized");
+    check(
+        refused(gw.url("token=not-a-jwt")).await,
+        401,
+        "unauthorized",
+    );
+    let other_key = mint_dev_token(b"another-secret", &UserId::parse("alice").unwrap(), 300);
+    check(
+        refused(gw.url(&format!("token={other_key}"))).await,
+        401,
+        "unauthorized",
+    );
+    let bad_sub = mint_with_claims(
+        SECRET,
+        &Claims {
+            sub: "al.ice".into(),
+            exp: now_secs() + 300,
+            iat: 0,
+        },
+    );
+    check(
+        refused(gw.url(&format!("token={bad_sub}"))).await,
+        401,
+        "unauthorized",
+    );
+    let expired = mint_with_claims(
+        SECRET,
+        &Claims {
+            sub: "alice".into(),
+            exp: now_secs() - 10,
+            iat: 0,
+        },
+    );
+    check(
+        refused(gw.url(&format!("token={expired}"))).await,
+        401,
+        "token_expired",
+    );
+    let url = gw.url(&format!("token={}&device=ph.one", token("alice")));
+    check(refused(url).await, 400, "invalid_id");
+
+    // The token may also come in the Authorization header; the device id is then generated.
+    let mut request = gw.url("").into_client_request().unwrap();
+    request.headers_mut().insert(
+        "Authorization",
+        format!("Bearer {}", token("alice")).parse().unwrap(),
+    );
+    let mut ws = try_connect(request, None)
+        .await
+        .expect("bearer token accepted");
+    assert!(
+        matches!(next_frame(&mut ws).await, ServerFrame::Hello { user, .. } if user == "alice")
+    );
+}
+
+#[tokio::test]
+async fn bad_frames_get_error_codes_and_nothing_reaches_nats() {
+    let gw = spawn_gateway(|_| {}).await;
+    let mut alice = gw.connect("alice", "phone").await;
+    let mut bob = gw.connect("bob", "phone").await;
+    // Everything published from now on, on any subject, except JetStream's own API traffic.
+    let mut everything = gw.nats.subscribe(">").await.unwrap();
+    gw.nats.flush().await.unwrap();
+
+    let cases: Vec<(String, ErrorCode, Option<&str>)> = vec![
+        ("{not json".into(), ErrorCode::BadJson, None),
+        (r#"{"type":"dance"}"#.into(), ErrorCode::UnknownType, None),
+        (
+            r#"{"type":"send","conv":"dm~alice~bob","id":"m1"}"#.into(),
+            ErrorCode::InvalidFrame,
+            None,
+        ),
+        (
+            r#"{"conv":"dm~alice~bob"}"#.into(),
+            ErrorCode::InvalidFrame,
+            None,
+        ),
+        (
+            send_json("dm~alice~b.ob", "m1", "x"),
+            ErrorCode::InvalidId,
+            Some("m1"),
+        ),
+        (
+            send_json("dm~alice~bob.>", "m2", "x"),
+            ErrorCode::InvalidId,
+            Some("m2"),
+        ),
+        (
+            send_json("dm~alice~*", "m3", "x"),
+            ErrorCode::InvalidId,
+            Some("m3"),
+        ),
+        (
+            send_json("dm~alice~>", "m4", "x"),
+            ErrorCode::InvalidId,
+            Some("m4"),
+        ),
+        (
+            send_json("dm~alice~b ob", "m5", "x"),
+            ErrorCode::InvalidId,
+            Some("m5"),
+        ),
+        (
+            send_json("dm~alice~b\u{1}ob", "m6", "x"),
+            ErrorCode::InvalidId,
+            Some("m6"),
+        ),
+        (
+            send_json("dm~alice~bob\n", "m7", "x"),
+            ErrorCode::InvalidId,
+            Some("m7"),
+        ),
+        (
+            send_json("dm~alice~alice", "m8", "x"),
+            ErrorCode::InvalidId,
+            Some("m8"),
+        ),
+        (
+            send_json("dm~bob~carol", "m9", "x"),
+            ErrorCode::NotMember,
+            Some("m9"),
+        ),
+        (
+            send_json("dm~alice~bob", "m.10", "x"),
+            ErrorCode::InvalidId,
+            Some("m.10"),
+        ),
+        (
+            send_json("dm~alice~bob", "", "x"),
+            ErrorCode::InvalidId,
+            Some(""),
+        ),
+        (
+            r#"{"type":"history","req":"h1","conv":"dm~alice~*"}"#.into(),
+            ErrorCode::InvalidId,
+            None,
+        ),
+        (
+            r#"{"type":"history","req":"h2","conv":"dm~bob~carol"}"#.into(),
+            ErrorCode::NotMember,
+            None,
+        ),
+    ];
+    for (json, code, id) in &cases {
+        send(&mut alice, json).await;
+        let err = next_error(&mut alice).await;
+        assert_eq!(err.code, *code, "{json} -> {err:?}");
+        assert_eq!(err.id.as_deref(), *id, "{json} -> {err:?}");
+        assert!(!err.message.is_empty());
+    }
+
+    // Nothing was published: not to CHAT_IN, not to any other subject.
+    assert_silent(&mut bob, Duration::from_millis(100)).await;
+    gw.nats.flush().await.unwrap();
+    while let Ok(Some(msg)) = timeout(Duration::from_millis(200), everything.next()).await {
+        assert!(
+            msg.subject.starts_with("$JS.") || msg.subject.starts_with("_INBOX."),
+            "unexpected publish on {}",
+            msg.subject
+        );
+    }
+    drop(everything);
+    assert_eq!(gw.chat_in_count().await, 0);
+
+    // The same connection still works, and the other user never noticed.
+    send(&mut alice, &send_json("dm~alice~bob", "ok1", "fine")).await;
+    assert!(matches!(next_frame(&mut alice).await, ServerFrame::Sent { id, .. } if id == "ok1"));
+    ping_pong(&mut bob).await;
+    send(&mut bob, &send_json("dm~alice~bob", "ok2", "fine too")).await;
+    assert!(matches!(next_frame(&mut bob).await, ServerFrame::Sent { id, .. } if id == "ok2"));
+    assert_eq!(gw.chat_in_count().await, 2);
+}
+
+#[tokio::test]
+async fn oversized_frames_close_1009_and_large_bodies_are_refused() {
+    let gw = spawn_gateway(|c| {
+        c.max_frame_bytes = 4096;
+        c.max_body_bytes = 1024;
+    })
+    .await;
+    let mut ws = gw.connect("alice", "phone").await;
+    send(
+        &mut ws,
+        &send_json("dm~alice~bob", "big", &"x".repeat(2000)),
+    )
+    .await;
+    let err = next_error(&mut ws).await;
+    assert_eq!(err.code, ErrorCode::BodyTooLarge);
+    assert_eq!(err.id.as_deref(), Some("big"));
+    ping_pong(&mut ws).await;
+
+    send(
+        &mut ws,
+        &send_json("dm~alice~bob", "huge", &"x".repeat(8000)),
+    )
+    .await;
+    assert_eq!(close_code(&mut ws).await, close::MESSAGE_TOO_BIG);
+    assert_eq!(gw.chat_in_count().await, 0);
+}
+
+#[tokio::test]
+async fn send_rate_is_limited_per_user() {
+    let gw = spawn_gateway(|c| {
+        c.sends_per_second = 1;
+        c.send_burst = 3;
+    })
+    .await;
+    let mut alice = gw.connect("alice", "phone").await;
+    let mut bob = gw.connect("bob", "phone").await;
+    for i in 1..=4 {
+        send(
+            &mut alice,
+            &send_json("dm~alice~bob", &format!("m{i}"), "x"),
+        )
+        .await;
+    }
+    let (mut sent, mut limited) = (Vec::new(), Vec::new());
+    for _ in 0..4 {
+        match next_frame(&mut alice).await {
+            ServerFrame::Sent { id, .. } => sent.push(id),
+            ServerFrame::Error(e) if e.code == ErrorCode::RateLimited => limited.push(e),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    sent.sort();
+    assert_eq!(sent, ["m1", "m2", "m3"]);
+    assert_eq!(limited.len(), 1);
+    assert_eq!(limited[0].id.as_deref(), Some("m4"));
+    let retry = limited[0].retry_after_ms.expect("retry_after_ms");
+    assert!((1..=1000).contains(&retry), "{retry}");
+
+    // Bob has his own budget.
+    send(&mut bob, &send_json("dm~alice~bob", "b1", "x")).await;
+    assert!(matches!(next_frame(&mut bob).await, ServerFrame::Sent { id, .. } if id == "b1"));
+    assert_eq!(gw.chat_in_count().await, 4);
+}
+
+#[tokio::test]
+async fn connections_per_user_are_limited() {
+    let gw = spawn_gateway(|c| c.max_connections_per_user = 2).await;
+    let mut first = gw.connect("alice", "d1").await;
+    let _second = gw.connect("alice", "d2").await;
+    let r = refused(gw.url(&format!("token={}&device=d3", token("alice")))).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.body["code"], "too_many_connections");
+    let _bob = gw.connect("bob", "d1").await;
+
+    // Closing one frees its slot.
+    first.close(None).await.unwrap();
+    let url = gw.url(&format!("token={}&device=d3", token("alice")));
+    timeout(WAIT, async {
+        loop {
+            match try_connect(url.as_str(), None).await {
+                Ok(_) => break,
+                Err(r) => assert_eq!(r.status, 429),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("slot freed in time");
+}
+
+#[tokio::test]
+async fn silent_clients_are_closed_with_4000() {
+    let gw = spawn_gateway(|c| {
+        c.heartbeat_interval_ms = 100;
+        c.heartbeat_timeout_ms = 300;
+    })
+    .await;
+    let mut silent = gw.connect("alice", "silent").await;
+    let mut lively = gw.connect("alice", "lively").await;
+    // `lively` keeps reading, so its client answers the server's pings; `silent` reads nothing.
+    let _ = timeout(Duration::from_millis(1000), async {
+        while let Some(Ok(_)) = lively.next().await {}
+    })
+    .await;
+    assert_eq!(close_code(&mut silent).await, close::HEARTBEAT_TIMEOUT);
+    ping_pong(&mut lively).await;
+}
+
+#[tokio::test]
+async fn slow_consumer_is_closed_with_4001_and_other_devices_keep_receiving() {
+    let gw = spawn_gateway(|c| {
+        c.outgoing_queue = 8;
+        c.close_timeout_ms = 30_000;
+    })
+    .await;
+    let url = gw.url(&format!("token={}&device=slow", token("alice")));
+    let mut slow = try_connect(url, Some(4096))
+        .await
+        .expect("slow client connects");
+    assert!(matches!(
+        next_frame(&mut slow).await,
+        ServerFrame::Hello { .. }
+    ));
+    let mut fast = gw.connect("alice", "fast").await;
+
+    // Flood alice's subject while the slow device reads nothing. The flood is paced by the fast
+    // device in bursts smaller than the queue; in total it is several times what the kernel
+    // buffers of the slow socket can hold (its send buffer grows to at most 4 MiB here).
+    let body = "x".repeat(64 * 1024);
+    let mut seq = 0;
+    for _batch in 0..100 {
+        for _ in 0..4 {
+            seq += 1;
+            push_to(&gw, "alice", message_frame("dm~alice~bob", seq, &body)).await;
+        }
+        for _ in 0..4 {
+            assert!(matches!(
+                next_frame(&mut fast).await,
+                ServerFrame::Message(_)
+            ));
+        }
+    }
+    assert_eq!(close_code(&mut slow).await, close::SLOW_CONSUMER);
+
+    seq += 1;
+    push_to(
+        &gw,
+        "alice",
+        message_frame("dm~alice~bob", seq, "still there"),
+    )
+    .await;
+    match next_frame(&mut fast).await {
+        ServerFrame::Message(m) => assert_eq!(m.body, "still there"),
+        other => panic!("expected the message, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn history_without_responder_is_unavailable() {
+    let gw = spawn_gateway(|c| c.history_timeout_ms = 500).await;
+    let mut ws = gw.connect("alice", "phone").await;
+    send(
+        &mut ws,
+        r#"{"type":"history","req":"h1","conv":"dm~alice~bob","limit":10}"#,
+    )
+    .await;
+    let err = next_error(&mut ws).await;
+    assert_eq!(err.code, ErrorCode::Unavailable);
+    assert_eq!(err.req.as_deref(), Some("h1"));
+    ping_pong(&mut ws).await;
+}
+
+#[tokio::test]
+async fn send_without_stream_is_unavailable_with_its_id() {
+    let gw = spawn_gateway_with(false, |c| c.publish_timeout_ms = 1000).await;
+    let mut ws = gw.connect("alice", "phone").await;
+    send(&mut ws, &send_json("dm~alice~bob", "m1", "x")).await;
+    let err = next_error(&mut ws).await;
+    assert_eq!(err.code, ErrorCode::Unavailable);
+    assert_eq!(err.id.as_deref(), Some("m1"));
+    ping_pong(&mut ws).await;
+}
+
+#[tokio::test]
+async fn open_connection_closes_with_4002_when_the_token_expires() {
+    let gw = spawn_gateway(|_| {}).await;
+    let short = mint_with_claims(
+        SECRET,
+        &Claims {
+            sub: "alice".into(),
+            exp: now_secs() + 2,
+            iat: 0,
+        },
+    );
+    let mut ws = try_connect(gw.url(&format!("token={short}")), None)
+        .await
+        .expect("token still valid");
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        ServerFrame::Hello { .. }
+    ));
+    assert_eq!(close_code(&mut ws).await, close::TOKEN_EXPIRED);
+}
+
+#[tokio::test]
+async fn shutdown_closes_connections_with_1001_and_returns() {
+    let mut gw = spawn_gateway(|c| c.shutdown_grace_ms = 2000).await;
+    let mut a = gw.connect("alice", "phone").await;
+    let mut b = gw.connect("bob", "phone").await;
+    gw.shutdown.cancel();
+    assert_eq!(close_code(&mut a).await, close::GOING_AWAY);
+    assert_eq!(close_code(&mut b).await, close::GOING_AWAY);
+    let task = gw.task.take().unwrap();
+    timeout(WAIT, task)
+        .await
+        .expect("run returns within the grace period")
+        .unwrap()
+        .unwrap();
+    // Nothing listens any more.
+    assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err());
+}
