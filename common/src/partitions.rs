@@ -12,6 +12,21 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+/// The partitions a process competes for: `requested`, or all of `0..total`. A partition that
+/// does not exist is a configuration error.
+pub fn select(requested: Option<&[u32]>, total: u32) -> anyhow::Result<Vec<u32>> {
+    let Some(requested) = requested else {
+        return Ok((0..total).collect());
+    };
+    if let Some(bad) = requested.iter().find(|p| **p >= total) {
+        anyhow::bail!("partition {bad} does not exist (partitions are 0..{total})");
+    }
+    if requested.is_empty() {
+        anyhow::bail!("the partition list is empty");
+    }
+    Ok(requested.to_vec())
+}
+
 /// How a partition consumer pulls.
 #[derive(Debug, Clone)]
 pub struct PullSettings {
@@ -93,5 +108,18 @@ where
             Some(Err(err)) => return Err(err.into()),
             None => return Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::select;
+
+    #[test]
+    fn selects_all_or_the_requested_existing_partitions() {
+        assert_eq!(select(None, 3).unwrap(), vec![0, 1, 2]);
+        assert_eq!(select(Some(&[2, 0]), 3).unwrap(), vec![2, 0]);
+        assert!(select(Some(&[3]), 3).is_err());
+        assert!(select(Some(&[]), 3).is_err());
     }
 }

@@ -81,16 +81,7 @@ pub async fn run(
     admin_listener: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let partitions = config
-        .partitions
-        .clone()
-        .unwrap_or_else(|| (0..subjects::PARTITIONS).collect());
-    if let Some(bad) = partitions.iter().find(|p| **p >= subjects::PARTITIONS) {
-        anyhow::bail!(
-            "partition {bad} does not exist (partitions are 0..{})",
-            subjects::PARTITIONS
-        );
-    }
+    let partitions = partitions::select(config.partitions.as_deref(), subjects::PARTITIONS)?;
     let client = chat_common::connect_nats(&config.nats_url, "fanout-worker").await?;
     let js = async_nats::jetstream::new(client.clone());
     let ready = Readiness::default();
