@@ -1,0 +1,698 @@
+//! The `chat` command line: arguments (clap derive) and one function per command.
+
+use std::{io::BufRead, process::ExitCode, time::Duration};
+
+use anyhow::{Context, bail};
+use chat_protocol::{
+    auth::mint_dev_token,
+    frames::{ErrorCode, ServerFrame},
+    ids::{ConvId, DeviceId, UserId},
+    jetstream::{self, Overrides, ProvisionError},
+};
+use clap::{Args, Parser, Subcommand};
+use tokio::sync::mpsc;
+
+use crate::{
+    Client, ClientError, HistoryQuery, format,
+    format::{error_line, message_line},
+};
+
+/// Default gateway WebSocket URL (the gateway's default listen address).
+pub const DEFAULT_URL: &str = "ws://127.0.0.1:8080/ws";
+/// Default HS256 development secret; `scripts/dev.sh` gives the gateway the same one.
+pub const DEFAULT_SECRET: &str = "dev-secret-change-me";
+/// Default NATS URL for `chat admin provision`.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// Lifetime of the token minted for one run with `--as`.
+const SESSION_TOKEN_TTL_SECS: u64 = 24 * 3600;
+/// Messages `/history` shows without a count.
+const TALK_HISTORY_DEFAULT: u32 = 20;
+
+const AFTER_HELP: &str = "\
+Quick start (with ./scripts/dev.sh running):
+  chat watch --as bob                      # terminal 1: bob sees every message
+  chat send --as alice bob hello           # terminal 2: prints `sent to bob: seq 1`
+  chat talk --as alice bob                 # interactive; /history [n], /quit
+  chat history --as bob --with alice
+  chat token alice                         # a token for other clients (ws://...?token=...&device=...)
+
+`--as USER` mints a development token signed with --secret; `--token` uses a given one.";
+
+/// Terminal client for the chat backend.
+#[derive(Debug, Parser)]
+#[command(name = "chat", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every command accepts.
+#[derive(Debug, Args)]
+pub struct Global {
+    /// Gateway WebSocket URL
+    #[arg(
+        long,
+        global = true,
+        env = "CHAT_URL",
+        default_value = DEFAULT_URL,
+        hide_env_values = true
+    )]
+    pub url: String,
+    /// Act as this user, with a development token minted from --secret
+    #[arg(long = "as", global = true, value_name = "USER", value_parser = parse_user)]
+    pub as_user: Option<UserId>,
+    /// Access token (JWT) to use instead of --as
+    #[arg(long, global = true, env = "CHAT_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// HS256 secret used to mint development tokens (the gateway's `auth.hs256_secret`)
+    #[arg(
+        long,
+        global = true,
+        env = "CHAT_DEV_SECRET",
+        default_value = DEFAULT_SECRET,
+        hide_env_values = true
+    )]
+    pub secret: String,
+    /// Device id [default: random per run]
+    #[arg(long, global = true, value_parser = parse_device)]
+    pub device: Option<DeviceId>,
+    /// Seconds to wait for the server's answers
+    #[arg(long, global = true, value_name = "SECS", default_value_t = 10)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a development access token (HS256) for a user
+    Token {
+        #[arg(value_parser = parse_user)]
+        user: UserId,
+        /// Lifetime in seconds
+        #[arg(long, value_name = "SECS", default_value_t = SESSION_TOKEN_TTL_SECS)]
+        ttl: u64,
+    },
+    /// Send one message to another user and wait for its sequence number
+    Send {
+        /// Recipient
+        #[arg(value_parser = parse_user)]
+        to: UserId,
+        /// Message text (several words are joined with spaces)
+        #[arg(required = true, num_args = 1..)]
+        text: Vec<String>,
+    },
+    /// Print every incoming message (and error) until Ctrl-C
+    Watch,
+    /// Chat interactively with another user: each line you type is sent
+    Talk {
+        #[arg(value_parser = parse_user)]
+        to: UserId,
+    },
+    /// Print a page of the conversation with another user
+    History {
+        /// The other user of the conversation
+        #[arg(long, value_name = "USER", value_parser = parse_user)]
+        with: UserId,
+        /// Most messages to return (the server caps it)
+        #[arg(long, value_name = "N")]
+        limit: Option<u32>,
+        /// Only messages with a smaller seq (older)
+        #[arg(long, value_name = "SEQ", conflicts_with = "after")]
+        before: Option<u64>,
+        /// Only messages with a larger seq (newer)
+        #[arg(long, value_name = "SEQ")]
+        after: Option<u64>,
+    },
+    /// Administration
+    #[command(subcommand)]
+    Admin(AdminCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Create or update the JetStream streams and consumers declared in nats/
+    Provision {
+        /// NATS server URL
+        #[arg(
+            long,
+            env = "CHAT_NATS_URL",
+            default_value = DEFAULT_NATS_URL,
+            hide_env_values = true
+        )]
+        nats: String,
+        /// Override num_replicas of every stream and consumer (3 in production)
+        #[arg(long, value_name = "N")]
+        replicas: Option<u64>,
+    },
+}
+
+fn parse_user(s: &str) -> Result<UserId, String> {
+    UserId::parse(s).map_err(|e| e.to_string())
+}
+
+fn parse_device(s: &str) -> Result<DeviceId, String> {
+    DeviceId::parse(s).map_err(|e| e.to_string())
+}
+
+impl Global {
+    /// The token to connect with: minted for `--as` if given, else `--token`.
+    pub fn token(&self) -> anyhow::Result<String> {
+        if let Some(user) = &self.as_user {
+            return Ok(mint_dev_token(
+                self.secret.as_bytes(),
+                user,
+                SESSION_TOKEN_TTL_SECS,
+            ));
+        }
+        match &self.token {
+            Some(token) => Ok(token.clone()),
+            None => bail!(
+                "who are you? give --as <user> (mints a development token) or --token <jwt> (env CHAT_TOKEN)"
+            ),
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout)
+    }
+
+    async fn connect(&self) -> anyhow::Result<Client> {
+        let token = self.token()?;
+        let device = self
+            .device
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_else(crate::new_device_id);
+        let client = Client::connect(&self.url, &token, &device).await?;
+        if let Some(me) = &self.as_user
+            && client.user() != me
+        {
+            bail!(
+                "the gateway says this token is for {}, not {me}",
+                client.user()
+            );
+        }
+        Ok(client)
+    }
+}
+
+/// Runs the parsed command line; errors are printed as `chat: error: ...` with exit code 1.
+pub async fn run(cli: Cli) -> ExitCode {
+    match execute(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("chat: error: {}", error_text(&err));
+            if let Some(ClientError::Connect { url, .. }) = err.downcast_ref::<ClientError>() {
+                eprintln!(
+                    "chat: hint: is a gateway listening at {url}? ./scripts/dev.sh starts one; --url (env CHAT_URL) points elsewhere"
+                );
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An error and its causes on one line, skipping causes whose text the line already holds
+/// (several error types repeat their source in their own message).
+pub fn error_text(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let s = cause.to_string();
+        if text.contains(&s) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&s);
+    }
+    text
+}
+
+async fn execute(cli: Cli) -> anyhow::Result<()> {
+    let g = &cli.global;
+    match cli.command {
+        Command::Token { user, ttl } => {
+            println!("{}", mint_dev_token(g.secret.as_bytes(), &user, ttl));
+            Ok(())
+        }
+        Command::Send { to, text } => send(g, &to, &text.join(" ")).await,
+        Command::Watch => watch(g).await,
+        Command::Talk { to } => talk(g, &to).await,
+        Command::History {
+            with,
+            limit,
+            before,
+            after,
+        } => {
+            history(
+                g,
+                &with,
+                HistoryQuery {
+                    before,
+                    after,
+                    limit,
+                },
+            )
+            .await
+        }
+        Command::Admin(AdminCommand::Provision { nats, replicas }) => {
+            provision(&nats, replicas).await
+        }
+    }
+}
+
+fn conversation(me: &UserId, other: &UserId) -> anyhow::Result<ConvId> {
+    if me == other {
+        bail!("{me} cannot start a conversation with itself; name another user");
+    }
+    ConvId::direct(me, other).with_context(|| format!("no conversation between {me} and {other}"))
+}
+
+async fn send(g: &Global, to: &UserId, text: &str) -> anyhow::Result<()> {
+    if g.as_user.as_ref() == Some(to) {
+        conversation(to, to)?;
+    }
+    let mut client = g.connect().await?;
+    let conv = conversation(client.user(), to)?;
+    let m = client.send_and_wait(&conv, text, g.timeout()).await?;
+    println!("sent to {to}: seq {}", m.seq);
+    client.close().await;
+    Ok(())
+}
+
+/// How often watch and talk send an application `ping`, so that idle connections stay alive
+/// through proxies and heartbeat checks.
+fn keepalive_period(client: &Client) -> Duration {
+    match client.session().heartbeat_ms {
+        0 => Duration::from_secs(15),
+        ms => Duration::from_millis((ms / 2).max(1000)),
+    }
+}
+
+/// Prints one incoming frame the way watch and talk show it.
+fn print_frame(frame: &ServerFrame) {
+    match frame {
+        ServerFrame::Message(m) => println!("{}", message_line(m)),
+        ServerFrame::Error(e) => println!("{}", error_line(e)),
+        ServerFrame::History { messages, more, .. } => {
+            if messages.is_empty() {
+                println!("(no messages)");
+            }
+            for m in messages {
+                println!("{}", message_line(m));
+            }
+            if *more {
+                println!("(there are more)");
+            }
+        }
+        ServerFrame::Hello { .. } | ServerFrame::Sent { .. } | ServerFrame::Pong => {}
+    }
+}
+
+/// Handles a receive error in watch or talk: fatal ones end the command.
+fn on_receive_error(err: ClientError) -> anyhow::Result<()> {
+    if err.is_fatal() {
+        return Err(err.into());
+    }
+    eprintln!("chat: warning: {err}");
+    Ok(())
+}
+
+async fn watch(g: &Global) -> anyhow::Result<()> {
+    let mut client = g.connect().await?;
+    let s = client.session();
+    eprintln!(
+        "watching as {} (device {}); Ctrl-C to stop",
+        s.user, s.device
+    );
+    let period = keepalive_period(&client);
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        tokio::select! {
+            frame = client.recv() => match frame {
+                Ok(frame) => print_frame(&frame),
+                Err(err) => on_receive_error(err)?,
+            },
+            _ = keepalive.tick() => client.ping().await?,
+            _ = &mut ctrl_c => break,
+        }
+    }
+    client.close().await;
+    Ok(())
+}
+
+/// One line typed in `chat talk`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TalkInput {
+    Send(String),
+    History(u32),
+    Quit,
+    Help,
+    Nothing,
+}
+
+/// Reads one typed line: `/history [n]`, `/quit`, `/help`, or text to send.
+pub fn parse_talk_line(line: &str) -> TalkInput {
+    let line = line.trim_end_matches(['\r', '\n']);
+    if line.trim().is_empty() {
+        return TalkInput::Nothing;
+    }
+    let Some(cmd) = line.strip_prefix('/') else {
+        return TalkInput::Send(line.to_owned());
+    };
+    let mut words = cmd.split_whitespace();
+    match (words.next(), words.next(), words.next()) {
+        (Some("quit" | "q" | "exit"), None, _) => TalkInput::Quit,
+        (Some("history" | "h"), None, _) => TalkInput::History(TALK_HISTORY_DEFAULT),
+        (Some("history" | "h"), Some(n), None) => match n.parse() {
+            Ok(n) if n > 0 => TalkInput::History(n),
+            _ => TalkInput::Help,
+        },
+        // `//text` sends `/text`.
+        _ if cmd.starts_with('/') => TalkInput::Send(cmd.to_owned()),
+        _ => TalkInput::Help,
+    }
+}
+
+const TALK_HELP: &str =
+    "type a line and Enter to send it; /history [n] shows the last n messages; /quit (or EOF) ends";
+
+/// Lines of stdin, read on a plain thread: a blocking read cannot be cancelled, and a tokio
+/// blocking task would hold up the runtime's shutdown until the user pressed Enter.
+fn stdin_lines() -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel(64);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+async fn talk(g: &Global, to: &UserId) -> anyhow::Result<()> {
+    if g.as_user.as_ref() == Some(to) {
+        conversation(to, to)?;
+    }
+    let mut client = g.connect().await?;
+    let me = client.user().clone();
+    let conv = conversation(&me, to)?;
+    eprintln!(
+        "talking to {to} in {conv} as {me} (device {}); {TALK_HELP}",
+        client.session().device
+    );
+    let mut lines = stdin_lines();
+    // Sends whose stamped message has not come back yet: client id -> body (for retries).
+    let mut unconfirmed = std::collections::HashMap::new();
+    // History requests not answered yet.
+    let mut pending_history = std::collections::HashSet::new();
+    // Set once input ended: wait for the unconfirmed sends and pending history until then.
+    let mut draining: Option<tokio::time::Instant> = None;
+    let period = keepalive_period(&client);
+    let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+    loop {
+        if draining.is_some() && unconfirmed.is_empty() && pending_history.is_empty() {
+            break;
+        }
+        let drain_deadline = draining.unwrap_or_else(tokio::time::Instant::now);
+        tokio::select! {
+            line = lines.recv(), if draining.is_none() => match line.as_deref().map(parse_talk_line) {
+                None | Some(TalkInput::Quit) => {
+                    draining = Some(tokio::time::Instant::now() + g.timeout());
+                }
+                Some(TalkInput::Send(text)) => {
+                    let id = client.send(&conv, &text).await?;
+                    unconfirmed.insert(id, text);
+                }
+                Some(TalkInput::History(n)) => {
+                    let req = client
+                        .history(&conv, HistoryQuery { limit: Some(n), ..Default::default() })
+                        .await?;
+                    pending_history.insert(req);
+                }
+                Some(TalkInput::Help) => eprintln!("{TALK_HELP}"),
+                Some(TalkInput::Nothing) => {}
+            },
+            frame = client.recv() => match frame {
+                Ok(ServerFrame::Error(e))
+                    if e.code == ErrorCode::RateLimited
+                        && e.id.as_ref().is_some_and(|id| unconfirmed.contains_key(id)) =>
+                {
+                    // Typing (or pasting) faster than the rate limit: retry the same id, as the
+                    // protocol asks, instead of dropping the line.
+                    let id = e.id.unwrap_or_default();
+                    let wait = Duration::from_millis(e.retry_after_ms.unwrap_or(500).clamp(50, 5000));
+                    tokio::time::sleep(wait).await;
+                    client.send_with_id(&conv, &id, &unconfirmed[&id]).await?;
+                }
+                Ok(frame) => {
+                    match &frame {
+                        ServerFrame::Message(m) if m.from == me.as_str() => {
+                            unconfirmed.remove(&m.id);
+                        }
+                        ServerFrame::Error(e) => {
+                            if let Some(id) = &e.id {
+                                unconfirmed.remove(id);
+                            }
+                            if let Some(req) = &e.req {
+                                pending_history.remove(req);
+                            }
+                        }
+                        ServerFrame::History { req, .. } => {
+                            pending_history.remove(req);
+                        }
+                        _ => {}
+                    }
+                    print_frame(&frame);
+                }
+                Err(err) => on_receive_error(err)?,
+            },
+            _ = keepalive.tick() => client.ping().await?,
+            _ = &mut ctrl_c => break,
+            _ = tokio::time::sleep_until(drain_deadline), if draining.is_some() => {
+                bail!(
+                    "{} message(s) and {} history request(s) not answered within {}s",
+                    unconfirmed.len(),
+                    pending_history.len(),
+                    g.timeout
+                );
+            }
+        }
+    }
+    client.close().await;
+    Ok(())
+}
+
+async fn history(g: &Global, with: &UserId, query: HistoryQuery) -> anyhow::Result<()> {
+    let mut client = g.connect().await?;
+    let conv = conversation(&client.user().clone(), with)?;
+    let page = client.fetch_history(&conv, query, g.timeout()).await?;
+    if page.messages.is_empty() {
+        eprintln!("(no messages)");
+    }
+    for m in &page.messages {
+        println!("{}", message_line(m));
+    }
+    if page.more
+        && let (Some(first), Some(last)) = (page.messages.first(), page.messages.last())
+    {
+        let hint = if query.after.is_some() {
+            format!("--after {}", last.seq)
+        } else {
+            format!("--before {}", first.seq)
+        };
+        eprintln!(
+            "(more messages: chat history --as {} --with {with} {hint})",
+            client.user()
+        );
+    }
+    client.close().await;
+    Ok(())
+}
+
+async fn provision(nats: &str, replicas: Option<u64>) -> anyhow::Result<()> {
+    let client = async_nats::ConnectOptions::new()
+        .name("chat-admin")
+        .connection_timeout(Duration::from_secs(5))
+        .connect(nats)
+        .await
+        .with_context(|| format!("cannot connect to NATS at {nats}"))?;
+    let overrides = Overrides {
+        num_replicas: replicas,
+    };
+    let report = match jetstream::provision_all(&client, &overrides).await {
+        Ok(report) => report,
+        Err(err @ ProvisionError::Request { .. }) => {
+            return Err(anyhow::Error::new(err).context(
+                "provisioning failed (is JetStream enabled on this server? nats-server needs -js or a jetstream block)",
+            ));
+        }
+        Err(err) => return Err(anyhow::Error::new(err).context("provisioning failed")),
+    };
+    for (path, outcome) in &report {
+        println!("{}", format::outcome_line(path, outcome));
+    }
+    client.flush().await.ok();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("chat").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn send_takes_the_recipient_and_joins_the_words() {
+        let cli = parse(&["send", "--as", "alice", "bob", "hello", "world"]).unwrap();
+        assert_eq!(cli.global.as_user.unwrap().as_str(), "alice");
+        match cli.command {
+            Command::Send { to, text } => {
+                assert_eq!(to.as_str(), "bob");
+                assert_eq!(text.join(" "), "hello world");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn global_options_go_before_or_after_the_command() {
+        let cli = parse(&["--as", "alice", "--url", "ws://h:1/ws", "watch"]).unwrap();
+        assert_eq!(cli.global.url, "ws://h:1/ws");
+        assert_eq!(cli.global.as_user.unwrap().as_str(), "alice");
+        let cli = parse(&[
+            "watch",
+            "--as",
+            "bob",
+            "--device",
+            "phone",
+            "--timeout",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(cli.global.device.unwrap().as_str(), "phone");
+        assert_eq!(cli.global.timeout, 3);
+    }
+
+    #[test]
+    fn ids_are_validated_while_parsing() {
+        assert!(parse(&["send", "--as", "al.ice", "bob", "x"]).is_err());
+        assert!(parse(&["send", "--as", "alice", "b*", "x"]).is_err());
+        assert!(
+            parse(&["send", "--as", "alice", "bob"]).is_err(),
+            "text is required"
+        );
+        assert!(parse(&["watch", "--device", "a b"]).is_err());
+        assert!(parse(&["talk", "--as", "alice", ">"]).is_err());
+    }
+
+    #[test]
+    fn history_takes_either_before_or_after() {
+        let cli = parse(&[
+            "history", "--as", "alice", "--with", "bob", "--limit", "5", "--before", "9",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::History {
+                with,
+                limit,
+                before,
+                after,
+            } => {
+                assert_eq!(with.as_str(), "bob");
+                assert_eq!((limit, before, after), (Some(5), Some(9), None));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["history", "--with", "bob", "--before", "1", "--after", "2"]).is_err());
+        assert!(parse(&["history"]).is_err(), "--with is required");
+    }
+
+    #[test]
+    fn admin_provision_has_defaults() {
+        let cli = parse(&["admin", "provision"]).unwrap();
+        match cli.command {
+            Command::Admin(AdminCommand::Provision { nats, replicas }) => {
+                // CHAT_NATS_URL may be set in the environment running the tests.
+                assert!(!nats.is_empty());
+                assert_eq!(replicas, None);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = parse(&[
+            "admin",
+            "provision",
+            "--nats",
+            "nats://x:1",
+            "--replicas",
+            "3",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Admin(AdminCommand::Provision { ref nats, replicas: Some(3) }) if nats == "nats://x:1"
+        ));
+    }
+
+    #[test]
+    fn token_minted_for_as_wins_over_a_given_token() {
+        let cli = parse(&[
+            "watch", "--as", "alice", "--token", "given", "--secret", "s1",
+        ])
+        .unwrap();
+        let token = cli.global.token().unwrap();
+        let (user, _) = chat_protocol::auth::TokenVerifier::hs256(b"s1")
+            .verify(&token)
+            .unwrap();
+        assert_eq!(user.as_str(), "alice");
+        let cli = parse(&["watch", "--token", "given"]).unwrap();
+        assert_eq!(cli.global.token().unwrap(), "given");
+    }
+
+    #[test]
+    fn error_text_does_not_repeat_causes() {
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let err = anyhow::Error::new(io).context("cannot connect: refused");
+        assert_eq!(error_text(&err), "cannot connect: refused");
+        let err = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_text(&err), "outer: inner");
+    }
+
+    #[test]
+    fn talk_lines() {
+        assert_eq!(
+            parse_talk_line("hi there"),
+            TalkInput::Send("hi there".into())
+        );
+        assert_eq!(parse_talk_line("hi\r"), TalkInput::Send("hi".into()));
+        assert_eq!(parse_talk_line("   "), TalkInput::Nothing);
+        assert_eq!(parse_talk_line("/quit"), TalkInput::Quit);
+        assert_eq!(
+            parse_talk_line("/history"),
+            TalkInput::History(TALK_HISTORY_DEFAULT)
+        );
+        assert_eq!(parse_talk_line("/history 5"), TalkInput::History(5));
+        assert_eq!(parse_talk_line("/history x"), TalkInput::Help);
+        assert_eq!(parse_talk_line("/history 0"), TalkInput::Help);
+        assert_eq!(parse_talk_line("/dance"), TalkInput::Help);
+        assert_eq!(parse_talk_line("//shrug"), TalkInput::Send("/shrug".into()));
+    }
+
+    #[test]
+    fn no_conversation_with_oneself() {
+        let a = UserId::parse("alice").unwrap();
+        let b = UserId::parse("bob").unwrap();
+        assert_eq!(conversation(&b, &a).unwrap().as_str(), "dm~alice~bob");
+        assert!(conversation(&a, &a).is_err());
+    }
+}

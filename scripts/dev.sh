@@ -1,0 +1,319 @@
+#!/usr/bin/env bash
+# Runs the whole chat backend on this machine, in the foreground, until Ctrl-C.
+#
+#   ./scripts/dev.sh            start everything and print how to connect
+#   ./scripts/dev.sh --check    start everything, run a smoke exchange with the CLI, stop
+#
+# Steps: scripts/setup.sh (pinned nats-server into .venv), cargo build --bins, then
+# nats-server (store in .run/nats), `chat admin provision`, sequencer (store in .run/store),
+# fanout-worker and gateway, each logging to .run/logs/<name>.log and awaited on its readiness
+# endpoint. Ctrl-C or SIGTERM stops them all (gateway first, nats-server last).
+#
+# Environment:
+#   PROFILE=release        build and run release binaries (default: debug; release builds are slow)
+#   DEV_CHECK=1            same as --check
+#   CHAT_DEV_SECRET        HS256 secret the gateway accepts (default: dev-secret-change-me)
+#   NATS_PORT (4222), NATS_MONITOR_PORT (8222), GATEWAY_PORT (8080), GATEWAY_ADMIN_PORT (9090),
+#   SEQUENCER_ADMIN_PORT (9091), FANOUT_ADMIN_PORT (9092)
+set -euo pipefail
+
+SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
+REPO_DIR="$(cd -- "${SCRIPT_DIR}/.." && pwd -P)"
+cd "${REPO_DIR}"
+
+CHECK="${DEV_CHECK:-0}"
+for arg in "$@"; do
+    case "${arg}" in
+        --check) CHECK=1 ;;
+        -h | --help)
+            sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *)
+            echo "dev.sh: unknown argument ${arg} (try --help)" >&2
+            exit 2
+            ;;
+    esac
+done
+
+PROFILE="${PROFILE:-debug}"
+HOST=127.0.0.1
+NATS_PORT="${NATS_PORT:-4222}"
+NATS_MONITOR_PORT="${NATS_MONITOR_PORT:-8222}"
+GATEWAY_PORT="${GATEWAY_PORT:-8080}"
+GATEWAY_ADMIN_PORT="${GATEWAY_ADMIN_PORT:-9090}"
+SEQUENCER_ADMIN_PORT="${SEQUENCER_ADMIN_PORT:-9091}"
+FANOUT_ADMIN_PORT="${FANOUT_ADMIN_PORT:-9092}"
+DEFAULT_SECRET="dev-secret-change-me"
+SECRET="${CHAT_DEV_SECRET:-${DEFAULT_SECRET}}"
+
+NATS_URL="nats://${HOST}:${NATS_PORT}"
+WS_URL="ws://${HOST}:${GATEWAY_PORT}/ws"
+RUN_DIR="${REPO_DIR}/.run"
+LOG_DIR="${RUN_DIR}/logs"
+
+log() { echo "dev.sh: $*" >&2; }
+die() {
+    echo "dev.sh: error: $*" >&2
+    exit 1
+}
+
+# ---------------------------------------------------------------------------
+# processes we started, in start order; stopped in reverse order
+# ---------------------------------------------------------------------------
+PIDS=()
+NAMES=()
+
+alive() { kill -0 "$1" 2>/dev/null; }
+
+stop_all() {
+    local i pid name
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        pid="${PIDS[i]}"
+        name="${NAMES[i]}"
+        if alive "${pid}"; then
+            log "stopping ${name} (pid ${pid})"
+            kill -TERM "${pid}" 2>/dev/null || true
+            for _ in $(seq 150); do
+                alive "${pid}" || break
+                sleep 0.1
+            done
+            if alive "${pid}"; then
+                log "${name} did not stop within 15s; killing it"
+                kill -KILL "${pid}" 2>/dev/null || true
+            fi
+        fi
+        wait "${pid}" 2>/dev/null || true
+    done
+    PIDS=()
+    NAMES=()
+}
+
+on_exit() {
+    local rc=$?
+    trap - EXIT INT TERM
+    if ((${#PIDS[@]} > 0)); then
+        stop_all
+        log "stopped everything (logs in .run/logs/)"
+    fi
+    exit "${rc}"
+}
+trap on_exit EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+# Job control puts every background child in its own process group, so a Ctrl-C in the terminal
+# reaches only this script, which then stops the children in order (gateway first, NATS last).
+set -m
+
+show_log() {
+    local file="${LOG_DIR}/$1.log"
+    if [[ -s "${file}" ]]; then
+        echo "---- last lines of .run/logs/$1.log ----" >&2
+        tail -n 25 "${file}" >&2
+        echo "----" >&2
+    fi
+}
+
+# start NAME COMMAND...: runs COMMAND in the background, output to .run/logs/NAME.log.
+start() {
+    local name="$1"
+    shift
+    log "starting ${name} (log: .run/logs/${name}.log)"
+    "$@" </dev/null >"${LOG_DIR}/${name}.log" 2>&1 &
+    PIDS+=("$!")
+    NAMES+=("${name}")
+}
+
+# Succeeds if something accepts TCP connections on HOST:$1.
+port_open() { (exec 3<>"/dev/tcp/${HOST}/$1") 2>/dev/null; }
+
+# Succeeds if GET http://HOST:$1$2 answers 200.
+http_ok() {
+    if command -v curl >/dev/null 2>&1; then
+        curl -fsS -o /dev/null --max-time 2 "http://${HOST}:$1$2" 2>/dev/null
+        return
+    fi
+    (
+        exec 3<>"/dev/tcp/${HOST}/$1" || exit 1
+        printf 'GET %s HTTP/1.0\r\nHost: %s\r\nConnection: close\r\n\r\n' "$2" "${HOST}" >&3
+        IFS= read -r -t 2 status <&3 || exit 1
+        [[ "${status}" == HTTP/*" 200"* ]]
+    ) 2>/dev/null
+}
+
+# wait_ready NAME PORT PATH SECONDS: waits for the readiness endpoint of the last started NAME.
+wait_ready() {
+    local name="$1" port="$2" path="$3" secs="$4" pid="${PIDS[-1]}"
+    local deadline=$((SECONDS + secs))
+    until http_ok "${port}" "${path}"; do
+        if ! alive "${pid}"; then
+            show_log "${name}"
+            die "${name} exited during startup (see .run/logs/${name}.log)"
+        fi
+        if ((SECONDS >= deadline)); then
+            show_log "${name}"
+            die "${name} not ready on http://${HOST}:${port}${path} after ${secs}s"
+        fi
+        sleep 0.2
+    done
+    log "${name} ready"
+}
+
+# ---------------------------------------------------------------------------
+# install and build
+# ---------------------------------------------------------------------------
+command -v cargo >/dev/null 2>&1 || die "cargo not found; install the Rust toolchain (https://rustup.rs)"
+"${SCRIPT_DIR}/setup.sh"
+
+TARGET_DIR="${CARGO_TARGET_DIR:-${REPO_DIR}/target}"
+case "${PROFILE}" in
+    debug) cargo build --bins ;;
+    release) cargo build --release --bins ;;
+    *) die "PROFILE must be debug or release, not ${PROFILE}" ;;
+esac
+BIN="${TARGET_DIR}/${PROFILE}"
+for b in chat sequencer fanout-worker gateway; do
+    [[ -x "${BIN}/${b}" ]] || die "${BIN}/${b} was not built"
+done
+# How the printed commands name the CLI: relative when it is in this repo.
+CHAT_CMD="${BIN#"${REPO_DIR}"/}/chat"
+
+# ---------------------------------------------------------------------------
+# ports
+# ---------------------------------------------------------------------------
+busy=()
+for spec in "NATS_PORT:${NATS_PORT}" "NATS_MONITOR_PORT:${NATS_MONITOR_PORT}" \
+    "GATEWAY_PORT:${GATEWAY_PORT}" "GATEWAY_ADMIN_PORT:${GATEWAY_ADMIN_PORT}" \
+    "SEQUENCER_ADMIN_PORT:${SEQUENCER_ADMIN_PORT}" "FANOUT_ADMIN_PORT:${FANOUT_ADMIN_PORT}"; do
+    if port_open "${spec#*:}"; then
+        busy+=("${spec}")
+    fi
+done
+if ((${#busy[@]} > 0)); then
+    die "port(s) already in use on ${HOST}: ${busy[*]}
+  Another dev.sh (or something else) is running. Stop it, or choose other ports, e.g.
+  NATS_PORT=14222 GATEWAY_PORT=18080 ./scripts/dev.sh"
+fi
+
+mkdir -p "${RUN_DIR}/nats" "${RUN_DIR}/store" "${LOG_DIR}"
+
+# ---------------------------------------------------------------------------
+# start
+# ---------------------------------------------------------------------------
+# Command-line -p/-m override the listen and monitor ports of dev.conf.
+start nats "${REPO_DIR}/.venv/bin/nats-server" -c nats/dev.conf -sd "${RUN_DIR}/nats" \
+    -a "${HOST}" -p "${NATS_PORT}" -m "${NATS_MONITOR_PORT}"
+wait_ready nats "${NATS_MONITOR_PORT}" /healthz 30
+
+log "provisioning streams and consumers"
+"${BIN}/chat" admin provision --nats "${NATS_URL}" || die "provisioning failed"
+
+start sequencer env NO_COLOR=1 \
+    CHAT_SEQUENCER_NATS_URL="${NATS_URL}" \
+    CHAT_SEQUENCER_ADMIN_LISTEN="${HOST}:${SEQUENCER_ADMIN_PORT}" \
+    CHAT_SEQUENCER_STORE_DIR="${RUN_DIR}/store" \
+    "${BIN}/sequencer"
+wait_ready sequencer "${SEQUENCER_ADMIN_PORT}" /readyz 60
+
+start fanout-worker env NO_COLOR=1 \
+    CHAT_FANOUT_NATS_URL="${NATS_URL}" \
+    CHAT_FANOUT_ADMIN_LISTEN="${HOST}:${FANOUT_ADMIN_PORT}" \
+    "${BIN}/fanout-worker"
+wait_ready fanout-worker "${FANOUT_ADMIN_PORT}" /readyz 60
+
+start gateway env NO_COLOR=1 \
+    CHAT_GATEWAY_NATS_URL="${NATS_URL}" \
+    CHAT_GATEWAY_LISTEN="${HOST}:${GATEWAY_PORT}" \
+    CHAT_GATEWAY_ADMIN_LISTEN="${HOST}:${GATEWAY_ADMIN_PORT}" \
+    CHAT_GATEWAY_AUTH__HS256_SECRET="${SECRET}" \
+    "${BIN}/gateway"
+wait_ready gateway "${GATEWAY_ADMIN_PORT}" /readyz 60
+
+# The CLI reads these too, so the printed commands need no extra flags.
+export CHAT_URL="${WS_URL}" CHAT_DEV_SECRET="${SECRET}"
+
+# ---------------------------------------------------------------------------
+# --check: a smoke exchange, then stop
+# ---------------------------------------------------------------------------
+if [[ "${CHECK}" == "1" ]]; then
+    log "check: bob watches, alice sends"
+    watch_out="${LOG_DIR}/check-watch.out"
+    "${BIN}/chat" watch --as bob >"${watch_out}" 2>&1 &
+    PIDS+=("$!")
+    NAMES+=("chat watch")
+    deadline=$((SECONDS + 15))
+    until grep -q '^watching as bob' "${watch_out}"; do
+        alive "${PIDS[-1]}" || { cat "${watch_out}" >&2; die "check: chat watch --as bob failed"; }
+        ((SECONDS < deadline)) || die "check: chat watch --as bob did not connect within 15s"
+        sleep 0.1
+    done
+    text="hi from dev.sh --check $$"
+    echo "\$ chat send --as alice bob ${text}"
+    out="$("${BIN}/chat" send --as alice bob "${text}")" || {
+        for n in gateway sequencer fanout-worker; do show_log "${n}"; done
+        die "check: chat send failed"
+    }
+    echo "${out}"
+    [[ "${out}" =~ ^sent\ to\ bob:\ seq\ ([0-9]+)$ ]] || die "check: unexpected output from chat send: ${out}"
+    seq="${BASH_REMATCH[1]}"
+    expected="[dm~alice~bob #${seq}] alice: ${text}"
+    deadline=$((SECONDS + 10))
+    until grep -qxF "${expected}" "${watch_out}"; do
+        ((SECONDS < deadline)) || { cat "${watch_out}" >&2; die "check: bob's watch did not print: ${expected}"; }
+        sleep 0.1
+    done
+    echo "bob's watch printed: ${expected}"
+    echo "\$ chat history --as bob --with alice --limit 3"
+    history="$("${BIN}/chat" history --as bob --with alice --limit 3 2>/dev/null)" \
+        || die "check: chat history failed"
+    echo "${history}"
+    grep -qxF "${expected}" <<<"${history}" || die "check: the message is not in bob's history"
+    echo "dev.sh --check: OK (nats-server, sequencer, fanout-worker, gateway and the chat CLI work together)"
+    exit 0
+fi
+
+# ---------------------------------------------------------------------------
+# running: how to connect
+# ---------------------------------------------------------------------------
+alice_token="$("${BIN}/chat" token alice)"
+bob_token="$("${BIN}/chat" token bob)"
+cat <<EOF
+
+Everything is running. Ctrl-C stops it all. Logs: .run/logs/, data: .run/nats and .run/store.
+
+  gateway  ${WS_URL}?token=<token>&device=<any-id>
+  admin    http://${HOST}:${GATEWAY_ADMIN_PORT}/metrics (gateway), :${SEQUENCER_ADMIN_PORT} (sequencer), :${FANOUT_ADMIN_PORT} (fan-out)
+  NATS     ${NATS_URL} (monitoring http://${HOST}:${NATS_MONITOR_PORT})
+
+Try it from the repo root in two more terminals:
+EOF
+if [[ "${WS_URL}" != "ws://127.0.0.1:8080/ws" ]]; then
+    echo "  export CHAT_URL=${WS_URL}"
+fi
+if [[ "${SECRET}" != "${DEFAULT_SECRET}" ]]; then
+    echo "  export CHAT_DEV_SECRET=...   # the secret this script was given"
+fi
+tour() { printf '  %-52s # %s\n' "${CHAT_CMD} $1" "$2"; }
+tour "watch --as bob" "terminal 1: bob sees every message"
+tour "send --as alice bob hello" "terminal 2: prints 'sent to bob: seq N'"
+tour "talk --as alice bob" "interactive: type lines; /history [n], /quit"
+tour "history --as bob --with alice" "what bob can read back"
+tour "--help" "everything else"
+cat <<EOF
+
+Tokens for other WebSocket clients (24 h):
+  alice  ${alice_token}
+  bob    ${bob_token}
+
+EOF
+
+# Wait until a child exits on its own (a crash) or a signal arrives (the trap stops all).
+while true; do
+    wait -n "${PIDS[@]}" || true
+    for i in "${!PIDS[@]}"; do
+        if ! alive "${PIDS[i]}"; then
+            show_log "${NAMES[i]}"
+            die "${NAMES[i]} exited unexpectedly; stopping everything"
+        fi
+    done
+done

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace: installs the pinned nats-server (scripts/setup.sh), which the
+# integration tests start on random ports, then `cargo test --workspace`.
+#
+#   ./scripts/test.sh                       # everything
+#   ./scripts/test.sh -p chat-cli           # extra arguments go to cargo test
+#   ./scripts/test.sh -- --nocapture        # ... and after `--` to the test binaries
+set -euo pipefail
+
+SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
+REPO_DIR="$(cd -- "${SCRIPT_DIR}/.." && pwd -P)"
+cd "${REPO_DIR}"
+
+command -v cargo >/dev/null 2>&1 || {
+    echo "test.sh: error: cargo not found; install the Rust toolchain (https://rustup.rs)" >&2
+    exit 1
+}
+"${SCRIPT_DIR}/setup.sh"
+
+echo "test.sh: cargo test --workspace $*" >&2
+exec cargo test --workspace "$@"
