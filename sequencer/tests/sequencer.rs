@@ -225,10 +225,24 @@ async fn partitions_match_the_servers_subject_transform() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_sequencers_never_stamp_the_same_conversation() {
+async fn two_sequencer_processes_never_stamp_the_same_conversation() {
     let (nats, client, js) = setup().await;
-    let a = Sequencer::spawn(&nats, "a");
-    let b = Sequencer::spawn(&nats, "b");
+    let dir = tempfile::tempdir().unwrap();
+    // Overlapping partition sets: both processes are active, and partitions 2..=5 are contested.
+    let process = |name: &str, partitions: &str| {
+        chat_testkit::ChildProcess::spawn(
+            std::process::Command::new(env!("CARGO_BIN_EXE_sequencer"))
+                .env("CHAT_SEQUENCER_NATS_URL", nats.url())
+                .env("CHAT_SEQUENCER_ADMIN_LISTEN", "")
+                .env("CHAT_SEQUENCER_STORE_DIR", dir.path().join(name))
+                .env("CHAT_SEQUENCER_INSTANCE_ID", name)
+                .env("CHAT_SEQUENCER_PARTITIONS", partitions)
+                .env("RUST_LOG", "warn"),
+        )
+        .expect("sequencer binary starts")
+    };
+    let mut a = process("a", "[0,1,2,3,4,5]");
+    let mut b = process("b", "[2,3,4,5,6,7]");
     let convs: Vec<String> = (0..24).map(|i| format!("dm~p{i}~q{i}")).collect();
     let rounds = 10;
     for r in 0..rounds {
@@ -264,8 +278,20 @@ async fn two_sequencers_never_stamp_the_same_conversation() {
         };
         assert_eq!(messages.len(), rounds);
     }
-    a.stop().await;
-    b.stop().await;
+    let stampers: std::collections::BTreeSet<&str> =
+        all.iter().map(|(_, by)| by.as_str()).collect();
+    assert_eq!(stampers.len(), 2, "both processes stamped: {stampers:?}");
+    // Both processes are alive and competing the whole time.
+    assert!(a.is_running() && b.is_running());
+    a.sigterm().unwrap();
+    b.sigterm().unwrap();
+    for p in [&mut a, &mut b] {
+        let status = p.wait_timeout(Duration::from_secs(15)).unwrap();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "clean exit on SIGTERM: {status:?}"
+        );
+    }
 }
 
 /// The fence the stamper relies on: a publish that expects a stale head of the conversation's
