@@ -98,3 +98,19 @@ where
         }
     }
 }
+
+/// Waits for `work` (a drain step) at most `grace`, and logs a warning naming `step` when it
+/// overruns, so shutdown is bounded and an overrun is visible.
+pub async fn within_grace<F: std::future::Future>(
+    step: &'static str,
+    grace: std::time::Duration,
+    work: F,
+) {
+    if tokio::time::timeout(grace, work).await.is_err() {
+        tracing::warn!(
+            step,
+            grace_ms = grace.as_millis() as u64,
+            "shutdown step overran its grace period"
+        );
+    }
+}

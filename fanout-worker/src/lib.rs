@@ -119,12 +119,7 @@ pub async fn run(
     shutdown.cancelled().await;
     ready.set(false);
     let grace = Duration::from_millis(config.shutdown_grace_ms);
-    if tokio::time::timeout(grace, consuming).await.is_err() {
-        tracing::warn!(
-            grace_ms = config.shutdown_grace_ms,
-            "consumers did not stop within the grace period"
-        );
-    }
+    chat_common::within_grace("stop consumers", grace, consuming).await;
     stop_admin.cancel();
     if let Some(task) = admin_task {
         let _ = task.await;

@@ -96,17 +96,10 @@ pub async fn run(
     shutdown.cancelled().await;
     ready.set(false);
     let grace = Duration::from_millis(config.shutdown_grace_ms);
-    if tokio::time::timeout(grace, consuming).await.is_err() {
-        tracing::warn!(
-            grace_ms = config.shutdown_grace_ms,
-            "consumers did not stop within the grace period"
-        );
-    }
+    chat_common::within_grace("stop consumers", grace, consuming).await;
     stop_rest.cancel();
     tasks.close();
-    if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
-        tracing::warn!("follower or history did not stop within the grace period");
-    }
+    chat_common::within_grace("stop follower and history", grace, tasks.wait()).await;
     client.drain().await.ok();
     Ok(())
 }
