@@ -307,7 +307,15 @@ fn print_frame(frame: &ServerFrame) {
                 println!("(there are more)");
             }
         }
-        ServerFrame::Hello { .. } | ServerFrame::Sent { .. } | ServerFrame::Pong => {}
+        ServerFrame::Receipt(r) => println!(
+            "[{}] {} has up to #{} (read up to #{})",
+            r.conv, r.user, r.delivered, r.read
+        ),
+        ServerFrame::Hello { .. }
+        | ServerFrame::Sent { .. }
+        | ServerFrame::Sync { .. }
+        | ServerFrame::Receipts { .. }
+        | ServerFrame::Pong => {}
     }
 }
 

@@ -256,13 +256,7 @@ impl Client {
                 user: UserId::parse("unknown").expect("valid id"),
                 device: device.to_owned(),
                 heartbeat_ms: 0,
-                limits: Limits {
-                    max_frame_bytes: 0,
-                    max_body_bytes: 0,
-                    sends_per_second: 0,
-                    send_burst: 0,
-                    history_page_max: 0,
-                },
+                limits: Limits::default(),
             },
             pending: VecDeque::new(),
         };

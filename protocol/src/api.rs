@@ -1,11 +1,34 @@
 //! Messages between services over NATS (never seen by clients).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
-use crate::frames::{ErrorFrame, Message};
+use crate::frames::{ConvState, ErrorFrame, MemberMarks, Message};
 
-/// What a gateway publishes to `chat.in.<conv>` for one client send. The JetStream message id
-/// header is [`InboundMessage::dedupe_id`].
+/// What a gateway publishes to `chat.in.<conv>`: a client's send or receipt. Both go through the
+/// conversation's sequencer, which checks membership and orders them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Inbound {
+    Send(InboundMessage),
+    Receipt(InboundReceipt),
+}
+
+/// A client's `delivered` or `read` frame. Watermarks only grow, so receipts need no dedupe:
+/// applying one twice, or two out of order, ends in the same state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboundReceipt {
+    pub conv: String,
+    pub user: String,
+    pub device: String,
+    /// Raise the delivered watermark to this seq (0: leave it).
+    pub delivered: u64,
+    /// Raise the read watermark to this seq (0: leave it).
+    pub read: u64,
+}
+
+/// One client send. The JetStream message id header is [`dedupe_id`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InboundMessage {
     pub conv: String,
@@ -46,3 +69,85 @@ pub enum HistoryReply {
 
 /// Largest page a history request returns.
 pub const HISTORY_PAGE_MAX: u32 = 200;
+
+/// A sync page request to `chat.api.sync`, made by a gateway on behalf of `user` (the client's
+/// `sync` frame, see `docs/protocol.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncRequest {
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cursors: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    pub limit: u32,
+}
+
+/// The answer to a [`SyncRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum SyncReply {
+    Page {
+        convs: Vec<ConvState>,
+        messages: Vec<Message>,
+        more: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    Error(ErrorFrame),
+}
+
+/// Default number of messages in one sync page.
+pub const SYNC_PAGE_DEFAULT: u32 = 500;
+/// Largest number of messages in one sync page.
+pub const SYNC_PAGE_MAX: u32 = 1000;
+/// Most body bytes one history or sync page carries, whatever its limit: a reply must stay under
+/// the NATS `max_payload` (1 MiB by default). A page cut by this limit says `more`.
+pub const PAGE_MAX_BODY_BYTES: usize = 512 * 1024;
+
+/// A receipts request to `chat.api.receipts`, made by a gateway on behalf of `user`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptsRequest {
+    pub user: String,
+    pub conv: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+/// The answer to a [`ReceiptsRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum ReceiptsReply {
+    Marks {
+        members: Vec<MemberMarks>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delivered_to: Option<Vec<String>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        read_by: Option<Vec<String>>,
+    },
+    Error(ErrorFrame),
+}
+
+/// The event a fan-out worker publishes to `chat.push.<user>` (stream `CHAT_PUSH`) when a message
+/// reached none of `user`'s devices, for an external push service (APNs, FCM). It carries no
+/// body: bodies may be end-to-end encrypted, and push payloads leave our infrastructure. The
+/// JetStream message id is [`push_dedupe_id`], so a redelivered message makes no second event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PushNotification {
+    pub user: String,
+    pub conv: String,
+    pub seq: u64,
+    pub from: String,
+    /// The sender's client message id.
+    pub id: String,
+    /// Stamp time of the message, ms since the Unix epoch.
+    pub ts: u64,
+}
+
+/// The `Nats-Msg-Id` of a push notification: one per recipient per message.
+pub fn push_dedupe_id(user: &str, conv: &str, seq: u64) -> String {
+    format!("push:{user}:{conv}:{seq}")
+}

@@ -5,6 +5,8 @@
 //! the stamped stream (`CHAT_MSGS`), so fan-out workers and gateways forward it without
 //! re-encoding.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// Protocol version announced in `hello`.
@@ -31,9 +33,45 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
     },
+    /// This device has every message of `conv` up to `seq`: raises the user's delivered watermark.
+    Delivered { conv: String, seq: u64 },
+    /// The user has read `conv` up to `seq`: raises the read (and delivered) watermark.
+    Read { conv: String, seq: u64 },
+    /// Catch up after being offline: the conversations that changed since `since` and the
+    /// messages after `cursors`, one page per request. `next` continues a paged sync.
+    Sync {
+        req: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<String>,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        cursors: BTreeMap<String, u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Every member's delivered and read watermarks in `conv`; with `seq`, who has it and who
+    /// read it.
+    Receipts {
+        req: String,
+        conv: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+    },
     /// Application-level heartbeat, for clients that cannot see WebSocket pings. Answered by `pong`.
     Ping,
 }
+
+/// The frame types a client may send, as they appear in `type`.
+pub const CLIENT_FRAME_TYPES: &[&str] = &[
+    "send",
+    "history",
+    "delivered",
+    "read",
+    "sync",
+    "receipts",
+    "ping",
+];
 
 /// A stamped message: what recipients receive, what history returns, what `CHAT_MSGS` stores.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,14 +90,55 @@ pub struct Message {
     pub body: String,
 }
 
-/// Limits the server enforces on this connection, announced in `hello`.
+/// A member's receipt watermarks in a conversation. Pushed as the `receipt` frame whenever one of
+/// them moves (and carried by `CHAT_MSGS` on `chat.rcpt.<p>.<conv>`); both only ever grow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    pub conv: String,
+    /// The member whose watermarks these are.
+    pub user: String,
+    /// Some device of `user` has every message up to this seq (0: none yet).
+    pub delivered: u64,
+    /// `user` has read up to this seq (0: nothing yet). Never above `delivered`.
+    pub read: u64,
+}
+
+/// One member's watermarks, as listed in `receipts` and `sync` answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberMarks {
+    pub user: String,
+    pub delivered: u64,
+    pub read: u64,
+}
+
+/// The state of one conversation of the requesting user, in a `sync` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvState {
+    pub conv: String,
+    /// Seq of the conversation's newest message.
+    pub latest: u64,
+    /// Messages after the user's read watermark (`latest - read`).
+    pub unread: u64,
+    /// Every member's watermarks, the requesting user's included.
+    pub members: Vec<MemberMarks>,
+}
+
+/// Limits the server enforces on this connection, announced in `hello`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     pub max_frame_bytes: usize,
     pub max_body_bytes: usize,
     pub sends_per_second: u32,
     pub send_burst: u32,
     pub history_page_max: u32,
+    /// `delivered` and `read` frames allowed per second per user (sustained), and their burst.
+    #[serde(default)]
+    pub receipts_per_second: u32,
+    #[serde(default)]
+    pub receipt_burst: u32,
+    /// Most messages one `sync` page carries.
+    #[serde(default)]
+    pub sync_page_max: u32,
 }
 
 /// An error answer. `id` or `req` names the client frame it answers, when there is one.
@@ -118,6 +197,33 @@ pub enum ServerFrame {
         messages: Vec<Message>,
         more: bool,
     },
+    /// A member's watermarks moved (see [`Receipt`]).
+    Receipt(Receipt),
+    /// One page of a sync. `convs` are the changed conversations this page covers; `messages`
+    /// (grouped by conversation, ascending by seq) follow the request's cursors. With `more`,
+    /// ask again with `next`; the last page carries `token`, the `since` of the next sync.
+    Sync {
+        req: String,
+        convs: Vec<ConvState>,
+        messages: Vec<Message>,
+        more: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
+    },
+    /// Every member's watermarks; with `seq`, the members that have it and that read it.
+    Receipts {
+        req: String,
+        conv: String,
+        members: Vec<MemberMarks>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        delivered_to: Option<Vec<String>>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        read_by: Option<Vec<String>>,
+    },
     Error(ErrorFrame),
     Pong,
 }
@@ -143,6 +249,8 @@ pub enum ErrorCode {
     RateLimited,
     /// The message could not be stored right now; retry with the same `id`.
     Unavailable,
+    /// A `sync` token or continuation the server cannot use: sync again without it.
+    InvalidToken,
     /// A server fault; details are in the server's logs.
     Internal,
     /// No token, a malformed token, or a token signed with another key (HTTP 401).
@@ -164,6 +272,7 @@ impl ErrorCode {
             Self::NotMember => "not_member",
             Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",
+            Self::InvalidToken => "invalid_token",
             Self::Internal => "internal",
             Self::Unauthorized => "unauthorized",
             Self::TokenExpired => "token_expired",
@@ -220,7 +329,7 @@ impl ClientFrame {
                 ErrorCode::InvalidFrame,
                 "frame has no string field `type`".into(),
             )),
-            Some(t) if !matches!(t, "send" | "history" | "ping") => Err(fail(
+            Some(t) if !CLIENT_FRAME_TYPES.contains(&t) => Err(fail(
                 ErrorCode::UnknownType,
                 format!(
                     "unknown frame type `{}`",
@@ -269,6 +378,58 @@ mod tests {
     }
 
     #[test]
+    fn every_client_frame_type_is_listed() {
+        let frames = [
+            ClientFrame::Send {
+                conv: "c".into(),
+                id: "i".into(),
+                body: String::new(),
+            },
+            ClientFrame::History {
+                req: "r".into(),
+                conv: "c".into(),
+                before: None,
+                after: None,
+                limit: None,
+            },
+            ClientFrame::Delivered {
+                conv: "c".into(),
+                seq: 1,
+            },
+            ClientFrame::Read {
+                conv: "c".into(),
+                seq: 1,
+            },
+            ClientFrame::Sync {
+                req: "r".into(),
+                since: None,
+                cursors: BTreeMap::from([("dm~a~b".to_owned(), 3)]),
+                next: None,
+                limit: None,
+            },
+            ClientFrame::Receipts {
+                req: "r".into(),
+                conv: "c".into(),
+                seq: Some(2),
+            },
+            ClientFrame::Ping,
+        ];
+        assert_eq!(frames.len(), CLIENT_FRAME_TYPES.len());
+        for f in frames {
+            let v = serde_json::to_value(&f).unwrap();
+            let t = v["type"].as_str().unwrap();
+            assert!(CLIENT_FRAME_TYPES.contains(&t), "{t}");
+            assert_eq!(ClientFrame::decode(v.to_string().as_bytes()).unwrap(), f);
+        }
+        assert_eq!(
+            ClientFrame::decode(br#"{"type":"read","conv":"dm~a~b","seq":-1}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidFrame
+        );
+    }
+
+    #[test]
     fn message_frame_round_trips_with_its_type_tag() {
         let m = Message {
             conv: "dm~a~b".into(),
@@ -295,6 +456,7 @@ mod tests {
             ErrorCode::NotMember,
             ErrorCode::RateLimited,
             ErrorCode::Unavailable,
+            ErrorCode::InvalidToken,
             ErrorCode::Internal,
             ErrorCode::Unauthorized,
             ErrorCode::TokenExpired,

@@ -24,7 +24,11 @@ macro_rules! defs {
 }
 
 /// Stream definitions.
-pub const STREAMS: &[Definition] = defs!["streams/CHAT_IN.json", "streams/CHAT_MSGS.json"];
+pub const STREAMS: &[Definition] = defs![
+    "streams/CHAT_IN.json",
+    "streams/CHAT_MSGS.json",
+    "streams/CHAT_PUSH.json",
+];
 
 /// Consumer definitions; the stream is the file's parent directory.
 pub const CONSUMERS: &[Definition] = defs![
@@ -44,7 +48,11 @@ pub const CONSUMERS: &[Definition] = defs![
     "consumers/CHAT_MSGS/fanout-p5.json",
     "consumers/CHAT_MSGS/fanout-p6.json",
     "consumers/CHAT_MSGS/fanout-p7.json",
+    "consumers/CHAT_PUSH/push-adapter.json",
 ];
+
+/// Name of the push adapter's durable consumer on `CHAT_PUSH`.
+pub const PUSH_CONSUMER: &str = "push-adapter";
 
 /// Name of the sequencer's durable consumer for a partition.
 pub fn sequencer_consumer(partition: u32) -> String {
@@ -389,10 +397,19 @@ mod tests {
                 .find(|d| d.stream() == subjects::STREAM_STAMPED && d.name() == fanout_consumer(p))
                 .expect("fan-out consumer per partition");
             let cfg = fan.config();
-            assert_eq!(cfg["filter_subject"], subjects::stamped_partition_filter(p));
+            let filters: Vec<String> =
+                serde_json::from_value(cfg["filter_subjects"].clone()).unwrap();
+            assert_eq!(filters, subjects::stamped_partition_filters(p));
             assert_eq!(cfg["priority_groups"][0], subjects::FANOUT_GROUP);
         }
-        assert_eq!(CONSUMERS.len() as u32, 2 * subjects::PARTITIONS);
+        let push = STREAMS[2].config();
+        assert_eq!(push["name"], subjects::STREAM_PUSH);
+        let push_subject = subjects::push(&crate::ids::UserId::parse("u").unwrap());
+        assert_eq!(push["subjects"][0], push_subject.replace(".u", ".*"));
+        let adapter = CONSUMERS.last().unwrap();
+        assert_eq!(adapter.stream(), subjects::STREAM_PUSH);
+        assert_eq!(adapter.name(), PUSH_CONSUMER);
+        assert_eq!(CONSUMERS.len() as u32, 2 * subjects::PARTITIONS + 1);
     }
 
     #[test]

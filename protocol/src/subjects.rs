@@ -16,10 +16,17 @@ pub const SEQUENCER_GROUP: &str = "sequencer";
 /// Priority group of the fan-out workers' partition consumers.
 pub const FANOUT_GROUP: &str = "fanout";
 
-/// Queue group of the history responders.
-pub const HISTORY_QUEUE: &str = "history";
+/// Stream holding offline push notifications, `chat.push.<user>`.
+pub const STREAM_PUSH: &str = "CHAT_PUSH";
+
+/// Queue group of the request responders (history, sync, receipts).
+pub const API_QUEUE: &str = "api";
 /// Request subject for history pages (payload: [`crate::api::HistoryRequest`]).
 pub const HISTORY_API: &str = "chat.api.history";
+/// Request subject for sync pages (payload: [`crate::api::SyncRequest`]).
+pub const SYNC_API: &str = "chat.api.sync";
+/// Request subject for receipt watermarks (payload: [`crate::api::ReceiptsRequest`]).
+pub const RECEIPTS_API: &str = "chat.api.receipts";
 
 /// Where a gateway publishes a client's send: `chat.in.<conv>`. `CHAT_IN` rewrites it to
 /// `chat.inp.<partition>.<conv>` on ingest.
@@ -38,9 +45,28 @@ pub fn stamped(conv: &ConvId) -> String {
     format!("chat.msg.{}.{conv}", partition_of(conv))
 }
 
-/// The filter of the fan-out consumer of one partition.
-pub fn stamped_partition_filter(partition: u32) -> String {
-    format!("chat.msg.{partition}.*")
+/// The subject of a conversation's receipt events in `CHAT_MSGS`: `chat.rcpt.<partition>.<conv>`.
+/// Separate from [`stamped`], so receipts never move the stamping fence.
+pub fn receipts(conv: &ConvId) -> String {
+    format!("chat.rcpt.{}.{conv}", partition_of(conv))
+}
+
+/// The filters of the fan-out consumer of one partition: its messages and its receipts.
+pub fn stamped_partition_filters(partition: u32) -> [String; 2] {
+    [
+        format!("chat.msg.{partition}.*"),
+        format!("chat.rcpt.{partition}.*"),
+    ]
+}
+
+/// Whether a `CHAT_MSGS` subject carries receipts (`chat.rcpt.…`) rather than messages.
+pub fn is_receipt_subject(subject: &str) -> bool {
+    subject.starts_with("chat.rcpt.")
+}
+
+/// Where offline push notifications for `user` go: `chat.push.<user>` in `CHAT_PUSH`.
+pub fn push(user: &UserId) -> String {
+    format!("chat.push.{user}")
 }
 
 /// Core NATS subject on which every device of `user` receives its pushes.
@@ -48,8 +74,8 @@ pub fn user(user: &UserId) -> String {
     format!("chat.user.{user}")
 }
 
-/// The conversation id and partition token of a subject `chat.inp.<p>.<conv>` or
-/// `chat.msg.<p>.<conv>`.
+/// The conversation id and partition token of a subject `chat.inp.<p>.<conv>`,
+/// `chat.msg.<p>.<conv>` or `chat.rcpt.<p>.<conv>`.
 pub fn split_partitioned(subject: &str) -> Option<(u32, &str)> {
     let mut parts = subject.splitn(4, '.');
     let (_chat, _kind) = (parts.next()?, parts.next()?);
@@ -81,6 +107,11 @@ mod tests {
         assert_eq!(p, partition_of(&conv));
         assert!(p < PARTITIONS);
         assert_eq!(inbound(&conv), "chat.in.dm~alice~bob");
+        let r = receipts(&conv);
+        assert!(is_receipt_subject(&r) && !is_receipt_subject(&s));
+        assert_eq!(split_partitioned(&r), Some((p, "dm~alice~bob")));
+        assert!(stamped_partition_filters(p).contains(&format!("chat.rcpt.{p}.*")));
+        assert_eq!(push(&UserId::parse("bob").unwrap()), "chat.push.bob");
         assert_eq!(split_partitioned("chat.inp.3.dm~a~b"), Some((3, "dm~a~b")));
         assert_eq!(split_partitioned("chat.inp.x.dm~a~b"), None);
         assert_eq!(split_partitioned("chat.inp"), None);

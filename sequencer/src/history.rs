@@ -27,7 +27,7 @@ pub async fn serve<S: MessageStore + Clone>(
     let js = jetstream::new(client.clone());
     let stamped = js.get_stream(subjects::STREAM_STAMPED).await?;
     let mut requests = client
-        .queue_subscribe(subjects::HISTORY_API, subjects::HISTORY_QUEUE.into())
+        .queue_subscribe(subjects::HISTORY_API, subjects::API_QUEUE.into())
         .await?;
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
