@@ -1,14 +1,14 @@
-//! The fan-out worker: delivers stamped messages to every device of every member.
+//! The fan-out worker: delivers stamped messages and receipts to every device of every member.
 //!
 //! Consumes `CHAT_MSGS` through one pinned pull consumer per partition (`fanout-p<N>`, subjects
-//! `chat.msg.<N>.<conv>`), so one worker delivers a partition at a time and each recipient sees a
-//! conversation's messages in seq order. For each message it publishes the unchanged `message`
-//! frame to the core NATS subject `chat.user.<member>` of every member, the sender included (the
-//! sender's other devices see it, and the sender learns the seq), then acks.
+//! `chat.msg.<N>.<conv>` and `chat.rcpt.<N>.<conv>`), so one worker delivers a partition at a
+//! time and each recipient sees a conversation's events in stream order. Each event's unchanged
+//! frame goes to the core NATS subject `chat.user.<member>` of every member, the sender included
+//! (the sender's other devices see it, and the sender learns the seq).
 //!
-//! Pushes are best effort by design: a device that was offline or dropped a push recovers from
-//! history with its cursor. The ack travels on the same connection after the pushes, so an ack
-//! the server saw implies the pushes reached the server.
+//! Pushes are best effort by design: a device that was offline or dropped a push recovers with
+//! `sync` and its cursors. A recipient with no connected device gets an offline push
+//! notification on `chat.push.<user>` (see [`deliver`]).
 
 use std::time::Duration;
 
@@ -16,9 +16,11 @@ use chat_common::{
     admin::{self, Readiness},
     partitions::{self, PullSettings},
 };
-use chat_protocol::{frames::ServerFrame, ids::ConvId, jetstream::fanout_consumer, subjects};
+use chat_protocol::{jetstream::fanout_consumer, subjects};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
+
+pub mod deliver;
 
 /// Fan-out worker settings (`CHAT_FANOUT_*` env vars or a TOML file).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -34,6 +36,9 @@ pub struct Config {
     pub pull_batch: usize,
     /// Grace period for in-flight work at shutdown.
     pub shutdown_grace_ms: u64,
+    /// How long a push waits for a gateway to confirm a connected device before the recipient
+    /// is counted as online anyway (no notification).
+    pub presence_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -44,34 +49,9 @@ impl Default for Config {
             partitions: None,
             pull_batch: 256,
             shutdown_grace_ms: 5000,
+            presence_timeout_ms: 5000,
         }
     }
-}
-
-/// Delivers one stamped message to its members. Returns how many user subjects got it.
-async fn deliver(client: &async_nats::Client, msg: &async_nats::jetstream::Message) -> usize {
-    let conv = match serde_json::from_slice(&msg.payload) {
-        Ok(ServerFrame::Message(m)) => ConvId::parse(&m.conv),
-        _ => {
-            tracing::error!(subject = %msg.subject, "skipping undecodable stamped message");
-            return 0;
-        }
-    };
-    let Ok(conv) = conv else {
-        tracing::error!(subject = %msg.subject, "skipping stamped message with an invalid conversation");
-        return 0;
-    };
-    let mut sent = 0;
-    for member in conv.members() {
-        match client
-            .publish(subjects::user(member), msg.payload.clone())
-            .await
-        {
-            Ok(()) => sent += 1,
-            Err(err) => tracing::warn!(error = %err, "push failed"),
-        }
-    }
-    sent
 }
 
 /// Runs the worker until `shutdown`, then stops pulling, finishes the message in hand, and
@@ -92,7 +72,13 @@ pub async fn run(
         .iter()
         .map(|p| (*p, fanout_consumer(*p)))
         .collect();
-    let push_client = client.clone();
+    let stop_delivery = CancellationToken::new();
+    let deliverer = deliver::Deliverer::start(
+        client.clone(),
+        Duration::from_millis(config.presence_timeout_ms),
+        stop_delivery.clone(),
+    )
+    .await?;
     let consuming = tokio::spawn(partitions::run(
         js,
         subjects::STREAM_STAMPED,
@@ -103,14 +89,8 @@ pub async fn run(
             expires: Duration::from_secs(2),
         },
         move |_p, msg| {
-            let client = push_client.clone();
-            async move {
-                let pushed = deliver(&client, &msg).await;
-                metrics::counter!("fanout_pushes_total").increment(pushed as u64);
-                if let Err(err) = msg.ack().await {
-                    tracing::warn!(error = %err, "ack failed; the message will be pushed again");
-                }
-            }
+            let deliverer = deliverer.clone();
+            async move { deliverer.deliver(msg).await }
         },
         shutdown.child_token(),
     ));
@@ -120,6 +100,8 @@ pub async fn run(
     ready.set(false);
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     chat_common::within_grace("stop consumers", grace, consuming).await;
+    // Unresolved pushes are not acked: their messages come back to the next worker.
+    stop_delivery.cancel();
     stop_admin.cancel();
     if let Some(task) = admin_task {
         let _ = task.await;
