@@ -1,22 +1,40 @@
-//! Answers history requests (`chat.api.history`, queue group `history`) from the local store.
+//! Answers the request APIs from the local store, in queue group `api`:
+//! - `chat.api.history`: a page of one conversation (before a seq, after a seq, or a range);
+//! - `chat.api.sync`: what changed for a user since a sync token, with the missed messages;
+//! - `chat.api.receipts`: every member's watermarks, and who has or read a given seq.
 //!
-//! Before reading, it makes sure the store has caught up with the conversation's last stamped
-//! message, so a client that was just pushed seq N never gets a page that ends before N.
+//! Before reading, each makes sure the store has caught up with the stream (history: with the
+//! conversation's last stamped message; sync and receipts: with everything in `CHAT_MSGS` when
+//! the request arrived), so an answer never ends before something the client was already pushed,
+//! and a sync token never claims a change the store has not applied.
 
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, stream::DirectGetErrorKind};
 use chat_protocol::{
-    api::{HISTORY_PAGE_MAX, HistoryReply, HistoryRequest},
-    frames::{ErrorCode, ErrorFrame, Message},
+    api::{
+        HISTORY_PAGE_MAX, HistoryReply, HistoryRequest, PAGE_MAX_BODY_BYTES, ReceiptsReply,
+        ReceiptsRequest, SYNC_PAGE_MAX, SyncReply, SyncRequest,
+    },
+    frames::{ConvState, ErrorCode, ErrorFrame, MemberMarks, Message},
     ids::{ConvId, UserId},
     subjects,
 };
-use chat_store::{MessageStore, PageQuery};
+use chat_store::{MessageStore, PageQuery, StoredMessage};
 use futures::StreamExt;
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::stamper::decode_stamped;
+
+/// Most conversations one sync page lists.
+pub const SYNC_CONVS_PER_PAGE: u32 = 200;
+
+struct Responder<S> {
+    store: S,
+    stamped: jetstream::stream::Stream,
+    catch_up: Duration,
+}
 
 pub async fn serve<S: MessageStore + Clone>(
     client: async_nats::Client,
@@ -26,9 +44,22 @@ pub async fn serve<S: MessageStore + Clone>(
 ) -> Result<(), async_nats::Error> {
     let js = jetstream::new(client.clone());
     let stamped = js.get_stream(subjects::STREAM_STAMPED).await?;
-    let mut requests = client
-        .queue_subscribe(subjects::HISTORY_API, subjects::API_QUEUE.into())
-        .await?;
+    let mut requests = futures::stream::select_all([
+        client
+            .queue_subscribe(subjects::HISTORY_API, subjects::API_QUEUE.into())
+            .await?,
+        client
+            .queue_subscribe(subjects::SYNC_API, subjects::API_QUEUE.into())
+            .await?,
+        client
+            .queue_subscribe(subjects::RECEIPTS_API, subjects::API_QUEUE.into())
+            .await?,
+    ]);
+    let responder = std::sync::Arc::new(Responder {
+        store,
+        stamped,
+        catch_up,
+    });
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
         let req = tokio::select! {
@@ -39,12 +70,20 @@ pub async fn serve<S: MessageStore + Clone>(
         let Some(reply_to) = req.reply.clone() else {
             continue;
         };
-        let (client, store, stamped) = (client.clone(), store.clone(), stamped.clone());
+        let (client, responder) = (client.clone(), responder.clone());
         tasks.spawn(async move {
-            let reply = answer(&store, &stamped, &req.payload, catch_up).await;
-            let payload = serde_json::to_vec(&reply).expect("reply encodes");
+            let started = Instant::now();
+            let (api, payload) = match req.subject.as_str() {
+                subjects::SYNC_API => ("sync", encode(&responder.sync(&req.payload).await)),
+                subjects::RECEIPTS_API => {
+                    ("receipts", encode(&responder.receipts(&req.payload).await))
+                }
+                _ => ("history", encode(&responder.history(&req.payload).await)),
+            };
+            metrics::histogram!("sequencer_api_seconds", "api" => api)
+                .record(started.elapsed().as_secs_f64());
             if let Err(err) = client.publish(reply_to, payload.into()).await {
-                tracing::warn!(error = %err, "history reply failed");
+                tracing::warn!(api, error = %err, "api reply failed");
             }
         });
     }
@@ -53,97 +92,421 @@ pub async fn serve<S: MessageStore + Clone>(
     Ok(())
 }
 
-fn error(code: ErrorCode, message: &str) -> HistoryReply {
-    HistoryReply::Error(ErrorFrame::new(code, message))
+fn encode<T: Serialize>(reply: &T) -> Vec<u8> {
+    serde_json::to_vec(reply).expect("reply encodes")
 }
 
-async fn answer<S: MessageStore>(
-    store: &S,
-    stamped: &jetstream::stream::Stream,
-    payload: &[u8],
-    catch_up: Duration,
-) -> HistoryReply {
-    let Ok(req) = serde_json::from_slice::<HistoryRequest>(payload) else {
-        return error(ErrorCode::InvalidFrame, "undecodable history request");
-    };
-    let (Ok(conv), Ok(user)) = (ConvId::parse(&req.conv), UserId::parse(&req.user)) else {
-        return error(ErrorCode::InvalidId, "invalid conversation or user id");
+fn error_frame(code: ErrorCode, message: &str) -> ErrorFrame {
+    ErrorFrame::new(code, message)
+}
+
+/// A request's failure, as the error frame the client gets.
+type Refusal = ErrorFrame;
+
+fn not_member() -> Refusal {
+    error_frame(
+        ErrorCode::NotMember,
+        "you are not a member of this conversation",
+    )
+}
+
+fn unavailable() -> Refusal {
+    error_frame(ErrorCode::Unavailable, "not available right now, retry")
+}
+
+fn internal() -> Refusal {
+    error_frame(ErrorCode::Internal, "store read failed")
+}
+
+fn parse_member(user: &str, conv: &str) -> Result<(UserId, ConvId), Refusal> {
+    let (Ok(conv), Ok(user)) = (ConvId::parse(conv), UserId::parse(user)) else {
+        return Err(error_frame(
+            ErrorCode::InvalidId,
+            "invalid conversation or user id",
+        ));
     };
     if !conv.is_member(&user) {
-        return error(
-            ErrorCode::NotMember,
-            "you are not a member of this conversation",
-        );
+        return Err(not_member());
     }
-    if let Err(err) = wait_for_store(store, stamped, &conv, catch_up).await {
-        tracing::warn!(conv = %conv, error = %err, "history catch-up check failed");
-        return error(ErrorCode::Unavailable, "history is not available right now");
+    Ok((user, conv))
+}
+
+fn store_failed(err: chat_store::StoreError) -> Refusal {
+    tracing::error!(error = %err, "store read failed");
+    internal()
+}
+
+/// Sync tokens and continuations are opaque to clients: `v1.<stream seq>` and
+/// `v1.<stream seq>.<conv>` (the snapshot a paged sync ends with, and where it goes on).
+mod token {
+    pub fn encode(snapshot: u64) -> String {
+        format!("v1.{snapshot}")
     }
-    let limit = req.limit.clamp(1, HISTORY_PAGE_MAX);
-    let query = match (req.before, req.after) {
-        (_, Some(after)) => PageQuery::After { after, limit },
-        (before, None) => PageQuery::Before { before, limit },
-    };
-    match store.page(conv.as_str(), query).await {
-        Ok(page) => HistoryReply::Page {
-            messages: page
-                .messages
-                .into_iter()
-                .map(|m| Message {
-                    conv: m.conv,
-                    seq: m.seq,
-                    from: m.from,
-                    id: m.client_id,
-                    ts: m.ts_ms,
-                    body: m.body,
+
+    pub fn encode_next(snapshot: u64, from_conv: &str) -> String {
+        format!("v1.{snapshot}.{from_conv}")
+    }
+
+    /// The stream seq of a token.
+    pub fn decode(token: &str) -> Option<u64> {
+        token.strip_prefix("v1.")?.parse().ok()
+    }
+
+    /// The snapshot and the conversation a continuation resumes at.
+    pub fn decode_next(next: &str) -> Option<(u64, &str)> {
+        let (snapshot, conv) = next.strip_prefix("v1.")?.split_once('.')?;
+        Some((snapshot.parse().ok()?, conv))
+    }
+}
+
+/// Every member's marks (members without stored marks at 0), in member order.
+fn all_marks(conv: &ConvId, stored: Vec<chat_store::Marks>) -> Vec<MemberMarks> {
+    conv.members()
+        .iter()
+        .map(|u| {
+            let m = stored.iter().find(|m| m.user == u.as_str());
+            MemberMarks {
+                user: u.to_string(),
+                delivered: m.map_or(0, |m| m.delivered),
+                read: m.map_or(0, |m| m.read),
+            }
+        })
+        .collect()
+}
+
+fn to_frame(m: StoredMessage) -> Message {
+    Message {
+        conv: m.conv,
+        seq: m.seq,
+        from: m.from,
+        id: m.client_id,
+        ts: m.ts_ms,
+        body: m.body,
+    }
+}
+
+/// Rough encoded size of a message, to keep a reply under the NATS payload limit.
+fn weight(m: &StoredMessage) -> usize {
+    m.body.len() + m.conv.len() + m.from.len() + m.client_id.len() + 64
+}
+
+impl<S: MessageStore> Responder<S> {
+    async fn history(&self, payload: &[u8]) -> HistoryReply {
+        match self.history_page(payload).await {
+            Ok((messages, more)) => HistoryReply::Page { messages, more },
+            Err(e) => HistoryReply::Error(e),
+        }
+    }
+
+    async fn history_page(&self, payload: &[u8]) -> Result<(Vec<Message>, bool), Refusal> {
+        let req: HistoryRequest = serde_json::from_slice(payload)
+            .map_err(|_| error_frame(ErrorCode::InvalidFrame, "undecodable history request"))?;
+        let (_, conv) = parse_member(&req.user, &req.conv)?;
+        if let Err(err) = self.wait_for_conversation(&conv).await {
+            tracing::warn!(conv = %conv, error = %err, "history catch-up check failed");
+            return Err(unavailable());
+        }
+        let limit = req.limit.clamp(1, HISTORY_PAGE_MAX);
+        let (query, before) = match (req.after, req.before) {
+            (Some(after), Some(before)) if before <= after.saturating_add(1) => {
+                return Ok((Vec::new(), false));
+            }
+            (Some(after), Some(before)) => {
+                let gap = before - after - 1;
+                let limit = limit.min(u32::try_from(gap).unwrap_or(u32::MAX));
+                (PageQuery::After { after, limit }, Some(before))
+            }
+            (Some(after), None) => (PageQuery::After { after, limit }, None),
+            (None, before) => (PageQuery::Before { before, limit }, None),
+        };
+        let page = self
+            .store
+            .page(conv.as_str(), query)
+            .await
+            .map_err(store_failed)?;
+        let mut messages = page.messages;
+        let mut more = page.more;
+        if let Some(before) = before {
+            messages.retain(|m| m.seq < before);
+            more = more && messages.last().is_some_and(|m| m.seq + 1 < before);
+        }
+        // Keep the reply under the payload limit: drop from the far end of the direction asked.
+        let newest_first = matches!(query, PageQuery::Before { .. });
+        let mut budget = 0usize;
+        let keep = if newest_first {
+            messages
+                .iter()
+                .rev()
+                .take_while(|m| {
+                    budget += weight(m);
+                    budget <= PAGE_MAX_BODY_BYTES
                 })
-                .collect(),
-            more: page.more,
-        },
-        Err(err) => {
-            tracing::error!(conv = %conv, error = %err, "history read failed");
-            error(ErrorCode::Internal, "history read failed")
+                .count()
+        } else {
+            messages
+                .iter()
+                .take_while(|m| {
+                    budget += weight(m);
+                    budget <= PAGE_MAX_BODY_BYTES
+                })
+                .count()
+        }
+        .max(1)
+        .min(messages.len());
+        if keep < messages.len() {
+            more = true;
+            if newest_first {
+                messages.drain(..messages.len() - keep);
+            } else {
+                messages.truncate(keep);
+            }
+        }
+        Ok((messages.into_iter().map(to_frame).collect(), more))
+    }
+
+    async fn receipts(&self, payload: &[u8]) -> ReceiptsReply {
+        match self.receipt_marks(payload).await {
+            Ok(reply) => reply,
+            Err(e) => ReceiptsReply::Error(e),
+        }
+    }
+
+    async fn receipt_marks(&self, payload: &[u8]) -> Result<ReceiptsReply, Refusal> {
+        let req: ReceiptsRequest = serde_json::from_slice(payload)
+            .map_err(|_| error_frame(ErrorCode::InvalidFrame, "undecodable receipts request"))?;
+        let (_, conv) = parse_member(&req.user, &req.conv)?;
+        if let Err(err) = self.wait_for_stream(None).await {
+            tracing::warn!(conv = %conv, error = %err, "receipts catch-up check failed");
+            return Err(unavailable());
+        }
+        let stored = self
+            .store
+            .watermarks(conv.as_str())
+            .await
+            .map_err(store_failed)?;
+        let members = all_marks(&conv, stored);
+        let who = |f: fn(&MemberMarks) -> u64, seq: u64| {
+            members
+                .iter()
+                .filter(|m| f(m) >= seq)
+                .map(|m| m.user.clone())
+                .collect::<Vec<_>>()
+        };
+        let (delivered_to, read_by) = match req.seq {
+            Some(seq) => (Some(who(|m| m.delivered, seq)), Some(who(|m| m.read, seq))),
+            None => (None, None),
+        };
+        Ok(ReceiptsReply::Marks {
+            members,
+            delivered_to,
+            read_by,
+        })
+    }
+
+    async fn sync(&self, payload: &[u8]) -> SyncReply {
+        match self.sync_page(payload).await {
+            Ok(reply) => reply,
+            Err(e) => SyncReply::Error(e),
+        }
+    }
+
+    async fn sync_page(&self, payload: &[u8]) -> Result<SyncReply, Refusal> {
+        let req: SyncRequest = serde_json::from_slice(payload)
+            .map_err(|_| error_frame(ErrorCode::InvalidFrame, "undecodable sync request"))?;
+        let user = UserId::parse(&req.user)
+            .map_err(|_| error_frame(ErrorCode::InvalidId, "invalid user id"))?;
+        let bad_token = || {
+            error_frame(
+                ErrorCode::InvalidToken,
+                "unusable sync token or continuation: sync again without it",
+            )
+        };
+        let since = match &req.since {
+            None => 0,
+            Some(t) => token::decode(t).ok_or_else(bad_token)?,
+        };
+        let resume = match &req.next {
+            None => None,
+            Some(n) => Some(token::decode_next(n).ok_or_else(bad_token)?),
+        };
+        // A continuation's snapshot is at least its since; the store must have applied both.
+        let floor = resume.map_or(since, |(snapshot, _)| snapshot.max(since));
+        match self.wait_for_stream(Some(floor)).await {
+            Ok(()) => {}
+            // A position the stream never reached: a token from another deployment or a reset.
+            Err(CatchUpError::Future { .. }) => return Err(bad_token()),
+            Err(err) => {
+                tracing::warn!(user = %user, error = %err, "sync catch-up check failed");
+                return Err(unavailable());
+            }
+        }
+        let limit = req.limit.clamp(1, SYNC_PAGE_MAX) as usize;
+        let from_conv = resume.map(|(_, conv)| conv);
+        let listed = self
+            .store
+            .user_conversations(user.as_str(), since, from_conv, SYNC_CONVS_PER_PAGE + 1)
+            .await
+            .map_err(store_failed)?;
+        let snapshot = resume.map_or(listed.applied, |(snapshot, _)| snapshot);
+        let mut convs = Vec::new();
+        let mut messages = Vec::new();
+        let mut budget = 0usize;
+        let mut next_conv = None;
+        for (i, summary) in listed.convs.into_iter().enumerate() {
+            if i == SYNC_CONVS_PER_PAGE as usize {
+                next_conv = Some(summary.conv);
+                break;
+            }
+            let Ok(conv) = ConvId::parse(&summary.conv) else {
+                tracing::error!(conv = %summary.conv, "skipping invalid conversation id in the index");
+                continue;
+            };
+            if messages.len() >= limit || budget >= PAGE_MAX_BODY_BYTES {
+                next_conv = Some(summary.conv);
+                break;
+            }
+            let stored = self
+                .store
+                .watermarks(conv.as_str())
+                .await
+                .map_err(store_failed)?;
+            let members = all_marks(&conv, stored);
+            let read = members
+                .iter()
+                .find(|m| m.user == user.as_str())
+                .map_or(0, |m| m.read);
+            convs.push(ConvState {
+                conv: summary.conv.clone(),
+                latest: summary.latest,
+                unread: summary.latest.saturating_sub(read),
+                members,
+            });
+            let cursor = req.cursors.get(&summary.conv).copied().unwrap_or(0);
+            if summary.latest <= cursor {
+                continue;
+            }
+            let want = u32::try_from(limit - messages.len()).unwrap_or(u32::MAX);
+            let page = self
+                .store
+                .page(
+                    conv.as_str(),
+                    PageQuery::After {
+                        after: cursor,
+                        limit: want,
+                    },
+                )
+                .await
+                .map_err(store_failed)?;
+            let mut cut = page.more;
+            for m in page.messages {
+                if budget + weight(&m) > PAGE_MAX_BODY_BYTES && !messages.is_empty() {
+                    cut = true;
+                    break;
+                }
+                budget += weight(&m);
+                messages.push(to_frame(m));
+            }
+            if cut {
+                // The client resumes this conversation from its updated cursor.
+                next_conv = Some(summary.conv);
+                break;
+            }
+        }
+        let more = next_conv.is_some();
+        Ok(SyncReply::Page {
+            convs,
+            messages,
+            more,
+            next: next_conv.map(|c| token::encode_next(snapshot, &c)),
+            token: (!more).then(|| token::encode(snapshot)),
+        })
+    }
+
+    /// Waits until the store holds the conversation's last stamped message.
+    async fn wait_for_conversation(&self, conv: &ConvId) -> Result<(), CatchUpError> {
+        let want = match self
+            .stamped
+            .direct_get_last_for_subject(subjects::stamped(conv))
+            .await
+        {
+            Ok(last) => {
+                decode_stamped(&last.payload, last.sequence)
+                    .map_err(|e| CatchUpError::Stream(e.to_string()))?
+                    .seq
+            }
+            Err(err) if err.kind() == DirectGetErrorKind::NotFound => return Ok(()),
+            Err(err) => return Err(CatchUpError::Stream(err.to_string())),
+        };
+        let deadline = Instant::now() + self.catch_up;
+        loop {
+            let have = self.store.latest_seq(conv.as_str()).await?.unwrap_or(0);
+            if have >= want {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(CatchUpError::Behind { have, want });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Waits until the store applied everything `CHAT_MSGS` held when this was called. A
+    /// `floor` (a client's token) beyond that is [`CatchUpError::Future`].
+    async fn wait_for_stream(&self, floor: Option<u64>) -> Result<(), CatchUpError> {
+        let last = self
+            .stamped
+            .clone()
+            .info()
+            .await
+            .map_err(|e| CatchUpError::Stream(e.to_string()))?
+            .state
+            .last_sequence;
+        if let Some(floor) = floor.filter(|f| *f > last) {
+            return Err(CatchUpError::Future { floor, last });
+        }
+        let want = last;
+        let deadline = Instant::now() + self.catch_up;
+        loop {
+            let have = self.store.applied_stream_seq().await?;
+            if have >= want {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(CatchUpError::Behind { have, want });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 enum CatchUpError {
-    #[error("reading the last stamped message: {0}")]
+    #[error("reading the stream: {0}")]
     Stream(String),
     #[error("store: {0}")]
     Store(#[from] chat_store::StoreError),
-    #[error("store still at seq {have}, stream at {want}")]
+    #[error("store at {have}, stream at {want}")]
     Behind { have: u64, want: u64 },
+    #[error("position {floor} is beyond the stream's last sequence {last}")]
+    Future { floor: u64, last: u64 },
 }
 
-async fn wait_for_store<S: MessageStore>(
-    store: &S,
-    stamped: &jetstream::stream::Stream,
-    conv: &ConvId,
-    catch_up: Duration,
-) -> Result<(), CatchUpError> {
-    let want = match stamped
-        .direct_get_last_for_subject(subjects::stamped(conv))
-        .await
-    {
-        Ok(last) => {
-            decode_stamped(&last.payload, last.sequence)
-                .map_err(|e| CatchUpError::Stream(e.to_string()))?
-                .seq
+#[cfg(test)]
+mod tests {
+    use super::token;
+
+    #[test]
+    fn tokens_round_trip_and_refuse_garbage() {
+        assert_eq!(token::decode(&token::encode(42)), Some(42));
+        assert_eq!(
+            token::decode_next(&token::encode_next(7, "dm~a~b")),
+            Some((7, "dm~a~b"))
+        );
+        for bad in ["", "42", "v2.1", "v1.x", "v1.-1"] {
+            assert_eq!(token::decode(bad), None, "{bad}");
         }
-        Err(err) if err.kind() == DirectGetErrorKind::NotFound => return Ok(()),
-        Err(err) => return Err(CatchUpError::Stream(err.to_string())),
-    };
-    let deadline = Instant::now() + catch_up;
-    loop {
-        let have = store.latest_seq(conv.as_str()).await?.unwrap_or(0);
-        if have >= want {
-            return Ok(());
+        for bad in ["v1.7", "v1.x.dm~a~b", "x.7.dm~a~b"] {
+            assert_eq!(token::decode_next(bad), None, "{bad}");
         }
-        if Instant::now() >= deadline {
-            return Err(CatchUpError::Behind { have, want });
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }

@@ -18,12 +18,12 @@ pub struct Config {
     /// running sequencer.
     pub partitions: Option<Vec<u32>>,
     /// Follow `CHAT_MSGS` into the local store, so that with several sequencer processes every
-    /// embedded store holds every conversation (history can be served by any of them).
+    /// embedded store holds every conversation (any of them can answer the APIs).
     pub follow_stamped: bool,
-    /// Answer history requests from the local store.
-    pub serve_history: bool,
-    /// How long a history request waits for the local store to catch up with the stream.
-    pub history_catch_up_ms: u64,
+    /// Answer history, sync and receipts requests from the local store (needs `follow_stamped`).
+    pub serve_api: bool,
+    /// How long an API request waits for the local store to catch up with the stream.
+    pub api_catch_up_ms: u64,
     /// Grace period for in-flight work at shutdown.
     pub shutdown_grace_ms: u64,
     /// Name of this instance, recorded in the `Chat-Stamper` header of what it stamps
@@ -39,8 +39,8 @@ impl Default for Config {
             store_dir: PathBuf::from(".run/store"),
             partitions: None,
             follow_stamped: true,
-            serve_history: true,
-            history_catch_up_ms: 2000,
+            serve_api: true,
+            api_catch_up_ms: 2000,
             shutdown_grace_ms: 5000,
             instance_id: String::new(),
         }

@@ -1,17 +1,18 @@
 //! Follows `CHAT_MSGS` into the local store, in stream order, from the store's applied
 //! watermark. With several sequencer processes each owning some partitions, this keeps every
-//! embedded store complete, so any of them can answer history. Writes are idempotent on
-//! (conv, seq): a message this process stamped and stored itself is simply confirmed.
+//! embedded store complete, so any of them can answer history, sync and receipts. Writes are
+//! idempotent: a message this process stamped and stored itself is simply confirmed, and
+//! receipts are max-watermarks.
 
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
-use chat_protocol::subjects;
-use chat_store::MessageStore;
+use chat_protocol::{ids::ConvId, subjects};
+use chat_store::{Change, MessageStore};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::stamper::{decode_stamped, stored};
+use crate::stamper::{decode_receipt, decode_stamped, members, stored};
 
 /// Largest batch written in one store transaction.
 const BATCH: usize = 256;
@@ -65,15 +66,28 @@ async fn follow<S: MessageStore>(
             let msg = msg?;
             let stream_seq = msg.info()?.stream_sequence;
             through = stream_seq;
-            match decode_stamped(&msg.payload, stream_seq) {
-                Ok(m) => batch.push(stored(m, stream_seq)),
+            match decode_change(&msg.subject, &msg.payload, stream_seq) {
+                Ok(change) => batch.push(change),
                 Err(err) => {
                     tracing::error!(stream_seq, error = %err, "skipping undecodable stamped message")
                 }
             }
         }
         let n = batch.len();
-        store.append_followed(batch, through).await?;
+        store.apply(batch, Some(through)).await?;
         metrics::counter!("sequencer_followed_total").increment(n as u64);
     }
+}
+
+fn decode_change(subject: &str, payload: &[u8], stream_seq: u64) -> anyhow::Result<Change> {
+    let change = if subjects::is_receipt_subject(subject) {
+        let r = decode_receipt(payload, stream_seq)?;
+        let members = members(&ConvId::parse(&r.conv)?);
+        Change::receipt(r, members)
+    } else {
+        let m = decode_stamped(payload, stream_seq)?;
+        let members = members(&ConvId::parse(&m.conv)?);
+        Change::message(stored(m, stream_seq), members)
+    };
+    Ok(change)
 }

@@ -7,12 +7,14 @@
 //! `Nats-Expected-Last-Subject-Sequence`, deduplicated with `Nats-Msg-Id`), writes it to the
 //! message store, and only then acks the input. Refusals go to the sender on `chat.user.<user>`.
 //!
-//! It also follows `CHAT_MSGS` into its store and answers history requests on
-//! `chat.api.history` (queue group `history`).
+//! Receipts from clients come the same way; moved watermarks go to `chat.rcpt.<N>.<conv>`.
+//!
+//! It also follows `CHAT_MSGS` (messages and receipts) into its store and answers
+//! `chat.api.history`, `chat.api.sync` and `chat.api.receipts` (queue group `api`).
 
+mod api;
 pub mod config;
 mod follower;
-mod history;
 pub mod stamper;
 
 use std::time::Duration;
@@ -35,6 +37,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let partitions = partitions::select(config.partitions.as_deref(), subjects::PARTITIONS)?;
+    anyhow::ensure!(
+        config.follow_stamped || !config.serve_api,
+        "serve_api needs follow_stamped: sync answers from a store that follows the stream"
+    );
     let store_dir = config.store_dir.clone();
     let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(store_dir))
         .await?
@@ -62,12 +68,12 @@ pub async fn run(
     if config.follow_stamped {
         tasks.spawn(follower::run(js.clone(), store.clone(), stop_rest.clone()));
     }
-    if config.serve_history {
+    if config.serve_api {
         let (client, store, stop) = (client.clone(), store.clone(), stop_rest.clone());
-        let catch_up = Duration::from_millis(config.history_catch_up_ms);
+        let catch_up = Duration::from_millis(config.api_catch_up_ms);
         tasks.spawn(async move {
-            if let Err(err) = history::serve(client, store, catch_up, stop).await {
-                tracing::error!(error = %err, "history responder stopped");
+            if let Err(err) = api::serve(client, store, catch_up, stop).await {
+                tracing::error!(error = %err, "api responder stopped");
             }
         });
     }
@@ -99,7 +105,7 @@ pub async fn run(
     chat_common::within_grace("stop consumers", grace, consuming).await;
     stop_rest.cancel();
     tasks.close();
-    chat_common::within_grace("stop follower and history", grace, tasks.wait()).await;
+    chat_common::within_grace("stop follower and api", grace, tasks.wait()).await;
     client.drain().await.ok();
     Ok(())
 }

@@ -6,6 +6,11 @@
 //! owner — paused, partitioned, or simply racing — is refused by JetStream instead of stamping a
 //! duplicate or out-of-place seq. It carries `Nats-Msg-Id` too, so re-stamping a redelivered
 //! message returns the original instead of a second copy.
+//!
+//! Receipts (`delivered` / `read`) come through the same partition, so they are checked by the
+//! same owner. They are clamped to the conversation's head, merged with the member's stored
+//! watermarks (which only grow) and, when they moved, published to `chat.rcpt.<p>.<conv>` — a
+//! subject of their own, so the message fence never sees them.
 
 use std::{
     collections::HashMap,
@@ -18,12 +23,12 @@ use async_nats::{
     jetstream::{self, AckKind, context::PublishErrorKind, stream::DirectGetErrorKind},
 };
 use chat_protocol::{
-    api::{InboundMessage, dedupe_id},
-    frames::{ErrorCode, ErrorFrame, Message, ServerFrame},
+    api::{Inbound, InboundMessage, InboundReceipt, dedupe_id},
+    frames::{ErrorCode, ErrorFrame, Message, Receipt, ServerFrame},
     ids::{ClientMsgId, ConvId, UserId},
     subjects,
 };
-use chat_store::{MessageStore, StoredMessage};
+use chat_store::{Change, MessageStore, StoredMessage, StoredReceipt};
 
 /// Last stamped position of a conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +49,8 @@ pub enum StampError {
     Store(#[from] chat_store::StoreError),
     #[error("fenced {0} times in a row")]
     Fenced(u32),
+    #[error("the store holds seq {have} of the conversation, the stream {want}")]
+    StoreBehind { have: u64, want: u64 },
 }
 
 /// Why an inbound message is refused for good (never stamped).
@@ -59,11 +66,21 @@ enum Reject {
     NotMember {
         from: UserId,
         conv: String,
-        id: String,
+        id: Option<String>,
     },
 }
 
+/// A validated inbound message.
+enum Valid {
+    Send(InboundMessage),
+    Receipt(InboundReceipt),
+}
+
 const MAX_FENCE_RETRIES: u32 = 5;
+
+/// How long stamping a conversation waits for the store follower to reach the conversation's
+/// head (after a takeover or a restart) before handing the message back for redelivery.
+const STORE_CATCH_UP: Duration = Duration::from_secs(2);
 
 pub struct Stamper<S> {
     js: jetstream::Context,
@@ -105,7 +122,24 @@ impl<S: MessageStore> Stamper<S> {
                     tracing::warn!(error = %err, "term of refused message failed");
                 }
             }
-            Ok((inbound, conv)) => match self.stamp(&inbound, &conv).await {
+            Ok((Valid::Receipt(receipt), conv)) => match self.receipt(&receipt, &conv).await {
+                Ok(moved) => {
+                    if let Err(err) = msg.ack().await {
+                        tracing::warn!(error = %err, "ack failed after a receipt");
+                    }
+                    let outcome = if moved { "moved" } else { "unchanged" };
+                    metrics::counter!("sequencer_receipts_total", "outcome" => outcome)
+                        .increment(1);
+                }
+                Err(err) => {
+                    metrics::counter!("sequencer_stamp_errors_total").increment(1);
+                    tracing::warn!(conv = %conv, error = %err, "receipt failed, will be redelivered");
+                    let _ = msg
+                        .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
+                        .await;
+                }
+            },
+            Ok((Valid::Send(inbound), conv)) => match self.stamp(&inbound, &conv).await {
                 Ok(seq) => {
                     if let Err(err) = msg.ack().await {
                         // Redelivery is harmless: the dedupe id returns the stored message.
@@ -131,23 +165,33 @@ impl<S: MessageStore> Stamper<S> {
         &self,
         partition: u32,
         msg: &jetstream::Message,
-    ) -> Result<(InboundMessage, ConvId), Reject> {
-        let inbound: InboundMessage =
+    ) -> Result<(Valid, ConvId), Reject> {
+        let inbound: Inbound =
             serde_json::from_slice(&msg.payload).map_err(|e| Reject::Undecodable(e.to_string()))?;
-        let conv = ConvId::parse(&inbound.conv)?;
-        let from = UserId::parse(&inbound.from)?;
-        ClientMsgId::parse(&inbound.id)?;
+        let (conv, from, id) = match &inbound {
+            Inbound::Send(m) => {
+                ClientMsgId::parse(&m.id)?;
+                (&m.conv, &m.from, Some(&m.id))
+            }
+            Inbound::Receipt(r) => (&r.conv, &r.user, None),
+        };
+        let conv = ConvId::parse(conv)?;
+        let from = UserId::parse(from)?;
         if subjects::split_partitioned(&msg.subject) != Some((partition, conv.as_str())) {
             return Err(Reject::SubjectMismatch);
         }
         if !conv.is_member(&from) {
             return Err(Reject::NotMember {
                 from,
-                conv: inbound.conv,
-                id: inbound.id,
+                conv: conv.to_string(),
+                id: id.cloned(),
             });
         }
-        Ok((inbound, conv))
+        let valid = match inbound {
+            Inbound::Send(m) => Valid::Send(m),
+            Inbound::Receipt(r) => Valid::Receipt(r),
+        };
+        Ok((valid, conv))
     }
 
     async fn refuse(&self, reject: Reject) {
@@ -158,7 +202,7 @@ impl<S: MessageStore> Stamper<S> {
                 ErrorCode::NotMember,
                 "you are not a member of this conversation",
             );
-            frame.id = Some(id);
+            frame.id = id;
             frame.conv = Some(conv);
             let payload = serde_json::to_vec(&ServerFrame::Error(frame)).expect("frame encodes");
             let _ = self
@@ -217,8 +261,12 @@ impl<S: MessageStore> Stamper<S> {
                             stream_seq: ack.sequence,
                         },
                     );
+                    let members = members(conv);
                     self.store
-                        .append(vec![stored(message, ack.sequence)])
+                        .apply(
+                            vec![Change::message(stored(message, ack.sequence), members)],
+                            None,
+                        )
                         .await?;
                     return Ok(head.seq + 1);
                 }
@@ -228,7 +276,9 @@ impl<S: MessageStore> Stamper<S> {
                     self.forget_head(conv);
                     let original = self.load_stamped(ack.sequence).await?;
                     let seq = original.seq;
-                    self.store.append(vec![original]).await?;
+                    self.store
+                        .apply(vec![Change::message(original, members(conv))], None)
+                        .await?;
                     metrics::counter!("sequencer_duplicates_total").increment(1);
                     return Ok(seq);
                 }
@@ -247,6 +297,65 @@ impl<S: MessageStore> Stamper<S> {
         Err(StampError::Fenced(MAX_FENCE_RETRIES))
     }
 
+    /// Applies one receipt: clamps it to the conversation's head, merges it with the member's
+    /// stored watermarks and, if they moved, publishes and stores the new ones. Returns whether
+    /// they moved.
+    async fn receipt(&self, r: &InboundReceipt, conv: &ConvId) -> Result<bool, StampError> {
+        let subject = subjects::stamped(conv);
+        let wanted = r.delivered.max(r.read);
+        let mut head = self.head(conv, &subject).await?;
+        if wanted > head.seq {
+            // The cached head may predate stamps by another owner: never clamp against it.
+            self.forget_head(conv);
+            head = self.head(conv, &subject).await?;
+        }
+        let (delivered, read) = (wanted.min(head.seq), r.read.min(head.seq));
+        let marks = self.store.watermarks(conv.as_str()).await?;
+        let current = marks.iter().find(|m| m.user == r.user);
+        let (have_delivered, have_read) = current.map_or((0, 0), |m| (m.delivered, m.read));
+        if delivered <= have_delivered && read <= have_read {
+            return Ok(false);
+        }
+        let receipt = Receipt {
+            conv: r.conv.clone(),
+            user: r.user.clone(),
+            delivered: delivered.max(have_delivered),
+            read: read.max(have_read),
+        };
+        let payload =
+            serde_json::to_vec(&ServerFrame::Receipt(receipt.clone())).expect("frame encodes");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!(
+                "rcpt:{}:{}:{}:{}",
+                receipt.conv, receipt.user, receipt.delivered, receipt.read
+            )
+            .as_str(),
+        );
+        headers.insert(STAMPER_HEADER, self.instance.as_str());
+        let ack = match self
+            .js
+            .publish_with_headers(subjects::receipts(conv), headers, payload.into())
+            .await
+        {
+            Ok(fut) => fut.await,
+            Err(e) => Err(e),
+        }
+        .map_err(|e| StampError::Publish(e.to_string()))?;
+        let stored = StoredReceipt {
+            conv: receipt.conv,
+            user: receipt.user,
+            delivered: receipt.delivered,
+            read: receipt.read,
+            stream_seq: ack.sequence,
+        };
+        self.store
+            .apply(vec![Change::receipt(stored, members(conv))], None)
+            .await?;
+        Ok(true)
+    }
+
     async fn head(&self, conv: &ConvId, subject: &str) -> Result<Head, StampError> {
         if let Some(head) = self.heads.lock().expect("heads lock").get(conv.as_str()) {
             return Ok(*head);
@@ -254,6 +363,9 @@ impl<S: MessageStore> Stamper<S> {
         let head = match self.stamped.direct_get_last_for_subject(subject).await {
             Ok(last) => {
                 let msg = decode_stamped(&last.payload, last.sequence)?;
+                // The client-id index is what dedupes retries older than the JetStream window;
+                // it only answers for this conversation once the store holds its head.
+                self.wait_for_store(conv, msg.seq).await?;
                 Head {
                     seq: msg.seq,
                     stream_seq: last.sequence,
@@ -269,6 +381,20 @@ impl<S: MessageStore> Stamper<S> {
         };
         self.set_head(conv, head);
         Ok(head)
+    }
+
+    async fn wait_for_store(&self, conv: &ConvId, seq: u64) -> Result<(), StampError> {
+        let deadline = std::time::Instant::now() + STORE_CATCH_UP;
+        loop {
+            let have = self.store.latest_seq(conv.as_str()).await?.unwrap_or(0);
+            if have >= seq {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(StampError::StoreBehind { have, want: seq });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     async fn load_stamped(&self, stream_seq: u64) -> Result<StoredMessage, StampError> {
@@ -301,6 +427,27 @@ pub fn decode_stamped(payload: &[u8], stream_seq: u64) -> Result<Message, StampE
             "stream message {stream_seq} is not a message frame"
         ))),
     }
+}
+
+/// Decodes a `CHAT_MSGS` receipt event (a `receipt` frame on `chat.rcpt.<p>.<conv>`).
+pub fn decode_receipt(payload: &[u8], stream_seq: u64) -> Result<StoredReceipt, StampError> {
+    match serde_json::from_slice(payload) {
+        Ok(ServerFrame::Receipt(r)) => Ok(StoredReceipt {
+            conv: r.conv,
+            user: r.user,
+            delivered: r.delivered,
+            read: r.read,
+            stream_seq,
+        }),
+        _ => Err(StampError::Head(format!(
+            "stream message {stream_seq} is not a receipt frame"
+        ))),
+    }
+}
+
+/// The users whose conversation index a change of `conv` touches.
+pub fn members(conv: &ConvId) -> Vec<String> {
+    conv.members().iter().map(|u| u.to_string()).collect()
 }
 
 /// The store record of a stamped message.

@@ -4,8 +4,11 @@ use std::{collections::HashMap, time::Duration};
 
 use async_nats::{HeaderMap, jetstream};
 use chat_protocol::{
-    api::{HistoryReply, HistoryRequest, InboundMessage, dedupe_id},
-    frames::{ErrorCode, ServerFrame},
+    api::{
+        HistoryReply, HistoryRequest, Inbound, InboundMessage, InboundReceipt, ReceiptsReply,
+        ReceiptsRequest, SyncReply, SyncRequest, dedupe_id,
+    },
+    frames::{ConvState, ErrorCode, MemberMarks, Receipt, ServerFrame},
     ids::ConvId,
     jetstream::{Overrides, provision_all},
     subjects,
@@ -60,14 +63,14 @@ async fn setup() -> (NatsServer, async_nats::Client, jetstream::Context) {
 
 async fn send(js: &jetstream::Context, conv: &str, from: &str, id: &str, body: &str) {
     let conv_id = ConvId::parse(conv).unwrap();
-    let msg = InboundMessage {
+    let msg = Inbound::Send(InboundMessage {
         conv: conv.into(),
         from: from.into(),
         device: "d1".into(),
         id: id.into(),
         body: body.into(),
         ts: 0,
-    };
+    });
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", dedupe_id(conv, from, id).as_str());
     js.publish_with_headers(
@@ -89,48 +92,338 @@ async fn stamped(
     let stream = js.get_stream(subjects::STREAM_STAMPED).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let n = stream.get_info().await.unwrap().state.messages as usize;
-        if n >= expect || tokio::time::Instant::now() > deadline {
-            break;
+        let mut out = Vec::new();
+        let n = stream.get_info().await.unwrap().state.last_sequence;
+        for seq in 1..=n {
+            let raw = stream.get_raw_message(seq).await.unwrap();
+            if subjects::is_receipt_subject(&raw.subject) {
+                continue;
+            }
+            let ServerFrame::Message(m) = serde_json::from_slice(&raw.payload).unwrap() else {
+                panic!("not a message frame")
+            };
+            let by = raw
+                .headers
+                .get(STAMPER_HEADER)
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default();
+            out.push((m, by));
+        }
+        if out.len() >= expect || tokio::time::Instant::now() > deadline {
+            return out;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let mut out = Vec::new();
-    let n = stream.get_info().await.unwrap().state.last_sequence;
-    for seq in 1..=n {
-        let raw = stream.get_raw_message(seq).await.unwrap();
-        let ServerFrame::Message(m) = serde_json::from_slice(&raw.payload).unwrap() else {
-            panic!("not a message frame")
-        };
-        let by = raw
-            .headers
-            .get(STAMPER_HEADER)
-            .map(|v| v.as_str().to_owned())
-            .unwrap_or_default();
-        out.push((m, by));
-    }
-    out
+}
+
+/// A request to one of the sequencer's APIs, decoded.
+async fn ask<Q: serde::Serialize, A: serde::de::DeserializeOwned>(
+    client: &async_nats::Client,
+    subject: &'static str,
+    req: &Q,
+) -> A {
+    let reply = tokio::time::timeout(
+        Duration::from_secs(10),
+        client.request(subject, serde_json::to_vec(req).unwrap().into()),
+    )
+    .await
+    .expect("answered in time")
+    .unwrap();
+    serde_json::from_slice(&reply.payload).unwrap()
 }
 
 async fn history(client: &async_nats::Client, user: &str, conv: &str, after: u64) -> HistoryReply {
+    history_range(client, user, conv, Some(after), None, 200).await
+}
+
+async fn history_range(
+    client: &async_nats::Client,
+    user: &str,
+    conv: &str,
+    after: Option<u64>,
+    before: Option<u64>,
+    limit: u32,
+) -> HistoryReply {
     let req = HistoryRequest {
         user: user.into(),
         conv: conv.into(),
-        before: None,
-        after: Some(after),
-        limit: 200,
+        before,
+        after,
+        limit,
     };
-    let reply = tokio::time::timeout(
-        Duration::from_secs(10),
-        client.request(
-            subjects::HISTORY_API,
-            serde_json::to_vec(&req).unwrap().into(),
-        ),
+    ask(client, subjects::HISTORY_API, &req).await
+}
+
+fn page_seqs(reply: HistoryReply) -> (Vec<u64>, bool) {
+    let HistoryReply::Page { messages, more } = reply else {
+        panic!("expected a page, got {reply:?}")
+    };
+    (messages.iter().map(|m| m.seq).collect(), more)
+}
+
+async fn receipt(js: &jetstream::Context, conv: &str, user: &str, delivered: u64, read: u64) {
+    let inbound = Inbound::Receipt(InboundReceipt {
+        conv: conv.into(),
+        user: user.into(),
+        device: "d1".into(),
+        delivered,
+        read,
+    });
+    js.publish(
+        subjects::inbound(&ConvId::parse(conv).unwrap()),
+        serde_json::to_vec(&inbound).unwrap().into(),
     )
     .await
-    .expect("history answered in time")
+    .unwrap()
+    .await
     .unwrap();
-    serde_json::from_slice(&reply.payload).unwrap()
+}
+
+/// Every receipt event in CHAT_MSGS, once at least `expect` are there (or after a timeout).
+async fn receipt_events(js: &jetstream::Context, expect: usize) -> Vec<Receipt> {
+    let stream = js.get_stream(subjects::STREAM_STAMPED).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut out = Vec::new();
+        let n = stream.get_info().await.unwrap().state.last_sequence;
+        for seq in 1..=n {
+            let raw = stream.get_raw_message(seq).await.unwrap();
+            if subjects::is_receipt_subject(&raw.subject) {
+                let ServerFrame::Receipt(r) = serde_json::from_slice(&raw.payload).unwrap() else {
+                    panic!("not a receipt frame")
+                };
+                out.push(r);
+            }
+        }
+        if out.len() >= expect || tokio::time::Instant::now() > deadline {
+            return out;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn marks(user: &str, delivered: u64, read: u64) -> MemberMarks {
+    MemberMarks {
+        user: user.into(),
+        delivered,
+        read,
+    }
+}
+
+async fn sync(
+    client: &async_nats::Client,
+    user: &str,
+    since: Option<&str>,
+    cursors: &[(&str, u64)],
+    next: Option<&str>,
+    limit: u32,
+) -> SyncReply {
+    let req = SyncRequest {
+        user: user.into(),
+        since: since.map(str::to_owned),
+        cursors: cursors.iter().map(|(c, s)| (c.to_string(), *s)).collect(),
+        next: next.map(str::to_owned),
+        limit,
+    };
+    ask(client, subjects::SYNC_API, &req).await
+}
+
+struct SyncPage {
+    convs: Vec<ConvState>,
+    messages: Vec<(String, u64)>,
+    next: Option<String>,
+    token: Option<String>,
+}
+
+fn sync_page(reply: SyncReply) -> SyncPage {
+    let SyncReply::Page {
+        convs,
+        messages,
+        more,
+        next,
+        token,
+    } = reply
+    else {
+        panic!("expected a sync page, got {reply:?}")
+    };
+    assert_eq!(more, next.is_some(), "`next` comes exactly with `more`");
+    assert_eq!(
+        more,
+        token.is_none(),
+        "`token` comes exactly on the last page"
+    );
+    SyncPage {
+        convs,
+        messages: messages.into_iter().map(|m| (m.conv, m.seq)).collect(),
+        next,
+        token,
+    }
+}
+
+fn in_conv(conv: &str, seqs: std::ops::RangeInclusive<u64>) -> Vec<(String, u64)> {
+    seqs.map(|s| (conv.to_owned(), s)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_ranges_fill_exactly_a_gap() {
+    let (nats, client, js) = setup().await;
+    let seq = Sequencer::spawn(&nats, "s1");
+    for i in 1..=10 {
+        send(&js, "dm~alice~bob", "alice", &format!("m{i}"), "x").await;
+    }
+    assert_eq!(stamped(&js, 10).await.len(), 10);
+    let conv = "dm~alice~bob";
+    let range = |after, before, limit| history_range(&client, "bob", conv, after, before, limit);
+    assert_eq!(
+        page_seqs(range(Some(3), Some(7), 50).await),
+        (vec![4, 5, 6], false)
+    );
+    assert_eq!(
+        page_seqs(range(Some(5), Some(6), 50).await),
+        (vec![], false)
+    );
+    assert_eq!(
+        page_seqs(range(Some(6), Some(2), 50).await),
+        (vec![], false)
+    );
+    assert_eq!(
+        page_seqs(range(Some(3), Some(100), 2).await),
+        (vec![4, 5], true)
+    );
+    assert_eq!(
+        page_seqs(range(Some(8), Some(100), 5).await),
+        (vec![9, 10], false)
+    );
+    assert_eq!(
+        page_seqs(range(None, Some(4), 50).await),
+        (vec![1, 2, 3], false)
+    );
+    seq.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_only_raise_watermarks_and_say_who_read_a_message() {
+    let (nats, client, js) = setup().await;
+    let seq = Sequencer::spawn(&nats, "s1");
+    let conv = "dm~alice~bob";
+    for i in 1..=5 {
+        send(&js, conv, "alice", &format!("m{i}"), "x").await;
+    }
+    assert_eq!(stamped(&js, 5).await.len(), 5);
+    receipt(&js, conv, "bob", 3, 0).await;
+    receipt(&js, conv, "bob", 3, 2).await;
+    // Beyond the newest message: lowered to it.
+    receipt(&js, conv, "bob", 99, 0).await;
+    // Lower than what is stored, and a repeat: nothing moves, nothing is published.
+    receipt(&js, conv, "bob", 1, 1).await;
+    receipt(&js, conv, "bob", 5, 2).await;
+    // Not a member: refused by the sequencer even if a gateway let it through.
+    receipt(&js, conv, "carol", 5, 5).await;
+    let events = receipt_events(&js, 3).await;
+    let expect = |delivered, read| Receipt {
+        conv: conv.into(),
+        user: "bob".into(),
+        delivered,
+        read,
+    };
+    assert_eq!(events, vec![expect(3, 0), expect(3, 2), expect(5, 2)]);
+
+    let req = |user: &str, seq| ReceiptsRequest {
+        user: user.into(),
+        conv: conv.into(),
+        seq,
+    };
+    let reply: ReceiptsReply = ask(&client, subjects::RECEIPTS_API, &req("alice", Some(3))).await;
+    assert_eq!(
+        reply,
+        ReceiptsReply::Marks {
+            // Alice's own messages moved her watermarks.
+            members: vec![marks("alice", 5, 5), marks("bob", 5, 2)],
+            delivered_to: Some(vec!["alice".into(), "bob".into()]),
+            read_by: Some(vec!["alice".into()]),
+        }
+    );
+    let reply: ReceiptsReply = ask(&client, subjects::RECEIPTS_API, &req("bob", None)).await;
+    assert!(
+        matches!(&reply, ReceiptsReply::Marks { delivered_to: None, read_by: None, members } if members.len() == 2),
+        "{reply:?}"
+    );
+    let reply: ReceiptsReply = ask(&client, subjects::RECEIPTS_API, &req("carol", None)).await;
+    assert!(
+        matches!(&reply, ReceiptsReply::Error(e) if e.code == ErrorCode::NotMember),
+        "{reply:?}"
+    );
+    // No further receipt event was published after the expected three.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receipt_events(&js, 0).await.len(), 3);
+    seq.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_pages_through_changed_conversations_and_resumes_from_its_token() {
+    let (nats, client, js) = setup().await;
+    let seq = Sequencer::spawn(&nats, "s1");
+    let (ab, bc) = ("dm~alice~bob", "dm~bob~carol");
+    for i in 1..=30 {
+        send(&js, ab, "alice", &format!("a{i}"), "x").await;
+    }
+    for i in 1..=5 {
+        send(&js, bc, "carol", &format!("c{i}"), "x").await;
+    }
+    assert_eq!(stamped(&js, 35).await.len(), 35);
+
+    // A new device: no token, no cursors. Pages of 20 messages.
+    let p1 = sync_page(sync(&client, "bob", None, &[], None, 20).await);
+    assert_eq!(p1.messages, in_conv(ab, 1..=20));
+    assert_eq!(p1.convs.len(), 1);
+    assert_eq!((p1.convs[0].latest, p1.convs[0].unread), (30, 30));
+    assert_eq!(
+        p1.convs[0].members,
+        vec![marks("alice", 30, 30), marks("bob", 0, 0)]
+    );
+    let next = p1.next.expect("more to come");
+    let p2 = sync_page(sync(&client, "bob", None, &[(ab, 20)], Some(&next), 20).await);
+    let mut want = in_conv(ab, 21..=30);
+    want.extend(in_conv(bc, 1..=5));
+    assert_eq!(p2.messages, want);
+    assert_eq!(
+        p2.convs.iter().map(|c| c.conv.as_str()).collect::<Vec<_>>(),
+        vec![ab, bc]
+    );
+    let token = p2.token.expect("last page carries the token");
+
+    // Nothing changed since: nothing to do.
+    let p = sync_page(sync(&client, "bob", Some(&token), &[(ab, 30), (bc, 5)], None, 20).await);
+    assert!(p.convs.is_empty() && p.messages.is_empty(), "{:?}", p.convs);
+    assert_eq!(p.token.as_deref(), Some(token.as_str()));
+
+    // Bob reads on another device and Alice writes again: one changed conversation.
+    receipt(&js, ab, "bob", 30, 25).await;
+    send(&js, ab, "alice", "a31", "x").await;
+    assert_eq!(stamped(&js, 36).await.len(), 36);
+    assert_eq!(receipt_events(&js, 1).await.len(), 1);
+    let p = sync_page(sync(&client, "bob", Some(&token), &[(ab, 30), (bc, 5)], None, 20).await);
+    assert_eq!(p.messages, in_conv(ab, 31..=31));
+    assert_eq!(p.convs.len(), 1);
+    assert_eq!((p.convs[0].latest, p.convs[0].unread), (31, 6));
+    assert_eq!(
+        p.convs[0].members,
+        vec![marks("alice", 31, 31), marks("bob", 30, 25)]
+    );
+    // Carol's view of her own conversation is untouched by all that.
+    let c = sync_page(sync(&client, "carol", Some(&token), &[], None, 20).await);
+    assert!(c.convs.is_empty(), "{:?}", c.convs);
+
+    for bad in ["garbage", "v1.999999999"] {
+        let reply = sync(&client, "bob", Some(bad), &[], None, 20).await;
+        assert!(
+            matches!(&reply, SyncReply::Error(e) if e.code == ErrorCode::InvalidToken),
+            "{bad}: {reply:?}"
+        );
+    }
+    let reply = sync(&client, "bob", None, &[], Some("v1.x"), 20).await;
+    assert!(matches!(&reply, SyncReply::Error(e) if e.code == ErrorCode::InvalidToken));
+    seq.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

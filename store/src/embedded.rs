@@ -9,10 +9,16 @@
 //! | `messages`   | `(conv, seq)`              | JSON [`Record`] (other fields) |
 //! | `client_ids` | `(conv, from, client_id)`  | seq                           |
 //! | `latest_seq` | `conv`                     | highest stored seq            |
+//! | `marks`      | `(conv, user)`             | `(delivered, read)`           |
+//! | `user_convs` | `(user, conv)`             | index position (stream seq)   |
 //! | `meta`       | `"applied_stream_seq"`     | highest applied stream seq    |
+//!
+//! `marks` keyed by conversation first lists a conversation's members with one
+//! range scan; `user_convs` keyed by user first lists a user's conversations
+//! the same way, in conversation id order (the paging order of
+//! [`MessageStore::user_conversations`]).
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,11 +28,16 @@ use redb::{
     WriteTransaction,
 };
 
-use crate::{MessageStore, Page, PageQuery, StoreError, StoredMessage};
+use crate::{
+    Change, ConvSummary, Event, MAX_PAGE_LIMIT, Marks, MessageStore, Page, PageQuery, StoreError,
+    StoredMessage, StoredReceipt, UserConversations,
+};
 
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
 const CLIENT_IDS: TableDefinition<(&str, &str, &str), u64> = TableDefinition::new("client_ids");
 const LATEST_SEQ: TableDefinition<&str, u64> = TableDefinition::new("latest_seq");
+const MARKS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("marks");
+const USER_CONVS: TableDefinition<(&str, &str), u64> = TableDefinition::new("user_convs");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 const APPLIED_STREAM_SEQ: &str = "applied_stream_seq";
@@ -103,7 +114,7 @@ fn backend<E: Into<redb::Error>>(op: &'static str) -> impl FnOnce(E) -> StoreErr
 /// The embedded message store: a redb database at `<dir>/messages.redb`.
 ///
 /// Cheap to clone (the database handle is shared). Commits use redb's
-/// immediate durability: once [`MessageStore::append`] returns `Ok` the batch
+/// immediate durability: once [`MessageStore::apply`] returns `Ok` the batch
 /// survives a process crash or power loss. Blocking redb calls run on tokio's
 /// blocking pool, so the async methods must be called inside a tokio runtime.
 ///
@@ -155,6 +166,8 @@ impl EmbeddedStore {
         txn.open_table(MESSAGES).map_err(|e| open_err(e.into()))?;
         txn.open_table(CLIENT_IDS).map_err(|e| open_err(e.into()))?;
         txn.open_table(LATEST_SEQ).map_err(|e| open_err(e.into()))?;
+        txn.open_table(MARKS).map_err(|e| open_err(e.into()))?;
+        txn.open_table(USER_CONVS).map_err(|e| open_err(e.into()))?;
         txn.open_table(META).map_err(|e| open_err(e.into()))?;
         txn.commit().map_err(|e| open_err(e.into()))?;
         Ok(EmbeddedStore {
@@ -184,28 +197,55 @@ fn begin_read(db: &Database) -> Result<ReadTransaction, StoreError> {
     db.begin_read().map_err(backend("begin read transaction"))
 }
 
-fn append_blocking(
+/// Rejects what no transaction should see, before opening one.
+fn validate(changes: &[Change]) -> Result<(), StoreError> {
+    for change in changes {
+        match &change.event {
+            Event::Message(m) if m.seq == 0 => {
+                return Err(StoreError::Invalid {
+                    conv: m.conv.clone(),
+                    seq: m.seq,
+                    reason: "seq must be at least 1",
+                });
+            }
+            Event::Message(_) => {}
+            Event::Receipt(r) => {
+                let reason = if r.conv.is_empty() {
+                    "conv must not be empty"
+                } else if r.user.is_empty() {
+                    "user must not be empty"
+                } else if r.stream_seq == 0 {
+                    "stream seq must be at least 1"
+                } else {
+                    continue;
+                };
+                return Err(StoreError::InvalidReceipt {
+                    conv: r.conv.clone(),
+                    user: r.user.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn apply_blocking(
     db: &Database,
-    msgs: &[StoredMessage],
+    changes: &[Change],
     through: Option<u64>,
 ) -> Result<(), StoreError> {
-    if msgs.is_empty() && through.is_none() {
+    if changes.is_empty() && through.is_none() {
         return Ok(());
     }
-    if let Some(m) = msgs.iter().find(|m| m.seq == 0) {
-        return Err(StoreError::Invalid {
-            conv: m.conv.clone(),
-            seq: m.seq,
-            reason: "seq must be at least 1",
-        });
-    }
+    validate(changes)?;
     let mut txn = db
         .begin_write()
         .map_err(backend("begin write transaction"))?;
     txn.set_durability(Durability::Immediate)
         .map_err(backend("set durability"))?;
-    match write_batch(&txn, msgs, through) {
-        Ok(()) => txn.commit().map_err(backend("commit append")),
+    match write_batch(&txn, changes, through) {
+        Ok(()) => txn.commit().map_err(backend("commit apply")),
         Err(e) => {
             // Nothing of the batch may be written; an abort failure is less
             // interesting to the caller than the reason we aborted.
@@ -215,68 +255,77 @@ fn append_blocking(
     }
 }
 
+/// Raises `map[key]` to `value` (inserting it if absent).
+fn raise<K: Eq + std::hash::Hash>(map: &mut HashMap<K, u64>, key: K, value: u64) {
+    let v = map.entry(key).or_insert(value);
+    *v = (*v).max(value);
+}
+
+/// The maxima a batch raises, merged in memory first so that a batch of many
+/// changes to one conversation touches each row once.
+#[derive(Default)]
+struct Raises<'a> {
+    latest: HashMap<&'a str, u64>,
+    marks: HashMap<(&'a str, &'a str), (u64, u64)>,
+    positions: HashMap<(&'a str, &'a str), u64>,
+}
+
+impl<'a> Raises<'a> {
+    fn marks(&mut self, conv: &'a str, user: &'a str, delivered: u64, read: u64) {
+        let entry = self.marks.entry((conv, user)).or_insert((0, 0));
+        entry.0 = entry.0.max(delivered).max(read);
+        entry.1 = entry.1.max(read);
+    }
+
+    fn positions(&mut self, change: &'a Change) {
+        let conv = change.conv();
+        for user in &change.members {
+            raise(
+                &mut self.positions,
+                (user.as_str(), conv),
+                change.stream_seq(),
+            );
+        }
+    }
+}
+
 fn write_batch(
     txn: &WriteTransaction,
-    msgs: &[StoredMessage],
+    changes: &[Change],
     through: Option<u64>,
 ) -> Result<(), StoreError> {
-    let mut messages = txn
-        .open_table(MESSAGES)
-        .map_err(backend("open messages table"))?;
-    let mut client_ids = txn
-        .open_table(CLIENT_IDS)
-        .map_err(backend("open client id table"))?;
-    let mut latest = txn
-        .open_table(LATEST_SEQ)
-        .map_err(backend("open latest seq table"))?;
-    let mut meta = txn.open_table(META).map_err(backend("open meta table"))?;
-
-    let mut batch_latest: HashMap<&str, u64> = HashMap::new();
-    for m in msgs {
-        let key = (m.conv.as_str(), m.seq);
-        let existing = messages
-            .get(key)
-            .map_err(backend("read message"))?
-            .map(|guard| decode(&m.conv, m.seq, guard.value()))
-            .transpose()?;
-        match existing {
-            Some(stored) if stored.same_as(m) => {}
-            Some(_) => {
-                return Err(StoreError::Conflict {
-                    conv: m.conv.clone(),
-                    seq: m.seq,
-                });
+    let mut raises = Raises::default();
+    {
+        let mut messages = txn
+            .open_table(MESSAGES)
+            .map_err(backend("open messages table"))?;
+        let mut client_ids = txn
+            .open_table(CLIENT_IDS)
+            .map_err(backend("open client id table"))?;
+        for change in changes {
+            match &change.event {
+                Event::Message(m) => {
+                    put_message(&mut messages, &mut client_ids, m)?;
+                    raise(&mut raises.latest, m.conv.as_str(), m.seq);
+                    // Sending implies having read everything before.
+                    raises.marks(&m.conv, &m.from, m.seq, m.seq);
+                }
+                Event::Receipt(StoredReceipt {
+                    conv,
+                    user,
+                    delivered,
+                    read,
+                    ..
+                }) => raises.marks(conv, user, *delivered, *read),
             }
-            None => {
-                messages
-                    .insert(key, encode(m).as_slice())
-                    .map_err(backend("insert message"))?;
-            }
-        }
-
-        let cid_key = (m.conv.as_str(), m.from.as_str(), m.client_id.as_str());
-        let recorded = client_ids
-            .get(cid_key)
-            .map_err(backend("read client id"))?
-            .is_some();
-        if !recorded {
-            client_ids
-                .insert(cid_key, m.seq)
-                .map_err(backend("insert client id"))?;
-        }
-
-        match batch_latest.entry(m.conv.as_str()) {
-            Entry::Occupied(mut e) => {
-                let v = e.get_mut();
-                *v = (*v).max(m.seq);
-            }
-            Entry::Vacant(e) => {
-                e.insert(m.seq);
-            }
+            raises.positions(change);
         }
     }
 
-    for (conv, seq) in batch_latest {
+    let mut latest = txn
+        .open_table(LATEST_SEQ)
+        .map_err(backend("open latest seq table"))?;
+    for (conv, seq) in raises.latest {
         let current = latest
             .get(conv)
             .map_err(backend("read latest seq"))?
@@ -288,7 +337,38 @@ fn write_batch(
         }
     }
 
+    let mut marks = txn.open_table(MARKS).map_err(backend("open marks table"))?;
+    for (key, (delivered, read)) in raises.marks {
+        let current = marks
+            .get(key)
+            .map_err(backend("read marks"))?
+            .map(|g| g.value());
+        let new = match current {
+            None => (delivered, read),
+            Some((d, r)) => (d.max(delivered), r.max(read)),
+        };
+        if current != Some(new) {
+            marks.insert(key, new).map_err(backend("update marks"))?;
+        }
+    }
+
+    let mut user_convs = txn
+        .open_table(USER_CONVS)
+        .map_err(backend("open user conversations table"))?;
+    for (key, pos) in raises.positions {
+        let current = user_convs
+            .get(key)
+            .map_err(backend("read user conversation"))?
+            .map(|g| g.value());
+        if current.is_none_or(|c| pos > c) {
+            user_convs
+                .insert(key, pos)
+                .map_err(backend("update user conversation"))?;
+        }
+    }
+
     if let Some(through) = through {
+        let mut meta = txn.open_table(META).map_err(backend("open meta table"))?;
         let applied = meta
             .get(APPLIED_STREAM_SEQ)
             .map_err(backend("read applied stream seq"))?
@@ -299,6 +379,132 @@ fn write_batch(
         }
     }
     Ok(())
+}
+
+/// Stores one message and its client id; a different message already at its
+/// `(conv, seq)` (stored earlier or earlier in this batch) is a conflict.
+fn put_message(
+    messages: &mut redb::Table<(&str, u64), &[u8]>,
+    client_ids: &mut redb::Table<(&str, &str, &str), u64>,
+    m: &StoredMessage,
+) -> Result<(), StoreError> {
+    let key = (m.conv.as_str(), m.seq);
+    let existing = messages
+        .get(key)
+        .map_err(backend("read message"))?
+        .map(|guard| decode(&m.conv, m.seq, guard.value()))
+        .transpose()?;
+    match existing {
+        Some(stored) if stored.same_as(m) => {}
+        Some(_) => {
+            return Err(StoreError::Conflict {
+                conv: m.conv.clone(),
+                seq: m.seq,
+            });
+        }
+        None => {
+            messages
+                .insert(key, encode(m).as_slice())
+                .map_err(backend("insert message"))?;
+        }
+    }
+
+    let cid_key = (m.conv.as_str(), m.from.as_str(), m.client_id.as_str());
+    let recorded = client_ids
+        .get(cid_key)
+        .map_err(backend("read client id"))?
+        .is_some();
+    if !recorded {
+        client_ids
+            .insert(cid_key, m.seq)
+            .map_err(backend("insert client id"))?;
+    }
+    Ok(())
+}
+
+fn watermarks_blocking(db: &Database, conv: &str) -> Result<Vec<Marks>, StoreError> {
+    let txn = begin_read(db)?;
+    let table = txn.open_table(MARKS).map_err(backend("open marks table"))?;
+    // Tuple keys sort by conv first, so `conv`'s members are one contiguous
+    // run starting at `(conv, "")`; a longer conv id sorts after all of them.
+    let range = table
+        .range::<(&str, &str)>((conv, "")..)
+        .map_err(backend("scan marks"))?;
+    let mut members = Vec::new();
+    for row in range {
+        let (key, value) = row.map_err(backend("scan marks"))?;
+        let (row_conv, user) = key.value();
+        if row_conv != conv {
+            break;
+        }
+        let (delivered, read) = value.value();
+        members.push(Marks {
+            user: user.to_owned(),
+            delivered,
+            read,
+        });
+    }
+    Ok(members)
+}
+
+fn user_conversations_blocking(
+    db: &Database,
+    user: &str,
+    since: u64,
+    from_conv: Option<&str>,
+    limit: u32,
+) -> Result<UserConversations, StoreError> {
+    let limit = limit.clamp(1, MAX_PAGE_LIMIT) as usize;
+    // One read transaction is one snapshot: `applied` and the index agree.
+    let txn = begin_read(db)?;
+    let applied = txn
+        .open_table(META)
+        .map_err(backend("open meta table"))?
+        .get(APPLIED_STREAM_SEQ)
+        .map_err(backend("read applied stream seq"))?
+        .map_or(0, |g| g.value());
+    let index = txn
+        .open_table(USER_CONVS)
+        .map_err(backend("open user conversations table"))?;
+    let latest = txn
+        .open_table(LATEST_SEQ)
+        .map_err(backend("open latest seq table"))?;
+    let range = index
+        .range::<(&str, &str)>((user, from_conv.unwrap_or(""))..)
+        .map_err(backend("scan user conversations"))?;
+
+    let mut convs = Vec::with_capacity(limit);
+    let mut more = false;
+    for row in range {
+        let (key, value) = row.map_err(backend("scan user conversations"))?;
+        let (row_user, conv) = key.value();
+        if row_user != user {
+            break;
+        }
+        let pos = value.value();
+        if pos <= since {
+            continue;
+        }
+        // One match beyond the page is enough to know there are more.
+        if convs.len() == limit {
+            more = true;
+            break;
+        }
+        let latest = latest
+            .get(conv)
+            .map_err(backend("read latest seq"))?
+            .map_or(0, |g| g.value());
+        convs.push(ConvSummary {
+            conv: conv.to_owned(),
+            latest,
+            pos,
+        });
+    }
+    Ok(UserConversations {
+        applied,
+        convs,
+        more,
+    })
 }
 
 fn page_blocking(db: &Database, conv: &str, q: PageQuery) -> Result<Page, StoreError> {
@@ -345,21 +551,31 @@ fn page_blocking(db: &Database, conv: &str, q: PageQuery) -> Result<Page, StoreE
 }
 
 impl MessageStore for EmbeddedStore {
-    async fn append(&self, msgs: Vec<StoredMessage>) -> Result<(), StoreError> {
-        if msgs.is_empty() {
+    async fn apply(&self, changes: Vec<Change>, through: Option<u64>) -> Result<(), StoreError> {
+        if changes.is_empty() && through.is_none() {
             return Ok(());
         }
-        self.blocking("append", move |db| append_blocking(db, &msgs, None))
+        self.blocking("apply", move |db| apply_blocking(db, &changes, through))
             .await
     }
 
-    async fn append_followed(
+    async fn watermarks(&self, conv: &str) -> Result<Vec<Marks>, StoreError> {
+        let conv = conv.to_owned();
+        self.blocking("read watermarks", move |db| watermarks_blocking(db, &conv))
+            .await
+    }
+
+    async fn user_conversations(
         &self,
-        msgs: Vec<StoredMessage>,
-        through: u64,
-    ) -> Result<(), StoreError> {
-        self.blocking("append followed", move |db| {
-            append_blocking(db, &msgs, Some(through))
+        user: &str,
+        since: u64,
+        from_conv: Option<&str>,
+        limit: u32,
+    ) -> Result<UserConversations, StoreError> {
+        let user = user.to_owned();
+        let from_conv = from_conv.map(str::to_owned);
+        self.blocking("read user conversations", move |db| {
+            user_conversations_blocking(db, &user, since, from_conv.as_deref(), limit)
         })
         .await
     }
@@ -452,7 +668,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = EmbeddedStore::open(dir.path()).unwrap();
         store
-            .append(vec![message("c1", 1), message("c1", 3)])
+            .apply(
+                vec![
+                    Change::message(message("c1", 1), vec![]),
+                    Change::message(message("c1", 3), vec![]),
+                ],
+                None,
+            )
             .await
             .unwrap();
         write_raw(&store, "c1", 2, b"\xffnot json");
@@ -488,7 +710,10 @@ mod tests {
         assert_eq!(page.messages, vec![message("c1", 3)]);
 
         // Re-putting over a corrupt record reports the corruption, not a conflict.
-        let err = store.append(vec![message("c1", 2)]).await.unwrap_err();
+        let err = store
+            .apply(vec![Change::message(message("c1", 2), vec![])], None)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err:?}");
     }
 

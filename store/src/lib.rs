@@ -1,11 +1,26 @@
-//! Persistence of stamped chat messages.
+//! Persistence of stamped chat messages, receipt watermarks and each user's
+//! conversation index.
 //!
 //! The sequencer stamps every accepted message with a dense per-conversation
 //! sequence number (`seq`, starting at 1) and publishes it to the `CHAT_MSGS`
-//! JetStream stream; this crate is where those stamped messages are stored so
-//! that clients can page through history long after the broker has dropped
-//! them, and so that the sequencer can deduplicate client message ids beyond
-//! the broker's dedupe window.
+//! JetStream stream on `chat.msg.<p>.<conv>`; receipts (a member's delivered
+//! and read watermarks) go through the same sequencer onto
+//! `chat.rcpt.<p>.<conv>`. This crate is where both end up, so that clients
+//! can page through history and sync long after the broker has dropped them.
+//! The store holds:
+//!
+//! - **messages**, by `(conv, seq)`, paged with [`MessageStore::page`];
+//! - **client ids**, `(conv, from, client_id) -> seq`, so the sequencer can
+//!   deduplicate client message ids beyond the broker's dedupe window;
+//! - **watermarks**, `(conv, user) -> (delivered, read)`, which only ever grow,
+//!   so receipts can be applied in any order and more than once;
+//! - **a per-user conversation index**, `(user, conv) -> position` (the highest
+//!   `CHAT_MSGS` stream sequence of a change in that conversation), so a sync
+//!   lists only the conversations that changed since the client's last token;
+//! - **the applied watermark**: every `CHAT_MSGS` message up to it is stored.
+//!
+//! Every change goes through one method, [`MessageStore::apply`], which writes
+//! a batch in one durable transaction.
 //!
 //! Callers program against the [`MessageStore`] trait. There is one backend
 //! today, [`EmbeddedStore`], a single-node store in an embedded
@@ -15,7 +30,9 @@
 //! backend must pass.
 //!
 //! The store does not validate ids (the caller has already checked that they
-//! are ASCII `[A-Za-z0-9_~-]`) and never interprets message bodies.
+//! are ASCII `[A-Za-z0-9_~-]`), does not know who the members of a conversation
+//! are (the caller passes them with each [`Change`]) and never interprets
+//! message bodies.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -48,6 +65,125 @@ pub struct StoredMessage {
     pub body: String,
     /// JetStream sequence of the stamped message in the `CHAT_MSGS` stream.
     pub stream_seq: u64,
+}
+
+/// A receipt event: a member's watermarks in a conversation, as stamped on the
+/// `chat.rcpt.<p>.<conv>` subject of `CHAT_MSGS` (stream sequence `stream_seq`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StoredReceipt {
+    /// Conversation id.
+    pub conv: String,
+    /// The member whose watermarks these are.
+    pub user: String,
+    /// Some device of `user` has every message up to this seq.
+    pub delivered: u64,
+    /// `user` has read up to this seq.
+    pub read: u64,
+    /// JetStream sequence of the receipt in the `CHAT_MSGS` stream (at least 1).
+    pub stream_seq: u64,
+}
+
+/// One event of a conversation, as carried by `CHAT_MSGS`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A stamped message (`chat.msg.<p>.<conv>`).
+    Message(StoredMessage),
+    /// A receipt (`chat.rcpt.<p>.<conv>`).
+    Receipt(StoredReceipt),
+}
+
+/// One change to apply, and the users whose conversation index it touches
+/// (the conversation's members, computed by the caller: the store does not
+/// know who is in a conversation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// What happened.
+    pub event: Event,
+    /// Users whose index entry for the event's conversation moves to the
+    /// event's stream sequence.
+    pub members: Vec<String>,
+}
+
+impl Change {
+    /// A stamped message, touching the index of `members`.
+    pub fn message(m: StoredMessage, members: Vec<String>) -> Self {
+        Change {
+            event: Event::Message(m),
+            members,
+        }
+    }
+
+    /// A receipt, touching the index of `members`.
+    pub fn receipt(r: StoredReceipt, members: Vec<String>) -> Self {
+        Change {
+            event: Event::Receipt(r),
+            members,
+        }
+    }
+
+    /// The `CHAT_MSGS` stream sequence of the event.
+    pub fn stream_seq(&self) -> u64 {
+        match &self.event {
+            Event::Message(m) => m.stream_seq,
+            Event::Receipt(r) => r.stream_seq,
+        }
+    }
+
+    /// The conversation of the event.
+    pub fn conv(&self) -> &str {
+        match &self.event {
+            Event::Message(m) => &m.conv,
+            Event::Receipt(r) => &r.conv,
+        }
+    }
+}
+
+/// A member's watermarks in one conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marks {
+    /// The member.
+    pub user: String,
+    /// Some device of `user` has every message up to this seq.
+    pub delivered: u64,
+    /// `user` has read up to this seq; never above `delivered`.
+    pub read: u64,
+}
+
+/// One conversation of a user, as listed by [`MessageStore::user_conversations`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConvSummary {
+    /// Conversation id.
+    pub conv: String,
+    /// The conversation's latest stored seq (0 if it has only receipts so far).
+    pub latest: u64,
+    /// The user's index position for the conversation: the highest
+    /// `CHAT_MSGS` stream sequence of a change applied to it.
+    pub pos: u64,
+}
+
+/// One page of a user's conversations, ascending by conversation id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UserConversations {
+    /// The applied watermark ([`MessageStore::applied_stream_seq`]) as of the
+    /// read that produced this page: usable as the `since` of the next sync.
+    pub applied: u64,
+    /// The conversations of the page, ascending by conversation id.
+    pub convs: Vec<ConvSummary>,
+    /// Further conversations match after the last one of this page.
+    pub more: bool,
+}
+
+impl UserConversations {
+    /// The `from_conv` that continues after this page (`None` when there is
+    /// no more): the smallest id sorting after the page's last conversation,
+    /// since `from_conv` is inclusive. It is a cursor for the store, not a
+    /// valid conversation id.
+    pub fn next_from(&self) -> Option<String> {
+        match self.convs.last() {
+            Some(last) if self.more => Some(format!("{}\0", last.conv)),
+            _ => None,
+        }
+    }
 }
 
 /// Which page of a conversation to read.
@@ -100,7 +236,7 @@ pub enum StoreError {
     /// The storage backend failed while performing `op`.
     #[error("message store backend failed to {op}")]
     Backend {
-        /// What the store was doing, e.g. "commit append".
+        /// What the store was doing, e.g. "commit apply".
         op: &'static str,
         #[source]
         source: redb::Error,
@@ -124,6 +260,15 @@ pub enum StoreError {
         seq: u64,
         reason: &'static str,
     },
+    /// The caller passed a receipt the store cannot accept (e.g. stream seq
+    /// 0, which would never move a sync position). Nothing of the batch was
+    /// written.
+    #[error("invalid receipt of {user:?} in {conv:?}: {reason}")]
+    InvalidReceipt {
+        conv: String,
+        user: String,
+        reason: &'static str,
+    },
     /// The blocking worker running a store operation panicked or was cancelled.
     #[error("message store worker failed to {op}")]
     Worker {
@@ -145,7 +290,8 @@ pub enum StoreErrorKind {
     Corrupt,
     /// [`StoreError::Conflict`]: a different message occupies `(conv, seq)`.
     Conflict,
-    /// [`StoreError::Invalid`]: the caller passed an unacceptable message.
+    /// [`StoreError::Invalid`], [`StoreError::InvalidReceipt`]: the caller
+    /// passed an unacceptable message or receipt.
     Invalid,
     /// [`StoreError::Worker`]: internal failure (panic) of the store itself.
     Internal,
@@ -159,46 +305,86 @@ impl StoreError {
             StoreError::Backend { .. } => StoreErrorKind::Backend,
             StoreError::Corrupt { .. } => StoreErrorKind::Corrupt,
             StoreError::Conflict { .. } => StoreErrorKind::Conflict,
-            StoreError::Invalid { .. } => StoreErrorKind::Invalid,
+            StoreError::Invalid { .. } | StoreError::InvalidReceipt { .. } => {
+                StoreErrorKind::Invalid
+            }
             StoreError::Worker { .. } => StoreErrorKind::Internal,
         }
     }
 }
 
-/// Persistence of stamped messages. Implemented by every storage backend.
+/// Persistence of stamped messages, watermarks and the per-user conversation
+/// index. Implemented by every storage backend.
 ///
 /// All methods are cancel-safe in the sense that dropping the returned future
-/// never leaves a partially applied `append`: a batch is either fully stored
-/// or not at all (though a dropped `append` may still complete in the
+/// never leaves a partially applied `apply`: a batch is either fully stored
+/// or not at all (though a dropped `apply` may still complete in the
 /// background).
 pub trait MessageStore: Send + Sync + 'static {
-    /// Stores messages in one durable transaction: when this returns `Ok`,
-    /// the batch survives a crash.
+    /// Applies `changes` in one durable transaction: when this returns `Ok`,
+    /// the whole batch survives a crash; on any error nothing of it is
+    /// written.
     ///
-    /// Idempotent: re-putting an identical message at the same `(conv, seq)`
-    /// is `Ok`; a different one at an occupied `(conv, seq)` is
-    /// [`StoreError::Conflict`] and nothing of the batch is written. A message
-    /// with seq 0 is [`StoreError::Invalid`] (nothing written). Also records
-    /// the client-id index `(conv, from, client_id) -> seq` (the first seq
-    /// recorded for a client id is kept), the per-conversation latest seq
-    /// (never lowered). It does not move the applied watermark: a writer
-    /// that stores messages out of stream order (the stamper) must not make
-    /// a follower skip what it has not applied yet. An empty batch is a
-    /// no-op.
-    fn append(
+    /// For [`Event::Message`] `m`:
+    /// - stores `m` at `(m.conv, m.seq)`. Idempotent: re-putting an identical
+    ///   message is `Ok`; a different one at an occupied `(conv, seq)` is
+    ///   [`StoreError::Conflict`]. Seq 0 is [`StoreError::Invalid`];
+    /// - records the client id `(conv, from, client_id) -> seq` (the first
+    ///   seq recorded for a client id is kept) and the conversation's latest
+    ///   seq (never lowered);
+    /// - raises the sender's watermarks in `m.conv`, delivered and read, to
+    ///   `m.seq`: sending implies having read everything before.
+    ///
+    /// For [`Event::Receipt`] `r`: the watermarks of `(r.conv, r.user)`
+    /// become `delivered = max(old, r.delivered, r.read)` and
+    /// `read = max(old, r.read)`. Read implies delivered, and watermarks never
+    /// go down, so receipts applied in any order, or twice, end in the same
+    /// state. A receipt with stream seq 0, an empty conv or an empty user is
+    /// [`StoreError::InvalidReceipt`].
+    ///
+    /// For either, each user in `members` gets its index entry for the
+    /// event's conversation raised to the event's stream seq (see
+    /// [`MessageStore::user_conversations`]).
+    ///
+    /// `through`: if `Some(n)`, raises the applied watermark to `n` in the
+    /// same transaction (never lowered): every `CHAT_MSGS` message up to
+    /// stream seq `n` is now stored. The follower, which reads `CHAT_MSGS` in
+    /// order, passes it; the stamper passes `None`, because it writes out of
+    /// stream order and must not make a follower skip what it has not applied
+    /// yet. Empty `changes` with `Some` still raises the watermark; empty with
+    /// `None` is a no-op.
+    fn apply(
         &self,
-        msgs: Vec<StoredMessage>,
+        changes: Vec<Change>,
+        through: Option<u64>,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Like [`MessageStore::append`], in the same transaction raising the
-    /// applied watermark to `through` (never lowered): every `CHAT_MSGS`
-    /// message up to stream sequence `through` is now stored. Used by the
-    /// follower, which reads the stream in order.
-    fn append_followed(
+    /// Every member with recorded watermarks in `conv` (by a receipt or by
+    /// sending), sorted by user id; users never recorded are absent, and an
+    /// unknown conversation is empty.
+    fn watermarks(&self, conv: &str)
+    -> impl Future<Output = Result<Vec<Marks>, StoreError>> + Send;
+
+    /// The conversations of `user` whose index position is `> since`,
+    /// ascending by conversation id, starting at `from_conv` (inclusive) when
+    /// given: at most `limit` of them (clamped to `1..=`[`MAX_PAGE_LIMIT`]),
+    /// with `more` when further ones match ([`UserConversations::next_from`]
+    /// continues after the page).
+    ///
+    /// `applied` is the applied watermark read in the same snapshot, before
+    /// the scan: a caller using it as the next `since` never misses a change,
+    /// because every change up to it is already in the index.
+    ///
+    /// Cost: scans the user's index entries from `from_conv` on, until
+    /// `limit + 1` match, i.e. up to all of the user's conversations per call
+    /// when few changed since `since`.
+    fn user_conversations(
         &self,
-        msgs: Vec<StoredMessage>,
-        through: u64,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+        user: &str,
+        since: u64,
+        from_conv: Option<&str>,
+        limit: u32,
+    ) -> impl Future<Output = Result<UserConversations, StoreError>> + Send;
 
     /// Reads one page of a conversation (see [`PageQuery`]). An unknown
     /// conversation is an empty page with `more = false`.

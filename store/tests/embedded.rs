@@ -6,8 +6,10 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use chat_store::conformance::{self, msg, range_msgs};
-use chat_store::{EmbeddedStore, MessageStore, PageQuery, StoreError, StoreErrorKind};
+use chat_store::conformance::{self, marks, messages, msg, range_msgs, rcpt};
+use chat_store::{
+    Change, ConvSummary, EmbeddedStore, MessageStore, PageQuery, StoreError, StoreErrorKind,
+};
 use tempfile::TempDir;
 
 /// A fresh store in its own temporary directory (kept alive with the store).
@@ -32,7 +34,7 @@ macro_rules! conformance_tests {
 conformance_tests!(
     empty_store,
     round_trip_preserves_fields,
-    empty_append_is_noop,
+    empty_apply_is_noop,
     page_before_boundaries,
     page_after_boundaries,
     page_limit_is_clamped,
@@ -48,6 +50,22 @@ conformance_tests!(
     conversations_do_not_interleave,
     index_keys_are_unambiguous,
     concurrent_appends,
+    sender_watermarks_raised_by_own_message,
+    receipt_watermarks_only_grow,
+    receipts_converge_in_any_order,
+    watermarks_sorted_and_isolated_per_conversation,
+    invalid_receipt_is_rejected,
+    user_index_positions_are_max,
+    user_index_touches_only_members,
+    user_conversations_since_filters,
+    user_conversations_from_conv_is_inclusive,
+    user_conversations_paging_visits_each_once,
+    user_conversations_limit_is_clamped,
+    user_index_prefix_ids_do_not_bleed,
+    user_conversations_reports_applied,
+    conflict_writes_no_receipts_or_index,
+    apply_through_only,
+    concurrent_receipts_converge,
 );
 
 /// `run_all` (the entry point other backends use) passes too.
@@ -97,14 +115,58 @@ async fn assert_contents(store: &EmbeddedStore) {
         Some(1)
     );
     assert_eq!(store.applied_stream_seq().await.unwrap(), 2000);
+    assert_eq!(
+        store.watermarks("c1").await.unwrap(),
+        vec![marks("alice", 30, 30), marks("bob", 30, 25)]
+    );
+    assert_eq!(
+        store.watermarks("c2").await.unwrap(),
+        vec![marks("bob", 1, 1)]
+    );
+    let summary = |conv: &str, latest, pos| ConvSummary {
+        conv: conv.to_owned(),
+        latest,
+        pos,
+    };
+    for (user, want) in [
+        ("alice", vec![summary("c1", 30, 1500)]),
+        ("bob", vec![summary("c1", 30, 1500), summary("c2", 1, 2000)]),
+        ("carol", vec![summary("c2", 1, 2000)]),
+    ] {
+        let page = store.user_conversations(user, 0, None, 10).await.unwrap();
+        assert_eq!(page.convs, want, "{user}");
+        assert_eq!(page.applied, 2000);
+    }
+}
+
+fn members(users: &[&str]) -> Vec<String> {
+    users.iter().map(|&u| u.to_owned()).collect()
 }
 
 async fn write_contents(store: &EmbeddedStore) {
+    let c1 = members(&["alice", "bob"]);
     for chunk in range_msgs("c1", 1, 30, 1000).chunks(10) {
-        store.append(chunk.to_vec()).await.unwrap();
+        let changes = chunk
+            .iter()
+            .map(|m| Change::message(m.clone(), c1.clone()))
+            .collect();
+        store.apply(changes, None).await.unwrap();
     }
     store
-        .append_followed(vec![msg("c2", 1, "bob", "b1", 2000)], 2000)
+        .apply(
+            vec![Change::receipt(rcpt("c1", "bob", 30, 25, 1500), c1)],
+            None,
+        )
+        .await
+        .unwrap();
+    store
+        .apply(
+            vec![Change::message(
+                msg("c2", 1, "bob", "b1", 2000),
+                members(&["bob", "carol"]),
+            )],
+            Some(2000),
+        )
         .await
         .unwrap();
 }
@@ -123,7 +185,10 @@ async fn data_survives_drop_and_reopen() {
     // The reopened store keeps enforcing conflicts against old data.
     let mut changed = msg("c2", 1, "bob", "b1", 2000);
     changed.body = "rewritten".into();
-    let err = store.append(vec![changed]).await.unwrap_err();
+    let err = store
+        .apply(messages(vec![changed]), None)
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), StoreErrorKind::Conflict);
     drop(store);
     let store = EmbeddedStore::open(dir.path()).unwrap();
@@ -133,7 +198,7 @@ async fn data_survives_drop_and_reopen() {
 const CRASH_CHILD_ENV: &str = "CHAT_STORE_CRASH_CHILD_DIR";
 const CRASH_CHILD_MARKER: &str = "CHAT_STORE_CHILD_APPENDED";
 
-/// In the child: append, report, then wait to be killed (never shutting the
+/// In the child: apply, report, then wait to be killed (never shutting the
 /// database down cleanly).
 fn crash_child(dir: &Path) {
     let rt = tokio::runtime::Runtime::new().unwrap();
@@ -148,7 +213,7 @@ fn crash_child(dir: &Path) {
     });
 }
 
-/// A process SIGKILLed right after `append` returned loses nothing.
+/// A process SIGKILLed right after `apply` returned loses nothing.
 #[test]
 fn appended_data_survives_process_kill() {
     if let Some(dir) = std::env::var_os(CRASH_CHILD_ENV) {
@@ -229,10 +294,10 @@ fn second_open_of_same_directory_fails_while_open() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_batch_in_one_append() {
+async fn large_batch_in_one_apply() {
     let (_dir, store) = fresh();
     store
-        .append_followed(range_msgs("big", 1, 5000, 0), 5000)
+        .apply(messages(range_msgs("big", 1, 5000, 0)), Some(5000))
         .await
         .unwrap();
     assert_eq!(store.latest_seq("big").await.unwrap(), Some(5000));
