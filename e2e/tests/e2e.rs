@@ -4,8 +4,9 @@
 use std::time::Duration;
 
 use chat_protocol::{
+    api::PushNotification,
     auth::mint_dev_token,
-    frames::{ClientFrame, ErrorCode, Message, ServerFrame},
+    frames::{ClientFrame, ConvState, ErrorCode, MemberMarks, Message, Receipt, ServerFrame},
     ids::UserId,
     jetstream::{Overrides, provision_all},
 };
@@ -23,7 +24,7 @@ struct App {
     ws_url: String,
     stop: CancellationToken,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    _nats: NatsServer,
+    nats: NatsServer,
     _dir: tempfile::TempDir,
 }
 
@@ -62,7 +63,7 @@ async fn spawn_app() -> App {
         ws_url,
         stop,
         tasks,
-        _nats: nats,
+        nats,
         _dir: dir,
     }
 }
@@ -129,6 +130,87 @@ impl Device {
                 tungstenite::Message::Text(t) => return serde_json::from_str(&t).unwrap(),
                 tungstenite::Message::Close(c) => panic!("closed: {c:?}"),
                 _ => continue,
+            }
+        }
+    }
+
+    /// Sends each id and waits for all of them to be `sent` and come back stamped (the two
+    /// kinds of frames may interleave). Returns the stamped messages.
+    async fn send_all(&mut self, conv: &str, ids: &[String]) -> Vec<Message> {
+        for id in ids {
+            self.send(conv, id, &format!("body of {id}")).await;
+        }
+        let (mut sent, mut stamped) = (Vec::new(), Vec::new());
+        while sent.len() < ids.len() || stamped.len() < ids.len() {
+            match self.next().await {
+                ServerFrame::Sent { id, .. } => sent.push(id),
+                ServerFrame::Message(m) => stamped.push(m),
+                other => panic!("expected sent or message, got {other:?}"),
+            }
+        }
+        sent.sort();
+        let mut want = ids.to_vec();
+        want.sort();
+        assert_eq!(sent, want);
+        stamped
+    }
+
+    async fn next_receipt(&mut self) -> Receipt {
+        match self.next().await {
+            ServerFrame::Receipt(r) => r,
+            other => panic!("expected a receipt, got {other:?}"),
+        }
+    }
+
+    /// One sync page: (convs, messages, next, token).
+    async fn sync(
+        &mut self,
+        since: Option<&str>,
+        cursors: &[(&str, u64)],
+        next: Option<String>,
+    ) -> (Vec<ConvState>, Vec<Message>, Option<String>, Option<String>) {
+        self.send_frame(&ClientFrame::Sync {
+            req: "s".into(),
+            since: since.map(str::to_owned),
+            cursors: cursors.iter().map(|(c, s)| (c.to_string(), *s)).collect(),
+            next,
+            limit: Some(2),
+        })
+        .await;
+        match self.next().await {
+            ServerFrame::Sync {
+                convs,
+                messages,
+                next,
+                token,
+                ..
+            } => (convs, messages, next, token),
+            other => panic!("expected sync, got {other:?}"),
+        }
+    }
+
+    /// Syncs page by page (the page size is 2 here), moving the cursors like an app does.
+    async fn sync_all(
+        &mut self,
+        since: Option<&str>,
+        cursors: &mut Vec<(String, u64)>,
+    ) -> (Vec<ConvState>, Vec<Message>, String) {
+        let (mut all_convs, mut all_messages, mut next) = (Vec::new(), Vec::new(), None);
+        loop {
+            let view: Vec<(&str, u64)> = cursors.iter().map(|(c, s)| (c.as_str(), *s)).collect();
+            let (convs, messages, more, token) = self.sync(since, &view, next).await;
+            for m in &messages {
+                match cursors.iter_mut().find(|(c, _)| *c == m.conv) {
+                    Some(cursor) => cursor.1 = m.seq,
+                    None => cursors.push((m.conv.clone(), m.seq)),
+                }
+            }
+            all_convs.extend(convs);
+            all_messages.extend(messages);
+            match (more, token) {
+                (Some(n), None) => next = Some(n),
+                (None, Some(token)) => return (all_convs, all_messages, token),
+                other => panic!("a page has either next or token: {other:?}"),
             }
         }
     }
@@ -322,5 +404,135 @@ async fn alice_to_bob_on_every_device_in_order_with_history() {
     let next = next.unwrap();
     assert_eq!((next.seq, next.id.as_str()), (102, "after-retry"));
 
+    app.shutdown().await;
+}
+
+fn marks(user: &str, delivered: u64, read: u64) -> MemberMarks {
+    MemberMarks {
+        user: user.into(),
+        delivered,
+        read,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_and_read_state_move_across_devices_and_sync_catches_up() {
+    let app = spawn_app().await;
+    let mut alice = app.connect("alice", "phone").await;
+    let mut bob_phone = app.connect("bob", "phone").await;
+    let mut bob_laptop = app.connect("bob", "laptop").await;
+    let ids = |r: std::ops::RangeInclusive<u32>| r.map(|i| format!("m{i}")).collect::<Vec<_>>();
+    let stamped = alice.send_all(CONV, &ids(1..=3)).await;
+    assert_eq!(stamped.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    for device in [&mut bob_phone, &mut bob_laptop] {
+        for seq in 1..=3 {
+            assert_eq!(device.next_message().await.seq, seq);
+        }
+    }
+
+    // Bob's phone has everything, then Bob reads two: every device of both sees it.
+    bob_phone
+        .send_frame(&ClientFrame::Delivered {
+            conv: CONV.into(),
+            seq: 3,
+        })
+        .await;
+    let delivered = Receipt {
+        conv: CONV.into(),
+        user: "bob".into(),
+        delivered: 3,
+        read: 0,
+    };
+    for device in [&mut alice, &mut bob_phone, &mut bob_laptop] {
+        assert_eq!(device.next_receipt().await, delivered);
+    }
+    bob_phone
+        .send_frame(&ClientFrame::Read {
+            conv: CONV.into(),
+            seq: 2,
+        })
+        .await;
+    for device in [&mut alice, &mut bob_phone, &mut bob_laptop] {
+        assert_eq!(device.next_receipt().await.read, 2);
+    }
+
+    // The laptop's unread count reflects what was read on the phone.
+    let mut cursors = vec![(CONV.to_owned(), 3)];
+    let (convs, messages, token) = bob_laptop.sync_all(None, &mut cursors).await;
+    assert!(messages.is_empty());
+    assert_eq!(
+        convs,
+        vec![ConvState {
+            conv: CONV.into(),
+            latest: 3,
+            unread: 1,
+            members: vec![marks("alice", 3, 3), marks("bob", 3, 2)],
+        }]
+    );
+
+    // Who read what, for Alice's ticks.
+    alice
+        .send_frame(&ClientFrame::Receipts {
+            req: "r".into(),
+            conv: CONV.into(),
+            seq: Some(3),
+        })
+        .await;
+    match alice.next().await {
+        ServerFrame::Receipts {
+            req,
+            members,
+            delivered_to,
+            read_by,
+            ..
+        } => {
+            assert_eq!(req, "r");
+            assert_eq!(members, vec![marks("alice", 3, 3), marks("bob", 3, 2)]);
+            assert_eq!(delivered_to, Some(vec!["alice".into(), "bob".into()]));
+            assert_eq!(read_by, Some(vec!["alice".into()]));
+        }
+        other => panic!("expected receipts, got {other:?}"),
+    }
+
+    // The laptop goes offline; five messages later it comes back and pages through them.
+    drop(bob_laptop);
+    alice.send_all(CONV, &ids(4..=8)).await;
+    for seq in 4..=8 {
+        assert_eq!(bob_phone.next_message().await.seq, seq);
+    }
+    let mut bob_laptop = app.connect("bob", "laptop").await;
+    let (convs, messages, _) = bob_laptop.sync_all(Some(&token), &mut cursors).await;
+    assert_eq!(
+        messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        vec![4, 5, 6, 7, 8]
+    );
+    let last = convs.last().expect("the conversation changed");
+    assert_eq!((last.latest, last.unread), (8, 6));
+    assert_eq!(cursors, vec![(CONV.to_owned(), 8)]);
+
+    // With no device of Bob's connected, a message becomes one push notification.
+    drop(bob_phone);
+    drop(bob_laptop);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(alice.send_all(CONV, &ids(9..=9)).await[0].seq, 9);
+    let js = async_nats::jetstream::new(app.nats.client().await);
+    let stream = js
+        .get_stream(chat_protocol::subjects::STREAM_PUSH)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let raw = loop {
+        if let Ok(raw) = stream.direct_get_last_for_subject("chat.push.bob").await {
+            break raw;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no notification");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let n: PushNotification = serde_json::from_slice(&raw.payload).unwrap();
+    assert_eq!(
+        (n.conv.as_str(), n.seq, n.from.as_str()),
+        (CONV, 9, "alice")
+    );
+    assert_eq!(raw.sequence, 1, "only the message nobody got is notified");
     app.shutdown().await;
 }

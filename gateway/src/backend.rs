@@ -4,16 +4,17 @@
 use std::{future::Future, time::Duration};
 
 use async_nats::{
-    HeaderMap,
+    Subject,
     jetstream::{self, message::PublishMessage},
 };
 use bytes::Bytes;
 use chat_protocol::{
-    api::{HistoryReply, HistoryRequest},
+    api::{HistoryReply, HistoryRequest, ReceiptsReply, ReceiptsRequest, SyncReply, SyncRequest},
     ids::{ConvId, UserId},
     subjects,
 };
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::BoxStream};
+use serde::{Serialize, de::DeserializeOwned};
 
 /// Why the backend could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -32,17 +33,26 @@ pub enum BackendError {
 /// publishes still leave in order.
 pub type PendingAck = BoxFuture<'static, Result<(), BackendError>>;
 
-/// The payloads arriving on one user's subject.
-pub type Pushes = BoxStream<'static, Bytes>;
+/// One message of a user's subject: a complete server frame, and the reply subject of a
+/// delivery confirmation request (fan-out workers ask whether any device took the message).
+#[derive(Debug, Clone)]
+pub struct Push {
+    pub payload: Bytes,
+    pub reply: Option<Subject>,
+}
+
+/// The messages arriving on one user's subject.
+pub type Pushes = BoxStream<'static, Push>;
 
 /// The gateway's side of NATS, as one connection uses it.
 pub trait Backend: Clone + Send + Sync + 'static {
-    /// Publishes one send to `CHAT_IN`. Resolves once the message is on its way (in order with
+    /// Publishes one send or receipt to `CHAT_IN`. `msg_id` is the `Nats-Msg-Id` (sends; receipts
+    /// are idempotent and go without). Resolves once the message is on its way (in order with
     /// earlier publishes); the returned [`PendingAck`] resolves when JetStream stored it.
     fn publish(
         &self,
         conv: &ConvId,
-        msg_id: String,
+        msg_id: Option<String>,
         payload: Bytes,
     ) -> impl Future<Output = Result<PendingAck, BackendError>> + Send;
 
@@ -51,6 +61,22 @@ pub trait Backend: Clone + Send + Sync + 'static {
         &self,
         request: &HistoryRequest,
     ) -> impl Future<Output = Result<HistoryReply, BackendError>> + Send;
+
+    /// Asks the sync responders for a page.
+    fn sync(
+        &self,
+        request: &SyncRequest,
+    ) -> impl Future<Output = Result<SyncReply, BackendError>> + Send;
+
+    /// Asks the receipts responders for a conversation's watermarks.
+    fn receipts(
+        &self,
+        request: &ReceiptsRequest,
+    ) -> impl Future<Output = Result<ReceiptsReply, BackendError>> + Send;
+
+    /// Answers a delivery confirmation request with an empty message: this device took the push.
+    /// Core NATS, not flushed: confirmations ride along with the client's other traffic.
+    fn confirm(&self, reply: Subject) -> impl Future<Output = Result<(), BackendError>> + Send;
 }
 
 /// The real backend: a NATS client and a JetStream context over it.
@@ -58,14 +84,15 @@ pub trait Backend: Clone + Send + Sync + 'static {
 pub struct NatsBackend {
     client: async_nats::Client,
     js: jetstream::Context,
-    history_timeout: Duration,
+    /// Deadline of history, sync and receipts requests.
+    request_timeout: Duration,
 }
 
 impl NatsBackend {
     pub fn new(
         client: async_nats::Client,
         publish_timeout: Duration,
-        history_timeout: Duration,
+        request_timeout: Duration,
     ) -> Self {
         let js = jetstream::ContextBuilder::new()
             .timeout(publish_timeout)
@@ -76,7 +103,7 @@ impl NatsBackend {
         Self {
             client,
             js,
-            history_timeout,
+            request_timeout,
         }
     }
 
@@ -84,7 +111,7 @@ impl NatsBackend {
         &self.client
     }
 
-    /// Subscribes to `user`'s push subject and waits until the server has registered the
+    /// Subscribes to `user`'s subject and waits until the server has registered the
     /// subscription, so nothing published after this returns is missed.
     pub async fn subscribe_user(&self, user: &UserId) -> Result<Pushes, BackendError> {
         let sub = self
@@ -93,7 +120,12 @@ impl NatsBackend {
             .await
             .map_err(|e| BackendError::Nats(e.to_string()))?;
         self.server_round_trip().await?;
-        Ok(sub.map(|m| m.payload).boxed())
+        Ok(sub
+            .map(|m| Push {
+                payload: m.payload,
+                reply: m.reply,
+            })
+            .boxed())
     }
 
     /// Returns once the server processed everything this client sent before. (`flush` only
@@ -110,23 +142,52 @@ impl NatsBackend {
             Err(e) => Err(BackendError::Nats(e.to_string())),
         }
     }
+
+    /// One request to an API responder (history, sync, receipts), bounded by the request
+    /// timeout; the reply is decoded as `Rep`.
+    async fn api_request<Req, Rep>(
+        &self,
+        subject: &'static str,
+        request: &Req,
+    ) -> Result<Rep, BackendError>
+    where
+        Req: Serialize,
+        Rep: DeserializeOwned,
+    {
+        use async_nats::RequestErrorKind;
+        let payload = serde_json::to_vec(request).expect("api requests always serialize");
+        let reply = self
+            .client
+            .send_request(
+                subject,
+                async_nats::Request::new()
+                    .payload(payload.into())
+                    .timeout(Some(self.request_timeout)),
+            )
+            .await
+            .map_err(|e| match e.kind() {
+                RequestErrorKind::TimedOut => BackendError::TimedOut(self.request_timeout),
+                RequestErrorKind::NoResponders => BackendError::NoResponders,
+                _ => BackendError::Nats(e.to_string()),
+            })?;
+        serde_json::from_slice(&reply.payload).map_err(|e| BackendError::BadReply(e.to_string()))
+    }
 }
 
 impl Backend for NatsBackend {
     async fn publish(
         &self,
         conv: &ConvId,
-        msg_id: String,
+        msg_id: Option<String>,
         payload: Bytes,
     ) -> Result<PendingAck, BackendError> {
-        let mut headers = HeaderMap::new();
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id.as_str());
+        let mut message = PublishMessage::build().payload(payload);
+        if let Some(msg_id) = msg_id {
+            message = message.message_id(msg_id);
+        }
         let ack = self
             .js
-            .send_publish(
-                subjects::inbound(conv),
-                PublishMessage::build().payload(payload).headers(headers),
-            )
+            .send_publish(subjects::inbound(conv), message)
             .await
             .map_err(|e| BackendError::Nats(e.to_string()))?;
         Ok(async move {
@@ -138,22 +199,21 @@ impl Backend for NatsBackend {
     }
 
     async fn history(&self, request: &HistoryRequest) -> Result<HistoryReply, BackendError> {
-        use async_nats::RequestErrorKind;
-        let payload = serde_json::to_vec(request).expect("history requests always serialize");
-        let reply = self
-            .client
-            .send_request(
-                subjects::HISTORY_API,
-                async_nats::Request::new()
-                    .payload(payload.into())
-                    .timeout(Some(self.history_timeout)),
-            )
+        self.api_request(subjects::HISTORY_API, request).await
+    }
+
+    async fn sync(&self, request: &SyncRequest) -> Result<SyncReply, BackendError> {
+        self.api_request(subjects::SYNC_API, request).await
+    }
+
+    async fn receipts(&self, request: &ReceiptsRequest) -> Result<ReceiptsReply, BackendError> {
+        self.api_request(subjects::RECEIPTS_API, request).await
+    }
+
+    async fn confirm(&self, reply: Subject) -> Result<(), BackendError> {
+        self.client
+            .publish(reply, Bytes::new())
             .await
-            .map_err(|e| match e.kind() {
-                RequestErrorKind::TimedOut => BackendError::TimedOut(self.history_timeout),
-                RequestErrorKind::NoResponders => BackendError::NoResponders,
-                _ => BackendError::Nats(e.to_string()),
-            })?;
-        serde_json::from_slice(&reply.payload).map_err(|e| BackendError::BadReply(e.to_string()))
+            .map_err(|e| BackendError::Nats(e.to_string()))
     }
 }

@@ -24,12 +24,17 @@ pub struct Config {
     pub sends_per_second: u32,
     /// Sends a user may make at once before `sends_per_second` applies.
     pub send_burst: u32,
+    /// Sustained `delivered` and `read` frames per second per user (all devices, this gateway),
+    /// limited apart from sends.
+    pub receipts_per_second: u32,
+    /// Receipts a user may send at once before `receipts_per_second` applies.
+    pub receipt_burst: u32,
     /// WebSocket connections per user on this gateway; more are refused with HTTP 429.
     pub max_connections_per_user: usize,
     /// Frames queued for one connection; a full queue closes it with 4001 (slow consumer).
     pub outgoing_queue: usize,
-    /// Sends (and history requests) of one connection awaiting their answer; at the limit the
-    /// gateway stops reading that socket until one completes.
+    /// Sends, receipts and requests (history, sync, receipts) of one connection awaiting their
+    /// answer; at the limit the gateway stops reading that socket until one completes.
     pub max_inflight_sends: usize,
     pub heartbeat_interval_ms: u64,
     /// Nothing received for this long closes the connection with 4000.
@@ -38,6 +43,7 @@ pub struct Config {
     pub write_buffer_bytes: usize,
     /// Deadline for a send to be stored by JetStream (publish plus ack).
     pub publish_timeout_ms: u64,
+    /// Deadline for a history, sync or receipts answer.
     pub history_timeout_ms: u64,
     /// How long a closing connection waits to deliver its close frame and see the client's.
     pub close_timeout_ms: u64,
@@ -56,6 +62,8 @@ impl Default for Config {
             max_body_bytes: 65_536,
             sends_per_second: 20,
             send_burst: 40,
+            receipts_per_second: 50,
+            receipt_burst: 100,
             max_connections_per_user: 10,
             outgoing_queue: 256,
             max_inflight_sends: 64,
@@ -154,11 +162,13 @@ impl Config {
     /// Checks the settings that have no sensible meaning at zero or out of order, and the
     /// auth keys. [`crate::run`] calls it; `main` reports its error and exits non-zero.
     pub fn validate(&self) -> Result<TokenVerifier, ConfigError> {
-        let positive: [(&'static str, u64); 12] = [
+        let positive: [(&'static str, u64); 14] = [
             ("max_frame_bytes", self.max_frame_bytes as u64),
             ("max_body_bytes", self.max_body_bytes as u64),
             ("sends_per_second", self.sends_per_second.into()),
             ("send_burst", self.send_burst.into()),
+            ("receipts_per_second", self.receipts_per_second.into()),
+            ("receipt_burst", self.receipt_burst.into()),
             (
                 "max_connections_per_user",
                 self.max_connections_per_user as u64,
@@ -225,6 +235,7 @@ mod tests {
         assert_eq!(c.max_frame_bytes, 131_072);
         assert_eq!(c.max_body_bytes, 65_536);
         assert_eq!((c.sends_per_second, c.send_burst), (20, 40));
+        assert_eq!((c.receipts_per_second, c.receipt_burst), (50, 100));
         assert_eq!(c.max_connections_per_user, 10);
         assert_eq!((c.outgoing_queue, c.max_inflight_sends), (256, 64));
         assert_eq!(
@@ -260,6 +271,9 @@ mod tests {
         let mut c = dev();
         c.outgoing_queue = 0;
         assert!(refusal(&c).to_string().contains("outgoing_queue"));
+        let mut c = dev();
+        c.receipt_burst = 0;
+        assert!(refusal(&c).to_string().contains("receipt_burst"));
         let mut c = dev();
         c.max_body_bytes = c.max_frame_bytes;
         assert!(refusal(&c).to_string().contains("max_body_bytes"));

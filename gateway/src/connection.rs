@@ -2,10 +2,11 @@
 //! driven by channels in tests.
 //!
 //! Three parts run concurrently inside the connection's task:
-//! - the **reader** reads client frames, validates them, publishes sends (in arrival order) and
-//!   keeps their JetStream acks (and history requests) in flight, at most
-//!   `max_inflight_sends` at a time: at the limit it stops reading the socket;
-//! - the **forwarder** pushes every payload of the user's subject into the outgoing queue;
+//! - the **reader** reads client frames, validates them, publishes sends and receipts (in arrival
+//!   order) and keeps their JetStream acks (and history, sync and receipts requests) in flight,
+//!   at most `max_inflight_sends` at a time: at the limit it stops reading the socket;
+//! - the **forwarder** pushes every payload of the user's subject into the outgoing queue, and
+//!   answers delivery confirmation requests once their frame is queued;
 //! - the **writer** owns the socket sink: it drains the outgoing queue, pings every heartbeat
 //!   interval, and writes the close frame.
 //!
@@ -13,6 +14,7 @@
 //! full the client reads too slowly: the connection is closed with 4001 and the client resyncs.
 
 use std::{
+    collections::BTreeMap,
     future::Future,
     num::NonZeroU32,
     sync::{Arc, OnceLock},
@@ -22,7 +24,10 @@ use std::{
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::Bytes;
 use chat_protocol::{
-    api::{self, HistoryReply, HistoryRequest, InboundMessage},
+    api::{
+        self, HistoryReply, HistoryRequest, Inbound, InboundMessage, InboundReceipt, ReceiptsReply,
+        ReceiptsRequest, SyncReply, SyncRequest,
+    },
     frames::{ClientFrame, ErrorCode, ErrorFrame, Limits, PROTOCOL_VERSION, ServerFrame, close},
     ids::{ClientMsgId, ConvId, DeviceId, UserId},
 };
@@ -38,7 +43,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     Config,
-    backend::{Backend, BackendError, Pushes},
+    backend::{Backend, BackendError, Push, Pushes},
     metrics,
 };
 
@@ -50,6 +55,8 @@ pub(crate) const DEFAULT_HISTORY_LIMIT: u32 = 50;
 const UNREAD_INPUT_LINGER: Duration = Duration::from_millis(500);
 
 const UNAVAILABLE: &str = "the message could not be stored right now; retry with the same id";
+const RECEIPT_UNAVAILABLE: &str = "the receipt could not be stored right now; send it again";
+const NOT_MEMBER: &str = "you are not a member of this conversation";
 
 /// Per-connection settings, derived from [`Config`].
 #[derive(Debug, Clone)]
@@ -84,6 +91,9 @@ impl Settings {
                 sends_per_second: c.sends_per_second,
                 send_burst: c.send_burst,
                 history_page_max: api::HISTORY_PAGE_MAX,
+                receipts_per_second: c.receipts_per_second,
+                receipt_burst: c.receipt_burst,
+                sync_page_max: api::SYNC_PAGE_MAX,
             },
         }
     }
@@ -94,19 +104,24 @@ pub(crate) struct Shared {
     pub settings: Settings,
     /// Send rate per user (all of the user's connections on this gateway).
     pub limiter: DefaultKeyedRateLimiter<UserId>,
+    /// Receipt (`delivered`, `read`) rate per user, apart from sends: reading a conversation
+    /// must not eat into the user's send budget.
+    pub receipt_limiter: DefaultKeyedRateLimiter<UserId>,
     /// Cancelled when the gateway shuts down: connections finish in-flight work and close 1001.
     pub shutdown: CancellationToken,
 }
 
 impl Shared {
     pub(crate) fn new(config: &Config, shutdown: CancellationToken) -> Self {
-        let per_second = NonZeroU32::new(config.sends_per_second).unwrap_or(NonZeroU32::MIN);
-        let burst = NonZeroU32::new(config.send_burst).unwrap_or(NonZeroU32::MIN);
+        let keyed = |per_second: u32, burst: u32| {
+            let per_second = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+            let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+            DefaultKeyedRateLimiter::keyed(Quota::per_second(per_second).allow_burst(burst))
+        };
         Self {
             settings: Settings::from_config(config),
-            limiter: DefaultKeyedRateLimiter::keyed(
-                Quota::per_second(per_second).allow_burst(burst),
-            ),
+            limiter: keyed(config.sends_per_second, config.send_burst),
+            receipt_limiter: keyed(config.receipts_per_second, config.receipt_burst),
             shutdown,
         }
     }
@@ -217,6 +232,7 @@ pub(crate) async fn serve<B, W, R>(
     let _ = out_tx.try_send(Outbound::Frame(encode(&hello)));
     tracing::info!("connection opened");
 
+    let confirmer = backend.clone();
     let mut reader = Reader {
         backend,
         shared: &shared,
@@ -228,7 +244,7 @@ pub(crate) async fn serve<B, W, R>(
     tokio::join!(
         reader.run(&mut stream),
         write_loop(sink, out_rx, &closer, settings),
-        forward(pushes, out_tx, &closer, &shared.shutdown),
+        forward(&confirmer, pushes, out_tx, &closer, &shared.shutdown),
     );
     drop(reader);
 
@@ -269,8 +285,9 @@ struct Reader<'a, B> {
     session: &'a Session,
     out: mpsc::Sender<Outbound>,
     closer: &'a Closer,
-    /// Acks and history replies in flight, each resolving to the frame that answers it.
-    inflight: FuturesUnordered<BoxFuture<'static, ServerFrame>>,
+    /// Acks and API replies in flight, each resolving to the frame that answers it (a stored
+    /// receipt is answered by none).
+    inflight: FuturesUnordered<BoxFuture<'static, Option<ServerFrame>>>,
 }
 
 impl<B: Backend> Reader<'_, B> {
@@ -308,7 +325,9 @@ impl<B: Backend> Reader<'_, B> {
                     if !reading {
                         last_seen = Instant::now();
                     }
-                    self.enqueue(frame).await?;
+                    if let Some(frame) = frame {
+                        self.enqueue(frame).await?;
+                    }
                 }
                 msg = stream.next(), if reading => {
                     last_seen = Instant::now();
@@ -325,6 +344,7 @@ impl<B: Backend> Reader<'_, B> {
         let deadline = Instant::now() + self.shared.settings.shutdown_grace;
         let drained = timeout_at(deadline, async {
             while let Some(frame) = self.inflight.next().await {
+                let Some(frame) = frame else { continue };
                 count_error(&frame);
                 if self
                     .out
@@ -397,6 +417,28 @@ impl<B: Backend> Reader<'_, B> {
                 metrics::frame_in("history");
                 self.on_history(req, conv, before, after, limit).await
             }
+            ClientFrame::Delivered { conv, seq } => {
+                metrics::frame_in("delivered");
+                self.on_receipt(conv, seq, false).await
+            }
+            ClientFrame::Read { conv, seq } => {
+                metrics::frame_in("read");
+                self.on_receipt(conv, seq, true).await
+            }
+            ClientFrame::Sync {
+                req,
+                since,
+                cursors,
+                next,
+                limit,
+            } => {
+                metrics::frame_in("sync");
+                self.on_sync(req, since, cursors, next, limit).await
+            }
+            ClientFrame::Receipts { req, conv, seq } => {
+                metrics::frame_in("receipts");
+                self.on_receipts(req, conv, seq).await
+            }
             ClientFrame::Ping => {
                 metrics::frame_in("ping");
                 self.enqueue(ServerFrame::Pong).await
@@ -433,76 +475,161 @@ impl<B: Backend> Reader<'_, B> {
                 .await;
         }
         if !conv_id.is_member(user) {
-            let message = "you are not a member of this conversation".to_owned();
             return self
-                .send_failed(ErrorCode::NotMember, message, id, conv, None)
+                .send_failed(ErrorCode::NotMember, NOT_MEMBER.into(), id, conv, None)
                 .await;
         }
-        if let Err(not_until) = shared.limiter.check_key(user) {
-            let wait = not_until.wait_time_from(shared.limiter.clock().now());
-            let retry_ms = u64::try_from(wait.as_micros().div_ceil(1000)).unwrap_or(u64::MAX);
+        if let Err(retry_ms) = check_rate(&shared.limiter, user) {
             let message = "send rate exceeded; retry later with the same id".to_owned();
             return self
-                .send_failed(
-                    ErrorCode::RateLimited,
-                    message,
-                    id,
-                    conv,
-                    Some(retry_ms.max(1)),
-                )
+                .send_failed(ErrorCode::RateLimited, message, id, conv, Some(retry_ms))
                 .await;
         }
 
         let ts = chat_protocol::now_ms();
         let msg_id = api::dedupe_id(conv_id.as_str(), user.as_str(), &id);
-        let payload = serde_json::to_vec(&InboundMessage {
+        let payload = serde_json::to_vec(&Inbound::Send(InboundMessage {
             conv: conv.clone(),
             from: user.to_string(),
             device: session.device.to_string(),
             id: id.clone(),
             body,
             ts,
-        })
+        }))
         .expect("inbound messages always serialize");
-        // Publishes leave in arrival order (awaited here); their acks are awaited concurrently.
-        let publish_timeout = settings.publish_timeout;
-        let deadline = Instant::now() + publish_timeout;
-        let ack = match timeout_at(
-            deadline,
-            self.backend.publish(&conv_id, msg_id, payload.into()),
-        )
-        .await
-        {
-            Ok(Ok(ack)) => ack,
-            Ok(Err(err)) => {
-                tracing::warn!(conv = %conv_id, error = %err, "publish failed");
+        let (ack_id, ack_conv) = (id.clone(), conv.clone());
+        let published = self
+            .publish(&conv_id, Some(msg_id), payload, move |stored| {
+                let (id, conv) = (ack_id, ack_conv);
+                if let Err(err) = stored {
+                    tracing::warn!(conv = %conv, error = %err, "send not stored");
+                    metrics::send_error(ErrorCode::Unavailable);
+                    let mut frame = ErrorFrame::new(ErrorCode::Unavailable, UNAVAILABLE);
+                    frame.id = Some(id);
+                    frame.conv = Some(conv);
+                    return Some(ServerFrame::Error(frame));
+                }
+                ::metrics::counter!(metrics::SENDS_PUBLISHED).increment(1);
+                Some(ServerFrame::Sent { id, conv, ts })
+            })
+            .await;
+        if let Err(err) = published {
+            tracing::warn!(conv = %conv_id, error = %err, "publish failed");
+            return self
+                .send_failed(ErrorCode::Unavailable, UNAVAILABLE.into(), id, conv, None)
+                .await;
+        }
+        Ok(())
+    }
+
+    /// Validates a `delivered` (`read` false) or `read` frame, then publishes the receipt to
+    /// `CHAT_IN`. Success is not answered; a receipt JetStream did not store is answered with
+    /// `unavailable` and the `conv` (receipts are idempotent: the client sends it again).
+    async fn on_receipt(&mut self, conv: String, seq: u64, read: bool) -> Result<(), CloseReason> {
+        let (shared, session) = (self.shared, self.session);
+        let user = &session.user;
+        let conv_id = match ConvId::parse(&conv) {
+            Ok(c) => c,
+            Err(e) => {
                 return self
-                    .send_failed(ErrorCode::Unavailable, UNAVAILABLE.into(), id, conv, None)
-                    .await;
-            }
-            Err(_) => {
-                tracing::warn!(conv = %conv_id, "publish timed out");
-                return self
-                    .send_failed(ErrorCode::Unavailable, UNAVAILABLE.into(), id, conv, None)
+                    .receipt_failed(ErrorCode::InvalidId, e.to_string(), conv, None)
                     .await;
             }
         };
+        if !conv_id.is_member(user) {
+            return self
+                .receipt_failed(ErrorCode::NotMember, NOT_MEMBER.into(), conv, None)
+                .await;
+        }
+        if seq == 0 {
+            let message = "seq must be at least 1".to_owned();
+            return self
+                .receipt_failed(ErrorCode::InvalidFrame, message, conv, None)
+                .await;
+        }
+        if let Err(retry_ms) = check_rate(&shared.receipt_limiter, user) {
+            let message = "receipt rate exceeded; retry later".to_owned();
+            return self
+                .receipt_failed(ErrorCode::RateLimited, message, conv, Some(retry_ms))
+                .await;
+        }
+
+        let payload = serde_json::to_vec(&Inbound::Receipt(InboundReceipt {
+            conv: conv.clone(),
+            user: user.to_string(),
+            device: session.device.to_string(),
+            // Whoever read a message has it: `read` raises both watermarks.
+            delivered: seq,
+            read: if read { seq } else { 0 },
+        }))
+        .expect("inbound receipts always serialize");
+        let ack_conv = conv.clone();
+        // No `Nats-Msg-Id`: watermarks only grow, so a duplicate changes nothing.
+        let published = self
+            .publish(&conv_id, None, payload, move |stored| {
+                let conv = ack_conv;
+                if let Err(err) = stored {
+                    tracing::warn!(conv = %conv, error = %err, "receipt not stored");
+                    let mut frame = ErrorFrame::new(ErrorCode::Unavailable, RECEIPT_UNAVAILABLE);
+                    frame.conv = Some(conv);
+                    return Some(ServerFrame::Error(frame));
+                }
+                ::metrics::counter!(metrics::RECEIPTS_PUBLISHED).increment(1);
+                None
+            })
+            .await;
+        if let Err(err) = published {
+            tracing::warn!(conv = %conv_id, error = %err, "receipt publish failed");
+            return self
+                .receipt_failed(
+                    ErrorCode::Unavailable,
+                    RECEIPT_UNAVAILABLE.into(),
+                    conv,
+                    None,
+                )
+                .await;
+        }
+        Ok(())
+    }
+
+    fn receipt_failed(
+        &self,
+        code: ErrorCode,
+        message: String,
+        conv: String,
+        retry_after_ms: Option<u64>,
+    ) -> impl Future<Output = Result<(), CloseReason>> + Send + use<'_, B> {
+        let mut frame = ErrorFrame::new(code, message);
+        frame.conv = Some(conv);
+        frame.retry_after_ms = retry_after_ms;
+        self.enqueue(ServerFrame::Error(frame))
+    }
+
+    /// Publishes to `CHAT_IN`: in arrival order (awaited here, within the publish timeout), while
+    /// the JetStream ack is awaited concurrently, in flight. `answer` turns the ack (or its
+    /// failure, or its absence by the deadline) into the client's answer. `Err`: the publish
+    /// itself failed, nothing is in flight.
+    async fn publish(
+        &mut self,
+        conv: &ConvId,
+        msg_id: Option<String>,
+        payload: Vec<u8>,
+        answer: impl FnOnce(Result<(), BackendError>) -> Option<ServerFrame> + Send + 'static,
+    ) -> Result<(), BackendError> {
+        let publish_timeout = self.shared.settings.publish_timeout;
+        let deadline = Instant::now() + publish_timeout;
+        let ack =
+            match timeout_at(deadline, self.backend.publish(conv, msg_id, payload.into())).await {
+                Ok(published) => published?,
+                Err(_) => return Err(BackendError::TimedOut(publish_timeout)),
+            };
         self.inflight.push(
             async move {
-                let err = match timeout_at(deadline, ack).await {
-                    Ok(Ok(())) => {
-                        ::metrics::counter!(metrics::SENDS_PUBLISHED).increment(1);
-                        return ServerFrame::Sent { id, conv, ts };
-                    }
-                    Ok(Err(err)) => err,
-                    Err(_) => BackendError::TimedOut(publish_timeout),
+                let stored = match timeout_at(deadline, ack).await {
+                    Ok(stored) => stored,
+                    Err(_) => Err(BackendError::TimedOut(publish_timeout)),
                 };
-                tracing::warn!(conv = %conv, error = %err, "send not stored");
-                metrics::send_error(ErrorCode::Unavailable);
-                let mut frame = ErrorFrame::new(ErrorCode::Unavailable, UNAVAILABLE);
-                frame.id = Some(id);
-                frame.conv = Some(conv);
-                ServerFrame::Error(frame)
+                answer(stored)
             }
             .boxed(),
         );
@@ -526,6 +653,7 @@ impl<B: Backend> Reader<'_, B> {
     }
 
     /// Validates a history request and asks the history responders, without blocking reads.
+    /// `after` and `before` are forwarded as given: both together ask for the range between.
     async fn on_history(
         &mut self,
         req: String,
@@ -534,83 +662,165 @@ impl<B: Backend> Reader<'_, B> {
         after: Option<u64>,
         limit: Option<u32>,
     ) -> Result<(), CloseReason> {
-        let fail = |code, message: String, req: String, conv: String| {
-            let mut frame = ErrorFrame::new(code, message);
-            frame.req = Some(req);
-            frame.conv = Some(conv);
-            ServerFrame::Error(frame)
+        let conv_id = match self.check_request(&req, &conv) {
+            Ok(conv_id) => conv_id,
+            Err(frame) => return self.enqueue(ServerFrame::Error(frame)).await,
         };
-        if let Err(e) = ClientMsgId::parse(&req) {
-            let message = e.to_string().replace("client message id", "request id");
-            return self
-                .enqueue(fail(ErrorCode::InvalidId, message, req, conv))
-                .await;
-        }
-        let conv_id = match ConvId::parse(&conv) {
-            Ok(c) => c,
-            Err(e) => {
-                return self
-                    .enqueue(fail(ErrorCode::InvalidId, e.to_string(), req, conv))
-                    .await;
-            }
-        };
-        if !conv_id.is_member(&self.session.user) {
-            let message = "you are not a member of this conversation".to_owned();
-            return self
-                .enqueue(fail(ErrorCode::NotMember, message, req, conv))
-                .await;
-        }
         let request = HistoryRequest {
             user: self.session.user.to_string(),
-            conv: conv.clone(),
+            conv: conv_id.to_string(),
             before,
             after,
             limit: limit
                 .unwrap_or(DEFAULT_HISTORY_LIMIT)
                 .clamp(1, api::HISTORY_PAGE_MAX),
         };
-        let backend = self.backend.clone();
-        let deadline = Instant::now() + self.shared.settings.history_timeout;
+        let (backend, deadline) = (self.backend.clone(), self.request_deadline());
         self.inflight.push(
             async move {
-                let (code, message) = match timeout_at(deadline, backend.history(&request)).await {
-                    Ok(Ok(HistoryReply::Page { messages, more })) => {
-                        return ServerFrame::History {
-                            req,
-                            conv,
-                            messages,
-                            more,
-                        };
-                    }
-                    Ok(Ok(HistoryReply::Error(mut frame))) => {
-                        frame.req = Some(req);
-                        frame.conv.get_or_insert(conv);
-                        return ServerFrame::Error(frame);
-                    }
-                    Ok(Err(err @ BackendError::BadReply(_))) => {
-                        tracing::error!(error = %err, "history reply not understood");
-                        (ErrorCode::Internal, "history failed")
-                    }
-                    Ok(Err(err)) => {
-                        tracing::warn!(error = %err, "history unavailable");
-                        (
-                            ErrorCode::Unavailable,
-                            "history is unavailable right now; retry",
-                        )
-                    }
-                    Err(_) => {
-                        tracing::warn!("history timed out");
-                        (
-                            ErrorCode::Unavailable,
-                            "history is unavailable right now; retry",
-                        )
-                    }
+                let page = |reply| match reply {
+                    HistoryReply::Page { messages, more } => Ok(ServerFrame::History {
+                        req: req.clone(),
+                        conv: conv.clone(),
+                        messages,
+                        more,
+                    }),
+                    HistoryReply::Error(frame) => Err(frame),
                 };
-                fail(code, message.to_owned(), req, conv)
+                let reply = backend.history(&request);
+                Some(answer("history", &req, Some(&conv), deadline, reply, page).await)
             }
             .boxed(),
         );
         Ok(())
+    }
+
+    /// Validates a sync request and asks the sync responders, without blocking reads.
+    async fn on_sync(
+        &mut self,
+        req: String,
+        since: Option<String>,
+        cursors: BTreeMap<String, u64>,
+        next: Option<String>,
+        limit: Option<u32>,
+    ) -> Result<(), CloseReason> {
+        if let Err(message) = check_request_id(&req) {
+            return self
+                .enqueue(request_error(ErrorCode::InvalidId, message, req, None))
+                .await;
+        }
+        // Cursors of other users' conversations are harmless (the sequencer only answers about
+        // the user's own), but every id is checked before it goes anywhere.
+        if let Some((conv, e)) = cursors
+            .keys()
+            .find_map(|conv| ConvId::parse(conv).err().map(|e| (conv, e)))
+        {
+            let frame = request_error(
+                ErrorCode::InvalidId,
+                format!("cursor: {e}"),
+                req,
+                Some(conv.clone()),
+            );
+            return self.enqueue(frame).await;
+        }
+        let request = SyncRequest {
+            user: self.session.user.to_string(),
+            since,
+            cursors,
+            next,
+            limit: limit
+                .unwrap_or(api::SYNC_PAGE_DEFAULT)
+                .clamp(1, api::SYNC_PAGE_MAX),
+        };
+        let (backend, deadline) = (self.backend.clone(), self.request_deadline());
+        self.inflight.push(
+            async move {
+                let page = |reply| match reply {
+                    SyncReply::Page {
+                        convs,
+                        messages,
+                        more,
+                        next,
+                        token,
+                    } => Ok(ServerFrame::Sync {
+                        req: req.clone(),
+                        convs,
+                        messages,
+                        more,
+                        next,
+                        token,
+                    }),
+                    SyncReply::Error(frame) => Err(frame),
+                };
+                let reply = backend.sync(&request);
+                Some(answer("sync", &req, None, deadline, reply, page).await)
+            }
+            .boxed(),
+        );
+        Ok(())
+    }
+
+    /// Validates a receipts request and asks the receipts responders, without blocking reads.
+    async fn on_receipts(
+        &mut self,
+        req: String,
+        conv: String,
+        seq: Option<u64>,
+    ) -> Result<(), CloseReason> {
+        let conv_id = match self.check_request(&req, &conv) {
+            Ok(conv_id) => conv_id,
+            Err(frame) => return self.enqueue(ServerFrame::Error(frame)).await,
+        };
+        let request = ReceiptsRequest {
+            user: self.session.user.to_string(),
+            conv: conv_id.to_string(),
+            seq,
+        };
+        let (backend, deadline) = (self.backend.clone(), self.request_deadline());
+        self.inflight.push(
+            async move {
+                let marks = |reply| match reply {
+                    ReceiptsReply::Marks {
+                        members,
+                        delivered_to,
+                        read_by,
+                    } => Ok(ServerFrame::Receipts {
+                        req: req.clone(),
+                        conv: conv.clone(),
+                        members,
+                        seq,
+                        delivered_to,
+                        read_by,
+                    }),
+                    ReceiptsReply::Error(frame) => Err(frame),
+                };
+                let reply = backend.receipts(&request);
+                Some(answer("receipts", &req, Some(&conv), deadline, reply, marks).await)
+            }
+            .boxed(),
+        );
+        Ok(())
+    }
+
+    /// The request id and the conversation of a request about one conversation: both valid,
+    /// and the user a member. Else the error frame that answers it.
+    fn check_request(&self, req: &str, conv: &str) -> Result<ConvId, ErrorFrame> {
+        let fail = |code, message| {
+            let mut frame = ErrorFrame::new(code, message);
+            frame.req = Some(req.to_owned());
+            frame.conv = Some(conv.to_owned());
+            frame
+        };
+        check_request_id(req).map_err(|message| fail(ErrorCode::InvalidId, message))?;
+        let conv_id = ConvId::parse(conv).map_err(|e| fail(ErrorCode::InvalidId, e.to_string()))?;
+        if !conv_id.is_member(&self.session.user) {
+            return Err(fail(ErrorCode::NotMember, NOT_MEMBER.into()));
+        }
+        Ok(conv_id)
+    }
+
+    fn request_deadline(&self) -> Instant {
+        Instant::now() + self.shared.settings.history_timeout
     }
 
     /// Queues a frame for the writer; a full queue means a slow consumer. (The future borrows
@@ -625,8 +835,12 @@ impl<B: Backend> Reader<'_, B> {
     }
 }
 
-/// Pushes the user's subject into the queue, unchanged: those payloads are complete frames.
-async fn forward(
+/// Pushes the user's subject into the queue, unchanged: those payloads are complete frames
+/// (`message`, `receipt`, `error`). A push that asks for a delivery confirmation (it has a reply
+/// subject) is confirmed once it is queued: a device of the user is there to take it. A push
+/// that closes a slow consumer is not confirmed.
+async fn forward<B: Backend>(
+    backend: &B,
     mut pushes: Pushes,
     out: mpsc::Sender<Outbound>,
     closer: &Closer,
@@ -639,7 +853,7 @@ async fn forward(
             _ = shutdown.cancelled() => return,
             payload = pushes.next() => payload,
         };
-        let Some(payload) = payload else {
+        let Some(Push { payload, reply }) = payload else {
             tracing::warn!("push subscription ended");
             closer.close(CloseReason::GoingAway);
             return;
@@ -651,6 +865,12 @@ async fn forward(
         if let Err(reason) = push_frame(&out, text).await {
             closer.close(reason);
             return;
+        }
+        if let Some(reply) = reply {
+            match backend.confirm(reply).await {
+                Ok(()) => ::metrics::counter!(metrics::DELIVERIES_CONFIRMED).increment(1),
+                Err(err) => tracing::debug!(error = %err, "delivery confirmation failed"),
+            }
         }
     }
 }
@@ -746,6 +966,80 @@ async fn push_frame(out: &mpsc::Sender<Outbound>, text: Utf8Bytes) -> Result<(),
     }
 }
 
+/// Takes one unit of `user`'s quota, or says in how many ms (at least 1) to retry.
+fn check_rate(limiter: &DefaultKeyedRateLimiter<UserId>, user: &UserId) -> Result<(), u64> {
+    limiter.check_key(user).map_err(|not_until| {
+        let wait = not_until.wait_time_from(limiter.clock().now());
+        u64::try_from(wait.as_micros().div_ceil(1000))
+            .unwrap_or(u64::MAX)
+            .max(1)
+    })
+}
+
+/// Request ids follow the client message id rules; the error names them as request ids.
+fn check_request_id(req: &str) -> Result<(), String> {
+    ClientMsgId::parse(req)
+        .map(drop)
+        .map_err(|e| e.to_string().replace("client message id", "request id"))
+}
+
+/// An error frame answering request `req` (about `conv`, if any).
+fn request_error(
+    code: ErrorCode,
+    message: String,
+    req: String,
+    conv: Option<String>,
+) -> ServerFrame {
+    let mut frame = ErrorFrame::new(code, message);
+    frame.req = Some(req);
+    frame.conv = conv;
+    ServerFrame::Error(frame)
+}
+
+/// Waits (until `deadline`) for the answer of API `what` to request `req` and turns it into the
+/// client's frame: `map` makes the answer frame, or returns the responder's error frame, which
+/// gets `req` (and `conv`, unless it names one) like every failure here.
+async fn answer<T>(
+    what: &'static str,
+    req: &str,
+    conv: Option<&str>,
+    deadline: Instant,
+    reply: impl Future<Output = Result<T, BackendError>>,
+    map: impl FnOnce(T) -> Result<ServerFrame, ErrorFrame>,
+) -> ServerFrame {
+    let (code, message) = match timeout_at(deadline, reply).await {
+        Ok(Ok(reply)) => match map(reply) {
+            Ok(frame) => return frame,
+            Err(mut frame) => {
+                frame.req = Some(req.to_owned());
+                if frame.conv.is_none() {
+                    frame.conv = conv.map(str::to_owned);
+                }
+                return ServerFrame::Error(frame);
+            }
+        },
+        Ok(Err(err @ BackendError::BadReply(_))) => {
+            tracing::error!(api = what, error = %err, "api reply not understood");
+            (ErrorCode::Internal, format!("{what} failed"))
+        }
+        Ok(Err(err)) => {
+            tracing::warn!(api = what, error = %err, "api unavailable");
+            (
+                ErrorCode::Unavailable,
+                format!("{what} is unavailable right now; retry"),
+            )
+        }
+        Err(_) => {
+            tracing::warn!(api = what, "api request timed out");
+            (
+                ErrorCode::Unavailable,
+                format!("{what} is unavailable right now; retry"),
+            )
+        }
+    };
+    request_error(code, message, req.to_owned(), conv.map(str::to_owned))
+}
+
 fn encode(frame: &ServerFrame) -> Utf8Bytes {
     Utf8Bytes::from(serde_json::to_string(frame).expect("server frames always serialize"))
 }
@@ -767,6 +1061,7 @@ fn is_too_big(err: &axum::Error) -> bool {
 mod tests {
     use std::sync::Mutex;
 
+    use chat_protocol::frames::{ConvState, MemberMarks};
     use futures::channel::mpsc as chan;
     use tokio::sync::oneshot;
 
@@ -775,22 +1070,41 @@ mod tests {
     /// A publish the fake backend saw; the test decides its ack.
     struct Published {
         conv: String,
-        msg_id: String,
+        msg_id: Option<String>,
         payload: Bytes,
         ack: oneshot::Sender<Result<(), BackendError>>,
     }
 
+    /// The API requests the fake backend answered, in order.
+    #[derive(Default)]
+    struct Asked {
+        history: Vec<HistoryRequest>,
+        sync: Vec<SyncRequest>,
+        receipts: Vec<ReceiptsRequest>,
+    }
+
+    /// Publishes go to the test; API requests are recorded and answered by fixed rules; delivery
+    /// confirmations go to the test.
     #[derive(Clone)]
     struct FakeBackend {
         published: tokio::sync::mpsc::UnboundedSender<Published>,
-        history: Arc<Mutex<Vec<HistoryRequest>>>,
+        asked: Arc<Mutex<Asked>>,
+        confirmed: tokio::sync::mpsc::UnboundedSender<async_nats::Subject>,
+    }
+
+    fn marks(user: &str, delivered: u64, read: u64) -> MemberMarks {
+        MemberMarks {
+            user: user.into(),
+            delivered,
+            read,
+        }
     }
 
     impl Backend for FakeBackend {
         async fn publish(
             &self,
             conv: &ConvId,
-            msg_id: String,
+            msg_id: Option<String>,
             payload: Bytes,
         ) -> Result<crate::backend::PendingAck, BackendError> {
             let (ack, rx) = oneshot::channel();
@@ -804,20 +1118,65 @@ mod tests {
         }
 
         async fn history(&self, request: &HistoryRequest) -> Result<HistoryReply, BackendError> {
-            self.history.lock().unwrap().push(request.clone());
+            self.asked.lock().unwrap().history.push(request.clone());
             Ok(HistoryReply::Page {
                 messages: vec![],
                 more: false,
             })
+        }
+
+        /// A continuation `bad` is refused with `invalid_token`; anything else gets one page.
+        async fn sync(&self, request: &SyncRequest) -> Result<SyncReply, BackendError> {
+            self.asked.lock().unwrap().sync.push(request.clone());
+            if request.next.as_deref() == Some("bad") {
+                return Ok(SyncReply::Error(ErrorFrame::new(
+                    ErrorCode::InvalidToken,
+                    "unknown continuation",
+                )));
+            }
+            Ok(SyncReply::Page {
+                convs: vec![ConvState {
+                    conv: "dm~alice~bob".into(),
+                    latest: 4,
+                    unread: 2,
+                    members: vec![marks("alice", 4, 2), marks("bob", 4, 4)],
+                }],
+                messages: vec![],
+                more: false,
+                next: None,
+                token: Some("t1".into()),
+            })
+        }
+
+        /// With a seq, who has it and who read it; seq 99 does not exist yet.
+        async fn receipts(&self, request: &ReceiptsRequest) -> Result<ReceiptsReply, BackendError> {
+            self.asked.lock().unwrap().receipts.push(request.clone());
+            if request.seq == Some(99) {
+                let mut frame = ErrorFrame::new(ErrorCode::InvalidFrame, "no such seq");
+                frame.conv = Some(request.conv.clone());
+                return Ok(ReceiptsReply::Error(frame));
+            }
+            let seq = request.seq;
+            Ok(ReceiptsReply::Marks {
+                members: vec![marks("alice", 4, 4), marks("bob", 3, 1)],
+                delivered_to: seq.map(|_| vec!["alice".into(), "bob".into()]),
+                read_by: seq.map(|_| vec!["alice".into()]),
+            })
+        }
+
+        async fn confirm(&self, reply: async_nats::Subject) -> Result<(), BackendError> {
+            let _ = self.confirmed.send(reply);
+            Ok(())
         }
     }
 
     struct Client {
         to_server: chan::Sender<Result<Message, axum::Error>>,
         from_server: chan::Receiver<Message>,
-        pushes: chan::Sender<Bytes>,
+        pushes: chan::Sender<Push>,
         published: tokio::sync::mpsc::UnboundedReceiver<Published>,
-        history: Arc<Mutex<Vec<HistoryRequest>>>,
+        asked: Arc<Mutex<Asked>>,
+        confirmed: tokio::sync::mpsc::UnboundedReceiver<async_nats::Subject>,
         shutdown: CancellationToken,
         task: tokio::task::JoinHandle<()>,
     }
@@ -839,11 +1198,13 @@ mod tests {
         let (server_out, from_server) = chan::channel(sink_buffer);
         let (pushes, pushes_rx) = chan::channel(1024);
         let (published_tx, published) = tokio::sync::mpsc::unbounded_channel();
-        let history = Arc::new(Mutex::new(Vec::new()));
+        let (confirmed_tx, confirmed) = tokio::sync::mpsc::unbounded_channel();
+        let asked = Arc::new(Mutex::new(Asked::default()));
         let shutdown = CancellationToken::new();
         let backend = FakeBackend {
             published: published_tx,
-            history: history.clone(),
+            asked: asked.clone(),
+            confirmed: confirmed_tx,
         };
         let session = Session {
             user: UserId::parse("alice").unwrap(),
@@ -864,7 +1225,8 @@ mod tests {
             from_server,
             pushes,
             published,
-            history,
+            asked,
+            confirmed,
             shutdown,
             task,
         }
@@ -895,6 +1257,28 @@ mod tests {
                     other => panic!("expected a frame, got {other:?}"),
                 }
             }
+        }
+
+        async fn error(&mut self) -> ErrorFrame {
+            match self.frame().await {
+                ServerFrame::Error(e) => e,
+                other => panic!("expected an error frame, got {other:?}"),
+            }
+        }
+
+        /// Publishes `frame` on the user's subject, with a reply subject if `reply` is given.
+        async fn push(&mut self, frame: &str, reply: Option<&str>) {
+            let push = Push {
+                payload: Bytes::copy_from_slice(frame.as_bytes()),
+                reply: reply.map(async_nats::Subject::from),
+            };
+            self.pushes.send(push).await.unwrap();
+        }
+
+        /// The next frame is `pong`: everything sent before the ping was handled.
+        async fn ping_pong(&mut self) {
+            self.send(r#"{"type":"ping"}"#).await;
+            assert_eq!(self.frame().await, ServerFrame::Pong);
         }
 
         async fn close_code(&mut self) -> u16 {
@@ -933,20 +1317,51 @@ mod tests {
             } => {
                 assert_eq!((user.as_str(), device.as_str()), ("alice", "phone"));
                 assert_eq!(limits.history_page_max, api::HISTORY_PAGE_MAX);
+                assert_eq!(limits.sync_page_max, api::SYNC_PAGE_MAX);
+                assert_eq!(
+                    (limits.receipts_per_second, limits.receipt_burst),
+                    (50, 100)
+                );
             }
             other => panic!("expected hello, got {other:?}"),
         }
-        c.send(r#"{"type":"ping"}"#).await;
-        assert_eq!(c.frame().await, ServerFrame::Pong);
-        let push = r#"{"type":"message","conv":"dm~alice~bob","seq":1,"from":"bob","id":"x","ts":1,"body":"yo"}"#;
-        c.pushes
-            .send(Bytes::from_static(push.as_bytes()))
-            .await
-            .unwrap();
+        c.ping_pong().await;
+        let message = r#"{"type":"message","conv":"dm~alice~bob","seq":1,"from":"bob","id":"x","ts":1,"body":"yo"}"#;
+        let receipt =
+            r#"{"type":"receipt","conv":"dm~alice~bob","user":"bob","delivered":1,"read":1}"#;
+        for push in [message, receipt] {
+            c.push(push, None).await;
+            match c.next_message().await {
+                Message::Text(t) => assert_eq!(t.as_str(), push),
+                other => panic!("expected the push, got {other:?}"),
+            }
+        }
+        // Nothing asked for a confirmation, so none was sent.
+        assert!(c.confirmed.try_recv().is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pushes_with_a_reply_are_confirmed_once_queued() {
+        let mut c = connect(config(), 16, HOUR);
+        c.frame().await;
+        let message = r#"{"type":"message","conv":"dm~alice~bob","seq":2,"from":"bob","id":"y","ts":1,"body":"yo"}"#;
+        c.push(message, Some("_INBOX.fanout.1")).await;
         match c.next_message().await {
-            Message::Text(t) => assert_eq!(t.as_str(), push),
+            Message::Text(t) => assert_eq!(t.as_str(), message),
             other => panic!("expected the push, got {other:?}"),
         }
+        let confirmed = timeout(Duration::from_secs(1), c.confirmed.recv())
+            .await
+            .expect("a confirmation in time")
+            .unwrap();
+        assert_eq!(confirmed.as_str(), "_INBOX.fanout.1");
+        c.push(message, None).await;
+        c.next_message().await;
+        c.ping_pong().await;
+        assert!(
+            c.confirmed.try_recv().is_err(),
+            "one confirmation per request"
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -960,8 +1375,12 @@ mod tests {
         for id in ["m1", "m2", "m3"] {
             let p = c.published().await;
             assert_eq!(p.conv, "dm~alice~bob");
-            assert_eq!(p.msg_id, api::dedupe_id("dm~alice~bob", "alice", id));
-            let inbound: InboundMessage = serde_json::from_slice(&p.payload).unwrap();
+            assert_eq!(p.msg_id, Some(api::dedupe_id("dm~alice~bob", "alice", id)));
+            let json: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+            assert_eq!(json["kind"], "send");
+            let Ok(Inbound::Send(inbound)) = serde_json::from_slice(&p.payload) else {
+                panic!("not a send: {json}");
+            };
             assert_eq!(
                 (inbound.id.as_str(), inbound.device.as_str()),
                 (id, "phone")
@@ -1006,7 +1425,10 @@ mod tests {
         m1.ack.send(Ok(())).unwrap();
         assert!(matches!(c.frame().await, ServerFrame::Sent { id, .. } if id == "m1"));
         let m3 = c.published().await;
-        assert_eq!(m3.msg_id, api::dedupe_id("dm~alice~bob", "alice", "m3"));
+        assert_eq!(
+            m3.msg_id,
+            Some(api::dedupe_id("dm~alice~bob", "alice", "m3"))
+        );
         // m2 and m3 outstanding: the ping is still unread until one of them completes.
         assert!(timeout(Duration::from_secs(1), c.frame()).await.is_err());
         m3.ack.send(Ok(())).unwrap();
@@ -1124,14 +1546,265 @@ mod tests {
         c.send(r#"{"type":"history","req":"r4","conv":"dm~alice~bob"}"#)
             .await;
         c.frame().await;
-        let seen = c.history.lock().unwrap().clone();
-        assert_eq!(seen.len(), 2);
+        // A range (a gap to fill): both bounds go to the sequencer as given.
+        c.send(
+            r#"{"type":"history","req":"r5","conv":"dm~alice~bob","after":3,"before":9,"limit":0}"#,
+        )
+        .await;
+        assert!(matches!(c.frame().await, ServerFrame::History { req, .. } if req == "r5"));
+        let seen = c.asked.lock().unwrap().history.clone();
+        assert_eq!(seen.len(), 3);
         assert_eq!(
-            (seen[0].limit, seen[0].before),
-            (api::HISTORY_PAGE_MAX, Some(9))
+            (seen[0].limit, seen[0].before, seen[0].after),
+            (api::HISTORY_PAGE_MAX, Some(9), None)
         );
         assert_eq!(seen[1].limit, DEFAULT_HISTORY_LIMIT);
         assert_eq!(seen[0].user, "alice");
+        assert_eq!(
+            (seen[2].after, seen[2].before, seen[2].limit),
+            (Some(3), Some(9), 1)
+        );
+    }
+
+    /// Reads the receipt the fake backend was asked to publish.
+    fn receipt_of(p: &Published) -> InboundReceipt {
+        let json: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+        assert_eq!(json["kind"], "receipt", "{json}");
+        match serde_json::from_value(json) {
+            Ok(Inbound::Receipt(r)) => r,
+            other => panic!("not a receipt: {other:?}"),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn receipts_are_validated_then_published_without_msg_id() {
+        let mut c = connect(config(), 16, HOUR);
+        c.frame().await;
+        let refused = [
+            (
+                r#"{"type":"read","conv":"dm~alice~*","seq":3}"#,
+                ErrorCode::InvalidId,
+                "dm~alice~*",
+            ),
+            (
+                r#"{"type":"delivered","conv":"dm~bob~carol","seq":3}"#,
+                ErrorCode::NotMember,
+                "dm~bob~carol",
+            ),
+            (
+                r#"{"type":"read","conv":"dm~alice~bob","seq":0}"#,
+                ErrorCode::InvalidFrame,
+                "dm~alice~bob",
+            ),
+        ];
+        for (json, code, conv) in refused {
+            c.send(json).await;
+            let e = c.error().await;
+            assert_eq!((e.code, e.conv.as_deref()), (code, Some(conv)), "{json}");
+            assert_eq!((e.id, e.req), (None, None));
+        }
+        c.send(r#"{"type":"read","conv":"dm~alice~bob","seq":7}"#)
+            .await;
+        c.send(r#"{"type":"delivered","conv":"dm~alice~bob","seq":9}"#)
+            .await;
+        let read = c.published().await;
+        let delivered = c.published().await;
+        assert_eq!(
+            (read.conv.as_str(), read.msg_id.as_deref()),
+            ("dm~alice~bob", None)
+        );
+        assert_eq!(delivered.msg_id, None);
+        let expected = |delivered, read| InboundReceipt {
+            conv: "dm~alice~bob".into(),
+            user: "alice".into(),
+            device: "phone".into(),
+            delivered,
+            read,
+        };
+        assert_eq!(receipt_of(&read), expected(7, 7));
+        assert_eq!(receipt_of(&delivered), expected(9, 0));
+        // A stored receipt is not answered; one JetStream did not store is `unavailable`.
+        read.ack.send(Ok(())).unwrap();
+        delivered.ack.send(Err(BackendError::NoResponders)).unwrap();
+        let e = c.error().await;
+        assert_eq!(e.code, ErrorCode::Unavailable);
+        assert_eq!(e.conv.as_deref(), Some("dm~alice~bob"));
+        c.ping_pong().await;
+        assert!(
+            c.published.try_recv().is_err(),
+            "refused receipts were not published"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn receipt_rate_is_limited_apart_from_sends() {
+        let mut c = connect(
+            Config {
+                receipts_per_second: 1,
+                receipt_burst: 2,
+                sends_per_second: 1,
+                send_burst: 1,
+                ..config()
+            },
+            16,
+            HOUR,
+        );
+        c.frame().await;
+        for seq in 1..=3 {
+            c.send(&format!(
+                r#"{{"type":"read","conv":"dm~alice~bob","seq":{seq}}}"#
+            ))
+            .await;
+        }
+        let e = c.error().await;
+        assert_eq!(e.code, ErrorCode::RateLimited);
+        assert_eq!(e.conv.as_deref(), Some("dm~alice~bob"));
+        let retry = e.retry_after_ms.expect("retry_after_ms");
+        assert!((1..=1000).contains(&retry), "{retry}");
+        for seq in 1..=2 {
+            let p = c.published().await;
+            assert_eq!(receipt_of(&p).read, seq);
+            p.ack.send(Ok(())).unwrap();
+        }
+        // Receipts did not use up the send budget.
+        c.send(&send_json("m1")).await;
+        let m1 = c.published().await;
+        assert!(m1.msg_id.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sync_is_validated_clamped_and_answered() {
+        let mut c = connect(config(), 16, HOUR);
+        c.frame().await;
+        c.send(r#"{"type":"sync","req":"s.1"}"#).await;
+        let e = c.error().await;
+        assert_eq!(
+            (e.code, e.req.as_deref()),
+            (ErrorCode::InvalidId, Some("s.1"))
+        );
+        c.send(r#"{"type":"sync","req":"s2","cursors":{"dm~alice~bob":1,"dm~alice~b.ob":2}}"#)
+            .await;
+        let e = c.error().await;
+        assert_eq!(
+            (e.code, e.req.as_deref()),
+            (ErrorCode::InvalidId, Some("s2"))
+        );
+        assert_eq!(e.conv.as_deref(), Some("dm~alice~b.ob"));
+        assert!(
+            c.asked.lock().unwrap().sync.is_empty(),
+            "refused before asking"
+        );
+
+        c.send(r#"{"type":"sync","req":"s4","since":"t0","cursors":{"dm~alice~bob":2},"limit":100000}"#)
+            .await;
+        assert_eq!(
+            c.frame().await,
+            ServerFrame::Sync {
+                req: "s4".into(),
+                convs: vec![ConvState {
+                    conv: "dm~alice~bob".into(),
+                    latest: 4,
+                    unread: 2,
+                    members: vec![marks("alice", 4, 2), marks("bob", 4, 4)],
+                }],
+                messages: vec![],
+                more: false,
+                next: None,
+                token: Some("t1".into()),
+            }
+        );
+        c.send(r#"{"type":"sync","req":"s5","next":"bad","limit":0}"#)
+            .await;
+        let e = c.error().await;
+        assert_eq!(
+            (e.code, e.req.as_deref()),
+            (ErrorCode::InvalidToken, Some("s5"))
+        );
+        c.send(r#"{"type":"sync","req":"s6"}"#).await;
+        assert!(matches!(c.frame().await, ServerFrame::Sync { req, .. } if req == "s6"));
+
+        let seen = c.asked.lock().unwrap().sync.clone();
+        assert_eq!(
+            seen[0],
+            SyncRequest {
+                user: "alice".into(),
+                since: Some("t0".into()),
+                cursors: BTreeMap::from([("dm~alice~bob".into(), 2)]),
+                next: None,
+                limit: api::SYNC_PAGE_MAX,
+            }
+        );
+        assert_eq!((seen[1].next.as_deref(), seen[1].limit), (Some("bad"), 1));
+        assert_eq!(seen[2].limit, api::SYNC_PAGE_DEFAULT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn receipts_requests_are_validated_and_answered() {
+        let mut c = connect(config(), 16, HOUR);
+        c.frame().await;
+        let refused = [
+            (
+                r#"{"type":"receipts","req":"","conv":"dm~alice~bob"}"#,
+                ErrorCode::InvalidId,
+            ),
+            (
+                r#"{"type":"receipts","req":"q1","conv":"dm~alice"}"#,
+                ErrorCode::InvalidId,
+            ),
+            (
+                r#"{"type":"receipts","req":"q2","conv":"dm~bob~carol"}"#,
+                ErrorCode::NotMember,
+            ),
+        ];
+        for (json, code) in refused {
+            c.send(json).await;
+            let e = c.error().await;
+            assert_eq!(e.code, code, "{json}");
+            assert!(e.req.is_some() && e.conv.is_some(), "{e:?}");
+        }
+        c.send(r#"{"type":"receipts","req":"q3","conv":"dm~alice~bob","seq":3}"#)
+            .await;
+        assert_eq!(
+            c.frame().await,
+            ServerFrame::Receipts {
+                req: "q3".into(),
+                conv: "dm~alice~bob".into(),
+                members: vec![marks("alice", 4, 4), marks("bob", 3, 1)],
+                seq: Some(3),
+                delivered_to: Some(vec!["alice".into(), "bob".into()]),
+                read_by: Some(vec!["alice".into()]),
+            }
+        );
+        c.send(r#"{"type":"receipts","req":"q4","conv":"dm~alice~bob"}"#)
+            .await;
+        match c.frame().await {
+            ServerFrame::Receipts {
+                seq,
+                delivered_to,
+                read_by,
+                ..
+            } => assert_eq!((seq, delivered_to, read_by), (None, None, None)),
+            other => panic!("expected receipts, got {other:?}"),
+        }
+        c.send(r#"{"type":"receipts","req":"q5","conv":"dm~alice~bob","seq":99}"#)
+            .await;
+        let e = c.error().await;
+        assert_eq!(
+            (e.code, e.req.as_deref()),
+            (ErrorCode::InvalidFrame, Some("q5"))
+        );
+        assert_eq!(e.conv.as_deref(), Some("dm~alice~bob"));
+
+        let seen = c.asked.lock().unwrap().receipts.clone();
+        assert_eq!(
+            seen[0],
+            ReceiptsRequest {
+                user: "alice".into(),
+                conv: "dm~alice~bob".into(),
+                seq: Some(3),
+            }
+        );
+        assert_eq!(seen.len(), 3);
     }
 
     #[tokio::test(start_paused = true)]
@@ -1184,16 +1857,30 @@ mod tests {
             0,
             HOUR,
         );
-        // The client reads nothing while pushes keep coming.
+        // The client reads nothing while pushes keep coming, each asking for a confirmation.
         for i in 0..20 {
             let frame = format!(r#"{{"type":"pong","n":{i}}}"#);
-            c.pushes.send(Bytes::from(frame)).await.unwrap();
+            c.push(&frame, Some(&format!("_INBOX.r{i}"))).await;
         }
         assert_eq!(c.close_code().await, close::SLOW_CONSUMER);
         timeout(Duration::from_secs(60), c.task)
             .await
             .unwrap()
             .unwrap();
+        // Only the pushes that made it into the queue were confirmed: the one that found it
+        // full, and every later one, were not.
+        let mut confirmed = Vec::new();
+        while let Ok(reply) = c.confirmed.try_recv() {
+            confirmed.push(reply.to_string());
+        }
+        assert!(
+            !confirmed.is_empty() && confirmed.len() < 20,
+            "{confirmed:?}"
+        );
+        let expected: Vec<String> = (0..confirmed.len())
+            .map(|i| format!("_INBOX.r{i}"))
+            .collect();
+        assert_eq!(confirmed, expected);
     }
 
     #[tokio::test(start_paused = true)]

@@ -5,25 +5,36 @@
 //! spread over several gateways.
 //!
 //! **Produces**
-//! - `chat.in.<conv>` (JetStream, stream `CHAT_IN`): one [`InboundMessage`] per client `send`,
-//!   with `Nats-Msg-Id` = [`dedupe_id`] so a retry with the same client id is stored once. The
-//!   client gets `sent` only after JetStream acked the publish (persist before ack).
-//! - `chat.api.history` (core NATS request): [`HistoryRequest`] on behalf of the user, answered
-//!   by the sequencer with a [`HistoryReply`].
+//! - `chat.in.<conv>` (JetStream, stream `CHAT_IN`), an [`Inbound`] per client frame:
+//!   - `send`: [`Inbound::Send`], with `Nats-Msg-Id` = [`dedupe_id`] so a retry with the same
+//!     client id is stored once. The client gets `sent` only after JetStream acked the publish
+//!     (persist before ack).
+//!   - `delivered`, `read`: [`Inbound::Receipt`], without `Nats-Msg-Id` (watermarks only grow,
+//!     so duplicates are harmless). Success is not answered; a failed publish is `unavailable`.
+//! - `chat.api.history`, `chat.api.sync`, `chat.api.receipts` (core NATS requests):
+//!   [`HistoryRequest`], [`SyncRequest`], [`ReceiptsRequest`] on behalf of the user, answered by
+//!   the sequencer.
+//! - Empty replies to delivery confirmation requests (see below).
 //!
 //! **Consumes**
 //! - `chat.user.<user>` (core NATS), one subscription per connection: complete server frames
-//!   (`message`, or `error` from the sequencer), forwarded to the socket unchanged.
+//!   (`message`, `receipt`, or `error` from the sequencer), forwarded to the socket unchanged.
+//!   Fan-out workers publish messages with a reply subject: each connection that queued the
+//!   frame answers with an empty message, and when no device of the user is connected the
+//!   requester gets "no responders" and notifies the user's phone instead.
 //!
 //! Every id that becomes part of a subject is validated first (`chat_protocol::ids`); subjects
 //! come from `chat_protocol::subjects`. Every queue is bounded: the per-connection outgoing queue
 //! (a full queue closes the connection with 4001), the publishes in flight per connection (at
 //! the limit the socket is not read), and the WebSocket buffers.
 //!
-//! [`InboundMessage`]: chat_protocol::api::InboundMessage
+//! [`Inbound`]: chat_protocol::api::Inbound
+//! [`Inbound::Send`]: chat_protocol::api::Inbound::Send
+//! [`Inbound::Receipt`]: chat_protocol::api::Inbound::Receipt
 //! [`dedupe_id`]: chat_protocol::api::dedupe_id
 //! [`HistoryRequest`]: chat_protocol::api::HistoryRequest
-//! [`HistoryReply`]: chat_protocol::api::HistoryReply
+//! [`SyncRequest`]: chat_protocol::api::SyncRequest
+//! [`ReceiptsRequest`]: chat_protocol::api::ReceiptsRequest
 
 mod backend;
 pub mod config;
@@ -124,9 +135,11 @@ impl AppState {
 
     /// Forgets rate limiter state of users idle long enough to be back at full burst.
     fn prune_rate_limits(&self) {
-        let limiter = &self.inner.shared.limiter;
-        limiter.retain_recent();
-        limiter.shrink_to_fit();
+        let shared = &self.inner.shared;
+        for limiter in [&shared.limiter, &shared.receipt_limiter] {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
     }
 }
 

@@ -5,12 +5,17 @@ use chat_protocol::frames::ErrorCode;
 
 /// Gauge: open WebSocket connections (counted from the accepted upgrade to the end).
 pub const CONNECTIONS: &str = "gateway_connections";
-/// Counter, label `kind` (`send`, `history`, `ping`, `invalid`): frames read from clients.
+/// Counter, label `kind` (`send`, `history`, `delivered`, `read`, `sync`, `receipts`, `ping`,
+/// `invalid`): frames read from clients.
 pub const FRAMES_IN: &str = "gateway_frames_in_total";
 /// Counter: frames written to clients (including forwarded pushes, excluding pings).
 pub const FRAMES_OUT: &str = "gateway_frames_out_total";
 /// Counter: sends stored by JetStream and answered with `sent`.
 pub const SENDS_PUBLISHED: &str = "gateway_sends_published_total";
+/// Counter: receipts (`delivered`, `read`) stored by JetStream.
+pub const RECEIPTS_PUBLISHED: &str = "gateway_receipts_published_total";
+/// Counter: delivery confirmation requests answered (a push with a reply subject was queued).
+pub const DELIVERIES_CONFIRMED: &str = "gateway_deliveries_confirmed_total";
 /// Counter, label `code`: sends answered with an `error` frame.
 pub const SEND_ERRORS: &str = "gateway_send_errors_total";
 /// Counter, label `code`: every `error` frame sent.
@@ -31,6 +36,11 @@ pub fn describe() {
     describe_counter!(
         SENDS_PUBLISHED,
         "Sends stored by JetStream and acked as sent"
+    );
+    describe_counter!(RECEIPTS_PUBLISHED, "Receipts stored by JetStream");
+    describe_counter!(
+        DELIVERIES_CONFIRMED,
+        "Pushes confirmed to their sender as queued for a device"
     );
     describe_counter!(SEND_ERRORS, "Sends answered with an error, by code");
     describe_counter!(ERROR_FRAMES, "Error frames sent, by code");

@@ -1,15 +1,24 @@
 //! The gateway against a real nats-server, with real WebSocket clients. Every test starts its
 //! own nats-server and gateway (`spawn_gateway`) and asserts what a client sees: frames, close
-//! codes, HTTP statuses and JSON error codes, and what JetStream stored.
+//! codes, HTTP statuses and JSON error codes, and what JetStream stored. Where the sequencer
+//! would answer (history, sync, receipts), the test subscribes to the API subject and plays it.
 
 use std::{net::SocketAddr, time::Duration};
 
 use async_nats::jetstream;
 use chat_gateway::Config;
+use std::collections::BTreeMap;
+
 use chat_protocol::{
-    api::{self, InboundMessage},
+    api::{
+        self, HistoryReply, HistoryRequest, Inbound, InboundMessage, InboundReceipt, ReceiptsReply,
+        ReceiptsRequest, SyncReply, SyncRequest,
+    },
     auth::{Claims, mint_dev_token, mint_with_claims, now_secs},
-    frames::{ErrorCode, ErrorFrame, Message as ChatMessage, ServerFrame, close},
+    frames::{
+        ConvState, ErrorCode, ErrorFrame, MemberMarks, Message as ChatMessage, Receipt,
+        ServerFrame, close,
+    },
     ids::UserId,
     jetstream::provision_all,
     subjects,
@@ -121,6 +130,48 @@ impl TestGateway {
             .state
             .messages
     }
+
+    /// Waits until `CHAT_IN` holds `n` messages (receipts are not answered, so the client
+    /// cannot tell when they are stored).
+    async fn wait_chat_in(&self, n: u64) {
+        timeout(WAIT, async {
+            while self.chat_in_count().await < n {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("CHAT_IN never reached {n} messages"));
+        assert_eq!(self.chat_in_count().await, n);
+    }
+
+    /// Plays the sequencer's responder on `subject`: returns once the server registered it.
+    async fn responder(&self, subject: &'static str) -> async_nats::Subscriber {
+        let sub = self.nats.subscribe(subject).await.unwrap();
+        // A request to an inbox nobody serves comes back (no responders) only after the server
+        // processed everything this client sent before, the subscription included.
+        let _ = self.nats.request(self.nats.new_inbox(), "".into()).await;
+        sub
+    }
+
+    /// Answers request `msg` with `reply` as JSON.
+    async fn reply(&self, msg: &async_nats::Message, reply: &impl serde::Serialize) {
+        let to = msg.reply.clone().expect("a request has a reply subject");
+        let payload = serde_json::to_vec(reply).unwrap();
+        self.nats.publish(to, payload.into()).await.unwrap();
+    }
+}
+
+/// The next request a test responder got, decoded.
+async fn next_request<T: serde::de::DeserializeOwned>(
+    sub: &mut async_nats::Subscriber,
+) -> (T, async_nats::Message) {
+    let msg = timeout(WAIT, sub.next())
+        .await
+        .expect("a request in time")
+        .expect("subscription open");
+    let request = serde_json::from_slice(&msg.payload)
+        .unwrap_or_else(|e| panic!("bad request {:?}: {e}", msg.payload));
+    (request, msg)
 }
 
 /// Opens a WebSocket; `recv_buffer` shrinks the client's socket receive buffer (slow clients).
@@ -268,17 +319,19 @@ async fn send_is_acked_after_jetstream_stored_it_once() {
 
     assert_eq!(gw.chat_in_count().await, 1);
     let stored = gw.chat_in().await.get_raw_message(1).await.unwrap();
-    let inbound: InboundMessage = serde_json::from_slice(&stored.payload).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&stored.payload).unwrap();
+    assert_eq!(json["kind"], "send", "{json}");
+    let inbound: Inbound = serde_json::from_value(json).unwrap();
     assert_eq!(
         inbound,
-        InboundMessage {
+        Inbound::Send(InboundMessage {
             conv: "dm~alice~bob".into(),
             from: "alice".into(),
             device: "phone".into(),
             id: "m1".into(),
             body: "hello bob".into(),
             ts,
-        }
+        })
     );
     let msg_id = stored
         .headers
@@ -725,4 +778,441 @@ async fn shutdown_closes_connections_with_1001_and_returns() {
         .unwrap();
     // Nothing listens any more.
     assert!(tokio::net::TcpStream::connect(gw.addr).await.is_err());
+}
+
+#[tokio::test]
+async fn read_and_delivered_frames_land_in_chat_in_as_receipts() {
+    let gw = spawn_gateway(|_| {}).await;
+    let mut ws = gw.connect("alice", "phone").await;
+    send(&mut ws, r#"{"type":"read","conv":"dm~alice~bob","seq":5}"#).await;
+    gw.wait_chat_in(1).await;
+    send(
+        &mut ws,
+        r#"{"type":"delivered","conv":"dm~alice~bob","seq":8}"#,
+    )
+    .await;
+    gw.wait_chat_in(2).await;
+    // A stored receipt is not answered.
+    ping_pong(&mut ws).await;
+
+    let conv = chat_protocol::ids::ConvId::parse("dm~alice~bob").unwrap();
+    let partition = subjects::inbound_partition_filter(subjects::partition_of(&conv));
+    let chat_in = gw.chat_in().await;
+    for (seq, delivered, read) in [(1, 5, 5), (2, 8, 0)] {
+        let msg = chat_in.get_raw_message(seq).await.unwrap();
+        assert!(msg.subject.starts_with(partition.trim_end_matches('*')));
+        assert!(
+            msg.headers
+                .get(async_nats::header::NATS_MESSAGE_ID)
+                .is_none(),
+            "receipts are idempotent and carry no Nats-Msg-Id"
+        );
+        let json: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+        assert_eq!(json["kind"], "receipt", "{json}");
+        assert_eq!(
+            serde_json::from_value::<Inbound>(json).unwrap(),
+            Inbound::Receipt(InboundReceipt {
+                conv: "dm~alice~bob".into(),
+                user: "alice".into(),
+                device: "phone".into(),
+                delivered,
+                read,
+            })
+        );
+    }
+
+    // The same receipt again is stored again (no dedupe), and changes nothing downstream.
+    send(&mut ws, r#"{"type":"read","conv":"dm~alice~bob","seq":5}"#).await;
+    gw.wait_chat_in(3).await;
+}
+
+#[tokio::test]
+async fn refused_receipts_are_errors_and_nothing_is_published() {
+    let gw = spawn_gateway(|_| {}).await;
+    let mut alice = gw.connect("alice", "phone").await;
+    let mut everything = gw.nats.subscribe(">").await.unwrap();
+    gw.nats.flush().await.unwrap();
+
+    let cases = [
+        (
+            r#"{"type":"read","conv":"dm~bob~carol","seq":1}"#,
+            ErrorCode::NotMember,
+            "dm~bob~carol",
+        ),
+        (
+            r#"{"type":"delivered","conv":"dm~bob~carol","seq":1}"#,
+            ErrorCode::NotMember,
+            "dm~bob~carol",
+        ),
+        (
+            r#"{"type":"read","conv":"dm~alice~bob.>","seq":1}"#,
+            ErrorCode::InvalidId,
+            "dm~alice~bob.>",
+        ),
+        (
+            r#"{"type":"delivered","conv":"dm~alice~bob","seq":0}"#,
+            ErrorCode::InvalidFrame,
+            "dm~alice~bob",
+        ),
+    ];
+    for (json, code, conv) in cases {
+        send(&mut alice, json).await;
+        let err = next_error(&mut alice).await;
+        assert_eq!(err.code, code, "{json} -> {err:?}");
+        assert_eq!(err.conv.as_deref(), Some(conv), "{json} -> {err:?}");
+        assert!(!err.message.is_empty());
+    }
+    send(
+        &mut alice,
+        r#"{"type":"read","conv":"dm~alice~bob","seq":-1}"#,
+    )
+    .await;
+    assert_eq!(next_error(&mut alice).await.code, ErrorCode::InvalidFrame);
+
+    ping_pong(&mut alice).await;
+    gw.nats.flush().await.unwrap();
+    while let Ok(Some(msg)) = timeout(Duration::from_millis(200), everything.next()).await {
+        assert!(
+            msg.subject.starts_with("$JS.") || msg.subject.starts_with("_INBOX."),
+            "unexpected publish on {}",
+            msg.subject
+        );
+    }
+    assert_eq!(gw.chat_in_count().await, 0);
+}
+
+#[tokio::test]
+async fn receipt_rate_is_limited_per_user_apart_from_sends() {
+    let gw = spawn_gateway(|c| {
+        c.receipts_per_second = 1;
+        c.receipt_burst = 2;
+        c.sends_per_second = 1;
+        c.send_burst = 1;
+    })
+    .await;
+    let mut phone = gw.connect("alice", "phone").await;
+    let mut laptop = gw.connect("alice", "laptop").await;
+    for seq in [1, 2] {
+        let read = format!(r#"{{"type":"read","conv":"dm~alice~bob","seq":{seq}}}"#);
+        send(&mut phone, &read).await;
+    }
+    ping_pong(&mut phone).await;
+    // The budget is the user's, on every device.
+    send(
+        &mut laptop,
+        r#"{"type":"delivered","conv":"dm~alice~bob","seq":3}"#,
+    )
+    .await;
+    let err = next_error(&mut laptop).await;
+    assert_eq!(err.code, ErrorCode::RateLimited);
+    assert_eq!(err.conv.as_deref(), Some("dm~alice~bob"));
+    let retry = err.retry_after_ms.expect("retry_after_ms");
+    assert!((1..=1000).contains(&retry), "{retry}");
+    // Sends have their own budget, untouched by receipts.
+    send(&mut laptop, &send_json("dm~alice~bob", "m1", "x")).await;
+    assert!(matches!(next_frame(&mut laptop).await, ServerFrame::Sent { id, .. } if id == "m1"));
+    gw.wait_chat_in(3).await;
+}
+
+fn marks(user: &str, delivered: u64, read: u64) -> MemberMarks {
+    MemberMarks {
+        user: user.into(),
+        delivered,
+        read,
+    }
+}
+
+#[tokio::test]
+async fn sync_is_asked_for_the_user_with_a_clamped_limit_and_answered() {
+    let gw = spawn_gateway(|_| {}).await;
+    let mut sequencer = gw.responder(subjects::SYNC_API).await;
+    let mut ws = gw.connect("alice", "phone").await;
+
+    send(
+        &mut ws,
+        r#"{"type":"sync","req":"s1","since":"tok-0","cursors":{"dm~alice~bob":2,"dm~alice~carol":0},"limit":5000}"#,
+    )
+    .await;
+    let (request, msg) = next_request::<SyncRequest>(&mut sequencer).await;
+    assert_eq!(
+        request,
+        SyncRequest {
+            user: "alice".into(),
+            since: Some("tok-0".into()),
+            cursors: BTreeMap::from([("dm~alice~bob".into(), 2), ("dm~alice~carol".into(), 0)]),
+            next: None,
+            limit: api::SYNC_PAGE_MAX,
+        }
+    );
+    let convs = vec![ConvState {
+        conv: "dm~alice~bob".into(),
+        latest: 3,
+        unread: 1,
+        members: vec![marks("alice", 3, 2), marks("bob", 3, 3)],
+    }];
+    let messages = vec![ChatMessage {
+        conv: "dm~alice~bob".into(),
+        seq: 3,
+        from: "bob".into(),
+        id: "b3".into(),
+        ts: 7,
+        body: "while you were away".into(),
+    }];
+    gw.reply(
+        &msg,
+        &SyncReply::Page {
+            convs: convs.clone(),
+            messages: messages.clone(),
+            more: true,
+            next: Some("page-2".into()),
+            token: None,
+        },
+    )
+    .await;
+    assert_eq!(
+        next_frame(&mut ws).await,
+        ServerFrame::Sync {
+            req: "s1".into(),
+            convs,
+            messages,
+            more: true,
+            next: Some("page-2".into()),
+            token: None,
+        }
+    );
+
+    // The next page: the default limit; the sequencer refuses the continuation.
+    send(&mut ws, r#"{"type":"sync","req":"s2","next":"page-2"}"#).await;
+    let (request, msg) = next_request::<SyncRequest>(&mut sequencer).await;
+    assert_eq!(request.limit, api::SYNC_PAGE_DEFAULT);
+    assert_eq!(request.next.as_deref(), Some("page-2"));
+    assert!(request.cursors.is_empty() && request.since.is_none());
+    let refusal = ErrorFrame::new(ErrorCode::InvalidToken, "continuation expired");
+    gw.reply(&msg, &SyncReply::Error(refusal)).await;
+    let err = next_error(&mut ws).await;
+    assert_eq!(err.code, ErrorCode::InvalidToken);
+    assert_eq!(err.req.as_deref(), Some("s2"));
+
+    // Refused by the gateway itself: the sequencer is not asked.
+    for (json, code) in [
+        (r#"{"type":"sync","req":"s 3"}"#, ErrorCode::InvalidId),
+        (
+            r#"{"type":"sync","req":"s4","cursors":{"dm~alice~*":1}}"#,
+            ErrorCode::InvalidId,
+        ),
+    ] {
+        send(&mut ws, json).await;
+        let err = next_error(&mut ws).await;
+        assert_eq!(err.code, code, "{json} -> {err:?}");
+        assert!(err.req.is_some(), "{err:?}");
+    }
+    send(&mut ws, r#"{"type":"sync","req":"s6","limit":0}"#).await;
+    let (request, msg) = next_request::<SyncRequest>(&mut sequencer).await;
+    assert_eq!(request.limit, 1, "the first request after the refused ones");
+    gw.reply(
+        &msg,
+        &SyncReply::Page {
+            convs: vec![],
+            messages: vec![],
+            more: false,
+            next: None,
+            token: Some("tok-1".into()),
+        },
+    )
+    .await;
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        ServerFrame::Sync { req, token: Some(token), .. } if req == "s6" && token == "tok-1"
+    ));
+}
+
+#[tokio::test]
+async fn receipts_are_asked_for_members_and_answered() {
+    let gw = spawn_gateway(|_| {}).await;
+    let mut sequencer = gw.responder(subjects::RECEIPTS_API).await;
+    let mut ws = gw.connect("alice", "phone").await;
+
+    send(
+        &mut ws,
+        r#"{"type":"receipts","req":"q1","conv":"dm~alice~bob","seq":4}"#,
+    )
+    .await;
+    let (request, msg) = next_request::<ReceiptsRequest>(&mut sequencer).await;
+    assert_eq!(
+        request,
+        ReceiptsRequest {
+            user: "alice".into(),
+            conv: "dm~alice~bob".into(),
+            seq: Some(4),
+        }
+    );
+    let members = vec![marks("alice", 4, 4), marks("bob", 4, 2)];
+    gw.reply(
+        &msg,
+        &ReceiptsReply::Marks {
+            members: members.clone(),
+            delivered_to: Some(vec!["alice".into(), "bob".into()]),
+            read_by: Some(vec!["alice".into()]),
+        },
+    )
+    .await;
+    assert_eq!(
+        next_frame(&mut ws).await,
+        ServerFrame::Receipts {
+            req: "q1".into(),
+            conv: "dm~alice~bob".into(),
+            members,
+            seq: Some(4),
+            delivered_to: Some(vec!["alice".into(), "bob".into()]),
+            read_by: Some(vec!["alice".into()]),
+        }
+    );
+
+    send(
+        &mut ws,
+        r#"{"type":"receipts","req":"q2","conv":"dm~alice~bob"}"#,
+    )
+    .await;
+    let (request, msg) = next_request::<ReceiptsRequest>(&mut sequencer).await;
+    assert_eq!(request.seq, None);
+    gw.reply(
+        &msg,
+        &ReceiptsReply::Error(ErrorFrame::new(ErrorCode::Internal, "store failed")),
+    )
+    .await;
+    let err = next_error(&mut ws).await;
+    assert_eq!(err.code, ErrorCode::Internal);
+    assert_eq!(err.req.as_deref(), Some("q2"));
+    assert_eq!(err.conv.as_deref(), Some("dm~alice~bob"));
+
+    send(
+        &mut ws,
+        r#"{"type":"receipts","req":"q3","conv":"dm~bob~carol"}"#,
+    )
+    .await;
+    let err = next_error(&mut ws).await;
+    assert_eq!(err.code, ErrorCode::NotMember);
+    assert_eq!(err.req.as_deref(), Some("q3"));
+    // The sequencer was never asked about a conversation alice is not in.
+    assert!(
+        timeout(Duration::from_millis(200), sequencer.next())
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
+async fn history_range_is_asked_as_given() {
+    let gw = spawn_gateway(|_| {}).await;
+    let mut sequencer = gw.responder(subjects::HISTORY_API).await;
+    let mut ws = gw.connect("alice", "phone").await;
+    send(
+        &mut ws,
+        r#"{"type":"history","req":"h1","conv":"dm~alice~bob","after":3,"before":7}"#,
+    )
+    .await;
+    let (request, msg) = next_request::<HistoryRequest>(&mut sequencer).await;
+    assert_eq!(
+        request,
+        HistoryRequest {
+            user: "alice".into(),
+            conv: "dm~alice~bob".into(),
+            before: Some(7),
+            after: Some(3),
+            limit: 50,
+        }
+    );
+    let gap: Vec<ChatMessage> = (4..7)
+        .map(|seq| ChatMessage {
+            conv: "dm~alice~bob".into(),
+            seq,
+            from: "bob".into(),
+            id: format!("b{seq}"),
+            ts: seq,
+            body: "x".into(),
+        })
+        .collect();
+    gw.reply(
+        &msg,
+        &HistoryReply::Page {
+            messages: gap.clone(),
+            more: false,
+        },
+    )
+    .await;
+    assert_eq!(
+        next_frame(&mut ws).await,
+        ServerFrame::History {
+            req: "h1".into(),
+            conv: "dm~alice~bob".into(),
+            messages: gap,
+            more: false,
+        }
+    );
+}
+
+#[tokio::test]
+async fn sync_and_receipts_without_responder_are_unavailable() {
+    let gw = spawn_gateway(|c| c.history_timeout_ms = 500).await;
+    let mut ws = gw.connect("alice", "phone").await;
+    send(&mut ws, r#"{"type":"sync","req":"s1"}"#).await;
+    let err = next_error(&mut ws).await;
+    assert_eq!(err.code, ErrorCode::Unavailable);
+    assert_eq!(err.req.as_deref(), Some("s1"));
+    send(
+        &mut ws,
+        r#"{"type":"receipts","req":"q1","conv":"dm~alice~bob","seq":1}"#,
+    )
+    .await;
+    let err = next_error(&mut ws).await;
+    assert_eq!(err.code, ErrorCode::Unavailable);
+    assert_eq!(err.req.as_deref(), Some("q1"));
+    ping_pong(&mut ws).await;
+}
+
+#[tokio::test]
+async fn delivery_requests_are_answered_while_a_device_is_connected() {
+    let gw = spawn_gateway(|_| {}).await;
+    let bob_subject = subjects::user(&UserId::parse("bob").unwrap());
+    let ask = |payload: String| {
+        gw.nats.send_request(
+            bob_subject.clone(),
+            async_nats::Request::new()
+                .payload(payload.into())
+                .timeout(Some(Duration::from_secs(2))),
+        )
+    };
+    let mut bob = gw.connect("bob", "phone").await;
+    let _alice = gw.connect("alice", "phone").await;
+
+    // What a fan-out worker does: publish the frame with a reply subject.
+    let frame = message_frame("dm~alice~bob", 1, "are you there?");
+    let answer = ask(frame.clone()).await.expect("bob's gateway answers");
+    assert!(answer.payload.is_empty());
+    assert_eq!(next_text(&mut bob).await, frame, "forwarded unchanged");
+
+    // Receipt frames travel the same way and reach the socket verbatim.
+    let receipt = serde_json::to_string(&ServerFrame::Receipt(Receipt {
+        conv: "dm~alice~bob".into(),
+        user: "alice".into(),
+        delivered: 1,
+        read: 1,
+    }))
+    .unwrap();
+    ask(receipt.clone()).await.expect("answered");
+    assert_eq!(next_text(&mut bob).await, receipt);
+
+    // Once bob is gone, nobody answers: the worker learns no device took it.
+    bob.close(None).await.unwrap();
+    timeout(WAIT, async {
+        loop {
+            match ask(message_frame("dm~alice~bob", 2, "gone?")).await {
+                Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => break,
+                // The unsubscription may still be on its way.
+                Ok(_) | Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await
+    .expect("no responders once bob disconnected");
 }

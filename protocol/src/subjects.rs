@@ -6,7 +6,7 @@ use crate::ids::{ConvId, UserId};
 /// (`partition(8,1)`) and by the per-partition consumers in `nats/consumers/`.
 pub const PARTITIONS: u32 = 8;
 
-/// Stream holding client sends until the sequencer stamped them.
+/// Stream holding client sends and receipts until the sequencer handled them.
 pub const STREAM_INBOUND: &str = "CHAT_IN";
 /// Stream holding stamped messages, one subject per conversation.
 pub const STREAM_STAMPED: &str = "CHAT_MSGS";
@@ -28,7 +28,7 @@ pub const SYNC_API: &str = "chat.api.sync";
 /// Request subject for receipt watermarks (payload: [`crate::api::ReceiptsRequest`]).
 pub const RECEIPTS_API: &str = "chat.api.receipts";
 
-/// Where a gateway publishes a client's send: `chat.in.<conv>`. `CHAT_IN` rewrites it to
+/// Where a gateway publishes a client's send or receipt: `chat.in.<conv>`. `CHAT_IN` rewrites it to
 /// `chat.inp.<partition>.<conv>` on ingest.
 pub fn inbound(conv: &ConvId) -> String {
     format!("chat.in.{conv}")
