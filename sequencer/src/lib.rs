@@ -88,7 +88,7 @@ pub async fn run(
         PullSettings {
             group: subjects::SEQUENCER_GROUP,
             batch: 64,
-            expires: Duration::from_secs(2),
+            expires: Duration::from_secs(1),
         },
         move |p, msg| {
             let stamper = stamper.clone();
