@@ -17,5 +17,16 @@ command -v cargo >/dev/null 2>&1 || {
 }
 "${SCRIPT_DIR}/setup.sh"
 
+# The fault-injection suite (e2e/tests/faults.rs) runs the service binaries as processes.
+echo "test.sh: cargo build --workspace --bins" >&2
+cargo build --workspace --bins
+summaries="target/fault-summaries.txt"
+rm -f "${summaries}"
 echo "test.sh: cargo test --workspace $*" >&2
-exec cargo test --workspace "$@"
+status=0
+cargo test --workspace "$@" || status=$?
+if [[ -f "${summaries}" ]]; then
+    echo "test.sh: fault-injection summaries:" >&2
+    cat "${summaries}"
+fi
+exit "${status}"

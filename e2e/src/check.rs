@@ -1,0 +1,826 @@
+//! The checker: after the services exited, reads the embedded store of **every** sequencer
+//! directly (through the [`MessageStore`] trait), the whole `CHAT_MSGS` stream, and what every
+//! simulated device recorded, and lists every violation of the guarantees:
+//!
+//! - every message acknowledged as sent is stored exactly once (by conversation, sender and
+//!   client id), and nothing is stored that was never sent;
+//! - seqs are dense `1..=n` in every conversation, every store holds the same messages,
+//!   watermarks and per-user conversation index, and they match what `CHAT_MSGS` holds (no
+//!   `(conv, seq)` stamped twice there either);
+//! - each sender device's messages in a conversation have increasing seqs, in the order the
+//!   device first sent them;
+//! - every device of every member shows every stored message of its conversations, with the
+//!   stored contents, and nothing twice;
+//! - receipts converged: each member's stored read watermark is what the member last read (or
+//!   wrote), its delivered watermark what its devices last acknowledged, and every device sees
+//!   every member at the stored watermarks;
+//! - no instance stamped anything after a moment the scenario forbids (a resumed old owner).
+//!
+//! The one-line [`Summary`] is what the suite prints per scenario.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fmt,
+    path::PathBuf,
+};
+
+use chat_protocol::ids::ConvId;
+use chat_store::{
+    ConvSummary, EmbeddedStore, MAX_PAGE_LIMIT, Marks, MessageStore, PageQuery, StoredMessage,
+};
+
+use crate::{
+    audit::{Event, StreamEntry},
+    client::DeviceState,
+};
+
+/// Everything one store holds about the simulated conversations and users.
+#[derive(Debug, Clone, Default)]
+pub struct StoreDump {
+    pub name: String,
+    /// Every message of each conversation, ascending by seq.
+    pub messages: BTreeMap<String, Vec<StoredMessage>>,
+    pub marks: BTreeMap<String, Vec<Marks>>,
+    pub user_convs: BTreeMap<String, Vec<ConvSummary>>,
+    pub applied: u64,
+}
+
+/// Opens the store in `dir` (its process must have exited: redb locks the file) and reads
+/// every page of every conversation, every conversation's watermarks and every user's index.
+pub async fn dump_store(
+    name: &str,
+    dir: PathBuf,
+    convs: &[String],
+    users: &[String],
+) -> Result<StoreDump, String> {
+    let shown = dir.display().to_string();
+    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(dir))
+        .await
+        .map_err(|e| format!("open {shown}: {e}"))?
+        .map_err(|e| format!("open {shown}: {e}"))?;
+    let fail = |what: &str, e: chat_store::StoreError| format!("{name}: {what}: {e}");
+    let mut dump = StoreDump {
+        name: name.to_owned(),
+        applied: store
+            .applied_stream_seq()
+            .await
+            .map_err(|e| fail("applied", e))?,
+        ..Default::default()
+    };
+    for conv in convs {
+        let mut all = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = store
+                .page(
+                    conv,
+                    PageQuery::After {
+                        after,
+                        limit: MAX_PAGE_LIMIT,
+                    },
+                )
+                .await
+                .map_err(|e| fail("page", e))?;
+            let Some(last) = page.messages.last() else {
+                break;
+            };
+            after = last.seq;
+            all.extend(page.messages);
+            if !page.more {
+                break;
+            }
+        }
+        dump.messages.insert(conv.clone(), all);
+        let marks = store
+            .watermarks(conv)
+            .await
+            .map_err(|e| fail("watermarks", e))?;
+        dump.marks.insert(conv.clone(), marks);
+    }
+    for user in users {
+        let listed = store
+            .user_conversations(user, 0, None, MAX_PAGE_LIMIT)
+            .await
+            .map_err(|e| fail("user_conversations", e))?;
+        dump.user_convs.insert(user.clone(), listed.convs);
+    }
+    Ok(dump)
+}
+
+/// The per-scenario summary line.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    pub scenario: String,
+    /// Messages the clients created (distinct client ids).
+    pub sent: usize,
+    /// Of those, acknowledged with `sent`.
+    pub acked: usize,
+    /// Messages in the store.
+    pub stored: usize,
+    /// Distinct (device, conv, seq) shown to users.
+    pub delivered: usize,
+    /// Duplicates shown to users (the same message twice): must be 0.
+    pub duplicates: u64,
+    /// `message` pushes of something a device already had (harmless, deduped by seq).
+    pub raw_duplicate_pushes: u64,
+    /// Holes: missing seqs in a store, plus stored messages a device never got. Must be 0.
+    pub gaps: u64,
+    /// Send frames that repeated a client id (retries, deliberate or after a fault).
+    pub resent: u64,
+    /// From the fault to the first message stamped by the new owner.
+    pub takeover_ms: Option<u64>,
+}
+
+impl fmt::Display for Summary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "fault-summary scenario={} sent={} acked={} stored={} delivered={} duplicates={} \
+             raw_duplicate_pushes={} gaps={} resent={} takeover_ms={}",
+            self.scenario,
+            self.sent,
+            self.acked,
+            self.stored,
+            self.delivered,
+            self.duplicates,
+            self.raw_duplicate_pushes,
+            self.gaps,
+            self.resent,
+            self.takeover_ms
+                .map_or_else(|| "-".to_owned(), |t| t.to_string()),
+        )
+    }
+}
+
+/// What the checker looks at.
+pub struct CheckInput<'a> {
+    pub scenario: &'a str,
+    pub users: &'a [String],
+    pub convs: &'a [String],
+    pub devices: &'a [DeviceState],
+    /// Every sequencer's store; the first is the reference the others must equal.
+    pub stores: &'a [StoreDump],
+    /// Every `CHAT_MSGS` entry.
+    pub stream: &'a [StreamEntry],
+    /// (instance, ms since the epoch): that instance must not have stamped anything after it.
+    pub forbidden_after: &'a [(String, u64)],
+    pub takeover_ms: Option<u64>,
+}
+
+/// The summary and every violation found.
+#[derive(Debug, Clone, Default)]
+pub struct Findings {
+    pub summary: Summary,
+    pub violations: Vec<String>,
+}
+
+/// Keeps at most `max` examples of one kind of violation.
+fn examples<T: fmt::Debug>(items: &[T], max: usize) -> String {
+    let shown: Vec<String> = items.iter().take(max).map(|i| format!("{i:?}")).collect();
+    if items.len() > max {
+        format!("{} … ({} in all)", shown.join(", "), items.len())
+    } else {
+        shown.join(", ")
+    }
+}
+
+pub fn check(input: &CheckInput<'_>) -> Findings {
+    let mut v: Vec<String> = Vec::new();
+    let mut summary = Summary {
+        scenario: input.scenario.to_owned(),
+        takeover_ms: input.takeover_ms,
+        ..Default::default()
+    };
+    let Some(reference) = input.stores.first() else {
+        v.push("no store to check".into());
+        return Findings {
+            summary,
+            violations: v,
+        };
+    };
+
+    // Stores: dense seqs, and all alike.
+    for store in input.stores {
+        for (conv, msgs) in &store.messages {
+            let seqs: Vec<u64> = msgs.iter().map(|m| m.seq).collect();
+            let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+            if seqs != expected {
+                let set: BTreeSet<u64> = seqs.iter().copied().collect();
+                let max = seqs.iter().copied().max().unwrap_or(0);
+                let holes: Vec<u64> = (1..=max).filter(|s| !set.contains(s)).collect();
+                summary.gaps += holes.len() as u64;
+                v.push(format!(
+                    "{}: {conv} seqs are not dense 1..n: holes {}, {} seqs for {} distinct",
+                    store.name,
+                    examples(&holes, 10),
+                    seqs.len(),
+                    set.len()
+                ));
+            }
+            if msgs.iter().any(|m| m.conv != *conv) {
+                v.push(format!(
+                    "{}: a page of {conv} holds another conversation",
+                    store.name
+                ));
+            }
+        }
+    }
+    for other in &input.stores[1..] {
+        for conv in input.convs {
+            let (a, b) = (&reference.messages[conv], &other.messages[conv]);
+            if a != b {
+                let diff: Vec<u64> = a
+                    .iter()
+                    .zip(b)
+                    .filter(|(x, y)| x != y)
+                    .map(|(x, _)| x.seq)
+                    .collect();
+                v.push(format!(
+                    "stores disagree on {conv}: {} has {} messages, {} has {}; differing seqs {}",
+                    reference.name,
+                    a.len(),
+                    other.name,
+                    b.len(),
+                    examples(&diff, 10)
+                ));
+            }
+            if reference.marks[conv] != other.marks[conv] {
+                v.push(format!(
+                    "stores disagree on the watermarks of {conv}: {} {:?}, {} {:?}",
+                    reference.name, reference.marks[conv], other.name, other.marks[conv]
+                ));
+            }
+        }
+        if reference.user_convs != other.user_convs {
+            v.push(format!(
+                "stores disagree on the user conversation index ({} vs {})",
+                reference.name, other.name
+            ));
+        }
+    }
+    let last_stream_seq = input.stream.last().map_or(0, |e| e.stream_seq);
+    for store in input.stores {
+        if store.applied != last_stream_seq {
+            v.push(format!(
+                "{} applied the stream up to {}, the stream ends at {last_stream_seq}",
+                store.name, store.applied
+            ));
+        }
+        for user in input.users {
+            let want: BTreeMap<&str, u64> = input
+                .convs
+                .iter()
+                .filter(|c| is_member(c, user))
+                .map(|c| (c.as_str(), store.messages[c].len() as u64))
+                .filter(|(_, n)| *n > 0)
+                .collect();
+            let got: BTreeMap<&str, u64> = store.user_convs[user]
+                .iter()
+                .map(|s| (s.conv.as_str(), s.latest))
+                .collect();
+            if want != got {
+                v.push(format!(
+                    "{}: the conversation index of {user} lists {got:?}, expected {want:?}",
+                    store.name
+                ));
+            }
+        }
+    }
+
+    // The stream: each (conv, seq) stamped once, and exactly what the store holds.
+    let mut stamped: BTreeMap<(String, u64), Vec<&StreamEntry>> = BTreeMap::new();
+    for e in input.stream {
+        match &e.event {
+            Event::Message(m) => stamped.entry((m.conv.clone(), m.seq)).or_default().push(e),
+            Event::Receipt(_) => {}
+            Event::Other(what) => v.push(format!(
+                "CHAT_MSGS #{} on {} is neither a message nor a receipt: {what}",
+                e.stream_seq, e.subject
+            )),
+        }
+    }
+    let twice: Vec<&(String, u64)> = stamped
+        .iter()
+        .filter(|(_, es)| es.len() > 1)
+        .map(|(k, _)| k)
+        .collect();
+    if !twice.is_empty() {
+        v.push(format!(
+            "CHAT_MSGS holds these (conv, seq) more than once: {}",
+            examples(&twice, 10)
+        ));
+    }
+    let mut stream_vs_store = Vec::new();
+    let mut stored_count = 0;
+    for (conv, msgs) in &reference.messages {
+        stored_count += msgs.len();
+        for m in msgs {
+            let same = stamped.get(&(conv.clone(), m.seq)).is_some_and(|es| {
+                es.iter().any(|e| {
+                    e.stream_seq == m.stream_seq
+                        && e.message().is_some_and(|s| {
+                            s.from == m.from
+                                && s.id == m.client_id
+                                && s.body == m.body
+                                && s.ts == m.ts_ms
+                        })
+                })
+            });
+            if !same {
+                stream_vs_store.push((conv.clone(), m.seq));
+            }
+        }
+    }
+    let in_stream = stamped
+        .keys()
+        .filter(|(c, _)| reference.messages.contains_key(c))
+        .count();
+    if !stream_vs_store.is_empty() || in_stream != stored_count {
+        v.push(format!(
+            "store and CHAT_MSGS differ: {in_stream} stamped, {stored_count} stored; stored \
+             messages not matching the stream: {}",
+            examples(&stream_vs_store, 10)
+        ));
+    }
+    summary.stored = stored_count;
+
+    // Exactly once, nothing invented.
+    let mut stored_by_key: HashMap<(&str, &str, &str), Vec<u64>> = HashMap::new();
+    for (conv, msgs) in &reference.messages {
+        for m in msgs {
+            stored_by_key
+                .entry((conv.as_str(), m.from.as_str(), m.client_id.as_str()))
+                .or_default()
+                .push(m.seq);
+        }
+    }
+    let mut sent_keys = BTreeSet::new();
+    let (mut never_acked, mut lost, mut stored_twice) = (Vec::new(), Vec::new(), Vec::new());
+    for d in input.devices {
+        for s in &d.sends {
+            summary.sent += 1;
+            let key = (s.conv.as_str(), d.spec.user.as_str(), s.id.as_str());
+            sent_keys.insert(key);
+            if s.acked {
+                summary.acked += 1;
+            } else {
+                never_acked.push(format!("{} {}", s.conv, s.id));
+            }
+            match stored_by_key.get(&key).map(Vec::len) {
+                None | Some(0) if s.acked => lost.push(format!("{} {}", s.conv, s.id)),
+                Some(n) if n > 1 => stored_twice.push(format!("{} {} x{n}", s.conv, s.id)),
+                _ => {}
+            }
+        }
+    }
+    if !never_acked.is_empty() {
+        v.push(format!(
+            "sends never acknowledged: {}",
+            examples(&never_acked, 10)
+        ));
+    }
+    if !lost.is_empty() {
+        v.push(format!(
+            "acknowledged but not stored: {}",
+            examples(&lost, 10)
+        ));
+    }
+    if !stored_twice.is_empty() {
+        v.push(format!(
+            "stored more than once: {}",
+            examples(&stored_twice, 10)
+        ));
+    }
+    let invented: Vec<_> = stored_by_key
+        .keys()
+        .filter(|k| !sent_keys.contains(*k))
+        .collect();
+    if !invented.is_empty() {
+        v.push(format!(
+            "stored but never sent: {}",
+            examples(&invented, 10)
+        ));
+    }
+
+    // Each sender device's order.
+    for d in input.devices {
+        let mut by_conv: BTreeMap<&str, Vec<(&str, Option<u64>)>> = BTreeMap::new();
+        for s in &d.sends {
+            let key = (s.conv.as_str(), d.spec.user.as_str(), s.id.as_str());
+            let seq = stored_by_key
+                .get(&key)
+                .and_then(|seqs| seqs.first().copied());
+            by_conv.entry(&s.conv).or_default().push((&s.id, seq));
+        }
+        for (conv, sends) in by_conv {
+            let seqs: Vec<(&str, u64)> = sends
+                .iter()
+                .filter_map(|(id, seq)| seq.map(|s| (*id, s)))
+                .collect();
+            let reordered: Vec<_> = seqs.windows(2).filter(|w| w[0].1 >= w[1].1).collect();
+            if !reordered.is_empty() {
+                v.push(format!(
+                    "{}: messages to {conv} stamped out of the order they were sent: {}",
+                    d.name(),
+                    examples(&reordered, 5)
+                ));
+            }
+        }
+    }
+
+    // Every device of every member has everything, once.
+    for d in input.devices {
+        summary.duplicates += d.stats.duplicates_shown;
+        summary.raw_duplicate_pushes += d.stats.raw_duplicate_pushes;
+        summary.resent += d.stats.resent;
+        for p in &d.problems {
+            v.push(format!("client saw: {p}"));
+        }
+        for (conv, view) in &d.convs {
+            summary.delivered += view.shown.len();
+            let stored = &reference.messages[conv];
+            let mut missing = Vec::new();
+            let mut different = Vec::new();
+            for m in stored {
+                match view.shown.get(&m.seq) {
+                    None => missing.push(m.seq),
+                    Some(s) => {
+                        let same = s.from == m.from
+                            && s.id == m.client_id
+                            && s.body == m.body
+                            && s.ts == m.ts_ms;
+                        if !same {
+                            different.push(m.seq);
+                        }
+                    }
+                }
+            }
+            let extra: Vec<u64> = view
+                .shown
+                .keys()
+                .filter(|s| **s == 0 || **s > stored.len() as u64)
+                .copied()
+                .collect();
+            summary.gaps += missing.len() as u64;
+            if !missing.is_empty() {
+                v.push(format!(
+                    "{} never got {conv} {} (has up to {}, heard of {})",
+                    d.name(),
+                    examples(&missing, 10),
+                    view.contiguous,
+                    view.latest_known
+                ));
+            }
+            if !different.is_empty() || !extra.is_empty() {
+                v.push(format!(
+                    "{} shows {conv} messages that differ from the store {} or are not stored {}",
+                    d.name(),
+                    examples(&different, 10),
+                    examples(&extra, 10)
+                ));
+            }
+        }
+    }
+
+    // Receipts.
+    for conv in input.convs {
+        let n = reference.messages[conv].len() as u64;
+        let stored_marks = |user: &str| {
+            reference.marks[conv]
+                .iter()
+                .find(|m| m.user == user)
+                .map_or((0, 0), |m| (m.delivered, m.read))
+        };
+        let id = ConvId::parse(conv).expect("conv id");
+        for member in id.members() {
+            let user = member.as_str();
+            let own = reference.messages[conv]
+                .iter()
+                .filter(|m| m.from == user)
+                .map(|m| m.seq)
+                .max()
+                .unwrap_or(0);
+            let devices = input.devices.iter().filter(|d| d.spec.user == user);
+            let (mut read, mut delivered) = (own, own);
+            for d in devices {
+                if let Some(view) = d.convs.get(conv) {
+                    read = read.max(view.read_sent);
+                    delivered = delivered.max(view.delivered_sent).max(view.read_sent);
+                }
+            }
+            let want = (delivered.min(n), read.min(n));
+            let have = stored_marks(user);
+            if have != want {
+                v.push(format!(
+                    "{conv}: {user}'s stored (delivered, read) is {have:?}, but the user \
+                     acknowledged {want:?}"
+                ));
+            }
+        }
+        for d in input.devices {
+            let Some(view) = d.convs.get(conv) else {
+                continue;
+            };
+            for member in id.members() {
+                let seen = view.marks.get(member.as_str()).copied().unwrap_or((0, 0));
+                let have = stored_marks(member.as_str());
+                if seen != have {
+                    v.push(format!(
+                        "{} sees {member} in {conv} at {seen:?}, the store has {have:?}",
+                        d.name()
+                    ));
+                }
+            }
+        }
+    }
+
+    // Fenced instances.
+    for (instance, after) in input.forbidden_after {
+        let late: Vec<String> = input
+            .stream
+            .iter()
+            .filter(|e| e.stamper.as_deref() == Some(instance.as_str()) && e.time_ms > *after)
+            .map(|e| {
+                format!(
+                    "#{} {} at +{} ms",
+                    e.stream_seq,
+                    e.subject,
+                    e.time_ms - after
+                )
+            })
+            .collect();
+        if !late.is_empty() {
+            v.push(format!(
+                "{instance} stamped after it was superseded: {}",
+                examples(&late, 10)
+            ));
+        }
+    }
+
+    Findings {
+        summary,
+        violations: v,
+    }
+}
+
+fn is_member(conv: &str, user: &str) -> bool {
+    ConvId::parse(conv).is_ok_and(|c| c.members().iter().any(|m| m.as_str() == user))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The checker must not pass vacuously: each test breaks one guarantee in an otherwise
+    //! clean world and expects a violation naming it.
+
+    use std::time::Duration;
+
+    use chat_protocol::frames::Message;
+
+    use super::*;
+    use crate::{audit::STAMPER_HEADER, client::DeviceSpec};
+
+    const CONV: &str = "dm~ann~ben";
+
+    fn spec(user: &str) -> DeviceSpec {
+        DeviceSpec {
+            user: user.into(),
+            device: "phone".into(),
+            convs: vec![CONV.into()],
+            sends: true,
+            send_interval: Duration::from_millis(100),
+            window: 1,
+            dup_before_ack: 0.0,
+            dup_after_ack: 0.0,
+            reader: true,
+            reads_during_traffic: false,
+            first_gateway: 0,
+            seed: 1,
+        }
+    }
+
+    fn stored(seq: u64, from: &str, id: &str) -> StoredMessage {
+        StoredMessage {
+            conv: CONV.into(),
+            seq,
+            from: from.into(),
+            client_id: id.into(),
+            ts_ms: 1000 + seq,
+            body: format!("body {id}"),
+            stream_seq: seq,
+        }
+    }
+
+    fn frame(m: &StoredMessage) -> Message {
+        Message {
+            conv: m.conv.clone(),
+            seq: m.seq,
+            from: m.from.clone(),
+            id: m.client_id.clone(),
+            ts: m.ts_ms,
+            body: m.body.clone(),
+        }
+    }
+
+    struct World {
+        devices: Vec<DeviceState>,
+        stores: Vec<StoreDump>,
+        stream: Vec<StreamEntry>,
+        users: Vec<String>,
+        convs: Vec<String>,
+    }
+
+    /// ann sends a1, a2; ben sends b1; everyone has everything and read everything.
+    fn clean() -> World {
+        let msgs = vec![
+            stored(1, "ann", "a1"),
+            stored(2, "ben", "b1"),
+            stored(3, "ann", "a2"),
+        ];
+        let mut devices = Vec::new();
+        for (user, ids) in [("ann", vec!["a1", "a2"]), ("ben", vec!["b1"])] {
+            let mut d = DeviceState::new(spec(user));
+            for id in ids {
+                d.record_acked_send(CONV, id);
+            }
+            for m in &msgs {
+                d.show(frame(m));
+            }
+            let view = d.convs.get_mut(CONV).unwrap();
+            view.delivered_sent = 3;
+            view.read_sent = 3;
+            view.marks.insert("ann".into(), (3, 3));
+            view.marks.insert("ben".into(), (3, 3));
+            devices.push(d);
+        }
+        let marks = vec![
+            Marks {
+                user: "ann".into(),
+                delivered: 3,
+                read: 3,
+            },
+            Marks {
+                user: "ben".into(),
+                delivered: 3,
+                read: 3,
+            },
+        ];
+        let summaries = |_: &str| {
+            vec![ConvSummary {
+                conv: CONV.into(),
+                latest: 3,
+                pos: 3,
+            }]
+        };
+        let store = StoreDump {
+            name: "seq-a".into(),
+            messages: BTreeMap::from([(CONV.to_owned(), msgs.clone())]),
+            marks: BTreeMap::from([(CONV.to_owned(), marks)]),
+            user_convs: BTreeMap::from([
+                ("ann".to_owned(), summaries("ann")),
+                ("ben".to_owned(), summaries("ben")),
+            ]),
+            applied: 3,
+        };
+        let mut other = store.clone();
+        other.name = "seq-b".into();
+        let stream = msgs
+            .iter()
+            .map(|m| StreamEntry {
+                stream_seq: m.stream_seq,
+                subject: format!("chat.msg.0.{CONV}"),
+                stamper: Some("seq-a".into()),
+                time_ms: m.ts_ms,
+                event: Event::Message(frame(m)),
+            })
+            .collect();
+        World {
+            devices,
+            stores: vec![store, other],
+            stream,
+            users: vec!["ann".into(), "ben".into()],
+            convs: vec![CONV.into()],
+        }
+    }
+
+    fn run(w: &World, forbidden: &[(String, u64)]) -> Findings {
+        check(&CheckInput {
+            scenario: "unit",
+            users: &w.users,
+            convs: &w.convs,
+            devices: &w.devices,
+            stores: &w.stores,
+            stream: &w.stream,
+            forbidden_after: forbidden,
+            takeover_ms: None,
+        })
+    }
+
+    fn expect(w: &World, needle: &str) {
+        let f = run(w, &[]);
+        assert!(
+            f.violations.iter().any(|v| v.contains(needle)),
+            "expected a violation containing {needle:?}, got {:#?}",
+            f.violations
+        );
+    }
+
+    #[test]
+    fn a_clean_world_passes_and_is_summarized() {
+        let w = clean();
+        let f = run(&w, &[]);
+        assert!(f.violations.is_empty(), "{:#?}", f.violations);
+        assert_eq!(
+            f.summary.to_string(),
+            "fault-summary scenario=unit sent=3 acked=3 stored=3 delivered=6 duplicates=0 \
+             raw_duplicate_pushes=0 gaps=0 resent=0 takeover_ms=-"
+        );
+        assert_eq!(STAMPER_HEADER, "Chat-Stamper");
+    }
+
+    #[test]
+    fn a_hole_in_the_store_is_a_gap() {
+        let mut w = clean();
+        for s in &mut w.stores {
+            s.messages.get_mut(CONV).unwrap().remove(1);
+        }
+        expect(&w, "not dense");
+        assert!(run(&w, &[]).summary.gaps >= 1);
+    }
+
+    #[test]
+    fn stores_that_disagree_are_reported() {
+        let mut w = clean();
+        w.stores[1].messages.get_mut(CONV).unwrap().pop();
+        expect(&w, "stores disagree");
+    }
+
+    #[test]
+    fn an_acked_message_missing_from_the_store_is_lost() {
+        let mut w = clean();
+        w.devices[0].record_acked_send(CONV, "a3");
+        expect(&w, "acknowledged but not stored");
+    }
+
+    #[test]
+    fn a_message_stored_twice_or_never_sent_is_reported() {
+        let mut w = clean();
+        for s in &mut w.stores {
+            let msgs = s.messages.get_mut(CONV).unwrap();
+            msgs.push(stored(4, "ann", "a1"));
+            msgs.push(stored(5, "ben", "never-sent"));
+        }
+        expect(&w, "stored more than once");
+        expect(&w, "stored but never sent");
+    }
+
+    #[test]
+    fn a_sender_order_inversion_is_reported() {
+        let mut w = clean();
+        w.devices[0].sends.reverse();
+        expect(&w, "out of the order they were sent");
+    }
+
+    #[test]
+    fn a_device_missing_a_message_is_a_gap() {
+        let mut w = clean();
+        w.devices[1].convs.get_mut(CONV).unwrap().shown.remove(&2);
+        expect(&w, "never got");
+        assert_eq!(run(&w, &[]).summary.gaps, 1);
+    }
+
+    #[test]
+    fn receipts_that_did_not_converge_are_reported() {
+        let mut w = clean();
+        w.devices[1]
+            .convs
+            .get_mut(CONV)
+            .unwrap()
+            .marks
+            .insert("ann".into(), (3, 2));
+        expect(&w, "sees ann");
+        let mut w = clean();
+        for d in &mut w.devices {
+            if d.spec.user == "ben" {
+                d.convs.get_mut(CONV).unwrap().read_sent = 2;
+            }
+        }
+        for s in &mut w.stores {
+            s.marks.get_mut(CONV).unwrap()[1].read = 3;
+        }
+        expect(&w, "ben's stored (delivered, read)");
+    }
+
+    #[test]
+    fn a_stamp_after_the_forbidden_moment_is_reported() {
+        let w = clean();
+        let f = run(&w, &[("seq-a".into(), 1002)]);
+        assert!(
+            f.violations
+                .iter()
+                .any(|v| v.contains("seq-a stamped after it was superseded")),
+            "{:#?}",
+            f.violations
+        );
+        assert!(run(&w, &[("seq-b".into(), 0)]).violations.is_empty());
+    }
+}
