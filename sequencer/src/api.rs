@@ -437,17 +437,11 @@ impl<S: MessageStore> Responder<S> {
             Err(err) if err.kind() == DirectGetErrorKind::NotFound => return Ok(()),
             Err(err) => return Err(CatchUpError::Stream(err.to_string())),
         };
-        let deadline = Instant::now() + self.catch_up;
-        loop {
-            let have = self.store.latest_seq(conv.as_str()).await?.unwrap_or(0);
-            if have >= want {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(CatchUpError::Behind { have, want });
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_until(self.catch_up, want, || async {
+            Ok(self.store.latest_seq(conv.as_str()).await?.unwrap_or(0))
+        })
+        .await
+        .map_err(CatchUpError::from)
     }
 
     /// Waits until the store applied everything `CHAT_MSGS` held when this was called. A
@@ -465,17 +459,39 @@ impl<S: MessageStore> Responder<S> {
             return Err(CatchUpError::Future { floor, last });
         }
         let want = last;
-        let deadline = Instant::now() + self.catch_up;
-        loop {
-            let have = self.store.applied_stream_seq().await?;
-            if have >= want {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                return Err(CatchUpError::Behind { have, want });
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        wait_until(self.catch_up, want, || self.store.applied_stream_seq())
+            .await
+            .map_err(CatchUpError::from)
+    }
+}
+
+/// Why [`wait_until`] gave up.
+pub(crate) enum Behind {
+    Store(chat_store::StoreError),
+    At { have: u64, want: u64 },
+}
+
+/// Polls `have` until it reaches `want`, for at most `limit`: how every reader of the local
+/// store waits for the follower (or the stamper) to catch up with the stream.
+pub(crate) async fn wait_until<F, Fut>(
+    limit: Duration,
+    want: u64,
+    mut have: F,
+) -> Result<(), Behind>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, chat_store::StoreError>>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        let have = have().await.map_err(Behind::Store)?;
+        if have >= want {
+            return Ok(());
         }
+        if Instant::now() >= deadline {
+            return Err(Behind::At { have, want });
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -489,6 +505,15 @@ enum CatchUpError {
     Behind { have: u64, want: u64 },
     #[error("position {floor} is beyond the stream's last sequence {last}")]
     Future { floor: u64, last: u64 },
+}
+
+impl From<Behind> for CatchUpError {
+    fn from(e: Behind) -> Self {
+        match e {
+            Behind::Store(e) => CatchUpError::Store(e),
+            Behind::At { have, want } => CatchUpError::Behind { have, want },
+        }
+    }
 }
 
 #[cfg(test)]

@@ -384,17 +384,14 @@ impl<S: MessageStore> Stamper<S> {
     }
 
     async fn wait_for_store(&self, conv: &ConvId, seq: u64) -> Result<(), StampError> {
-        let deadline = std::time::Instant::now() + STORE_CATCH_UP;
-        loop {
-            let have = self.store.latest_seq(conv.as_str()).await?.unwrap_or(0);
-            if have >= seq {
-                return Ok(());
-            }
-            if std::time::Instant::now() >= deadline {
-                return Err(StampError::StoreBehind { have, want: seq });
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        crate::api::wait_until(STORE_CATCH_UP, seq, || async {
+            Ok(self.store.latest_seq(conv.as_str()).await?.unwrap_or(0))
+        })
+        .await
+        .map_err(|e| match e {
+            crate::api::Behind::Store(e) => StampError::Store(e),
+            crate::api::Behind::At { have, want } => StampError::StoreBehind { have, want },
+        })
     }
 
     async fn load_stamped(&self, stream_seq: u64) -> Result<StoredMessage, StampError> {
