@@ -315,6 +315,8 @@ fn print_frame(frame: &ServerFrame) {
         | ServerFrame::Sent { .. }
         | ServerFrame::Sync { .. }
         | ServerFrame::Receipts { .. }
+        | ServerFrame::Conversations { .. }
+        | ServerFrame::GroupInfo { .. }
         | ServerFrame::Pong => {}
     }
 }

@@ -78,6 +78,7 @@ mod tests {
             id: "m1".into(),
             ts: 0,
             body: body.into(),
+            event: None,
         }
     }
 

@@ -593,6 +593,7 @@ mod tests {
                 id: id.into(),
                 ts: 1,
                 body: "hi".into(),
+                event: None,
             })
         };
         let mut sent = false;
@@ -649,6 +650,7 @@ mod tests {
                             id: "x".into(),
                             ts: 1,
                             body: "unrelated".into(),
+                            event: None,
                         }),
                         ServerFrame::Message(Message {
                             conv,
@@ -657,6 +659,7 @@ mod tests {
                             id,
                             ts: 2,
                             body,
+                            event: None,
                         }),
                     ];
                     for f in out {

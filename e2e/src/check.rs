@@ -492,7 +492,7 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
                 .map_or((0, 0), |m| (m.delivered, m.read))
         };
         let id = ConvId::parse(conv).expect("conv id");
-        for member in id.members() {
+        for member in id.direct_members().into_iter().flatten() {
             let user = member.as_str();
             let own = reference.messages[conv]
                 .iter()
@@ -521,7 +521,7 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
             let Some(view) = d.convs.get(conv) else {
                 continue;
             };
-            for member in id.members() {
+            for member in id.direct_members().into_iter().flatten() {
                 let seen = view.marks.get(member.as_str()).copied().unwrap_or((0, 0));
                 let have = stored_marks(member.as_str());
                 if seen != have {
@@ -564,7 +564,7 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
 }
 
 fn is_member(conv: &str, user: &str) -> bool {
-    ConvId::parse(conv).is_ok_and(|c| c.members().iter().any(|m| m.as_str() == user))
+    ConvId::parse(conv).is_ok_and(|c| c.direct_members().into_iter().flatten().any(|m| m.as_str() == user))
 }
 
 #[cfg(test)]
@@ -618,6 +618,7 @@ mod tests {
             id: m.client_id.clone(),
             ts: m.ts_ms,
             body: m.body.clone(),
+            event: None,
         }
     }
 

@@ -476,7 +476,10 @@ impl DeviceState {
                 }
             }
             ServerFrame::Error(e) => self.on_error(e, out),
-            ServerFrame::Pong | ServerFrame::Receipts { .. } => {}
+            ServerFrame::Pong
+            | ServerFrame::Receipts { .. }
+            | ServerFrame::Conversations { .. }
+            | ServerFrame::GroupInfo { .. } => {}
             ServerFrame::Hello { .. } => self.problem("a second hello".into()),
         }
     }

@@ -35,7 +35,7 @@ pub fn convs_of<'a>(convs: &'a [String], user: &str) -> Vec<&'a String> {
     convs
         .iter()
         .filter(|c| {
-            ConvId::parse(c).is_ok_and(|id| id.members().iter().any(|m| m.as_str() == user))
+            ConvId::parse(c).is_ok_and(|id| id.direct_members().into_iter().flatten().any(|m| m.as_str() == user))
         })
         .collect()
 }
@@ -308,7 +308,7 @@ impl Simulation {
                         for (conv, view) in &st.convs {
                             let want = latest.get(conv).copied().unwrap_or(0);
                             let id = ConvId::parse(conv).expect("conv id");
-                            for member in id.members() {
+                            for member in id.direct_members().into_iter().flatten() {
                                 let seen = view.marks.get(member.as_str()).copied();
                                 if seen.unwrap_or((0, 0)) != (want, want) {
                                     lag.push(format!(

@@ -464,9 +464,12 @@ async fn receipts_and_read_state_move_across_devices_and_sync_catches_up() {
         convs,
         vec![ConvState {
             conv: CONV.into(),
+            name: None,
+            member_count: 2,
             latest: 3,
             unread: 1,
             members: vec![marks("alice", 3, 3), marks("bob", 3, 2)],
+            left: None,
         }]
     );
 

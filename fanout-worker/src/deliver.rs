@@ -122,15 +122,16 @@ impl Deliverer {
         };
         let Some(m) = from else {
             // Receipts: every device of every member (the reader's other devices included).
-            for member in conv.members() {
+            for member in conv.direct_members().into_iter().flatten() {
                 self.push(member, None, &msg).await;
             }
             metrics::counter!("fanout_receipts_total").increment(1);
             return ack(&msg).await;
         };
         let recipients: Vec<&UserId> = conv
-            .members()
-            .iter()
+            .direct_members()
+            .into_iter()
+            .flatten()
             .filter(|u| u.as_str() != m.from)
             .collect();
         let outstanding = Arc::new(Outstanding {
@@ -138,7 +139,11 @@ impl Deliverer {
             failed: AtomicBool::new(false),
             msg: Mutex::new(None),
         });
-        for member in conv.members().iter().filter(|u| u.as_str() == m.from) {
+        for member in conv
+            .direct_members()
+            .into_iter()
+            .flatten()
+            .filter(|u| u.as_str() == m.from) {
             // The sender's own devices: no notification if none is connected.
             self.push(member, None, &msg).await;
         }

@@ -22,6 +22,7 @@ fn stamped(seq: u64) -> Vec<u8> {
         id: format!("m{seq}"),
         ts: 1,
         body: format!("body {seq}"),
+        event: None,
     }))
     .unwrap()
 }

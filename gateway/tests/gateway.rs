@@ -290,6 +290,7 @@ fn message_frame(conv: &str, seq: u64, body: &str) -> String {
         id: format!("b{seq}"),
         ts: 1,
         body: body.into(),
+        event: None,
     }))
     .unwrap()
 }
@@ -946,9 +947,12 @@ async fn sync_is_asked_for_the_user_with_a_clamped_limit_and_answered() {
     );
     let convs = vec![ConvState {
         conv: "dm~alice~bob".into(),
+        name: None,
+        member_count: 2,
         latest: 3,
         unread: 1,
         members: vec![marks("alice", 3, 2), marks("bob", 3, 3)],
+        left: None,
     }];
     let messages = vec![ChatMessage {
         conv: "dm~alice~bob".into(),
@@ -957,6 +961,7 @@ async fn sync_is_asked_for_the_user_with_a_clamped_limit_and_answered() {
         id: "b3".into(),
         ts: 7,
         body: "while you were away".into(),
+        event: None,
     }];
     gw.reply(
         &msg,
@@ -1130,6 +1135,7 @@ async fn history_range_is_asked_as_given() {
             id: format!("b{seq}"),
             ts: seq,
             body: "x".into(),
+            event: None,
         })
         .collect();
     gw.reply(

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::frames::{ConvState, ErrorFrame, MemberMarks, Message};
+use crate::frames::{
+    ConvInfo, ConvState, ErrorFrame, GroupMember, GroupOp, MemberMarks, Message,
+};
 
 /// What a gateway publishes to `chat.in.<conv>`: a client's send or receipt. Both go through the
 /// conversation's sequencer, which checks membership and orders them.
@@ -13,7 +15,32 @@ use crate::frames::{ConvState, ErrorFrame, MemberMarks, Message};
 pub enum Inbound {
     Send(InboundMessage),
     Receipt(InboundReceipt),
+    Group(InboundGroup),
 }
+
+/// A client's `group` frame. Deduplicated like a send ([`dedupe_id`] of its `id`), and
+/// stamped, when the sequencer accepts it, as a message carrying a
+/// [`GroupEvent`](crate::frames::GroupEvent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InboundGroup {
+    pub conv: String,
+    /// The member making the change.
+    pub from: String,
+    pub device: String,
+    /// Client message id of the `group` frame.
+    pub id: String,
+    pub op: GroupOp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<String>,
+}
+
+/// Longest group name, in bytes.
+pub const GROUP_NAME_MAX_BYTES: usize = 256;
+
+/// Default cap on a group's members (the sequencer's `group_max_members`).
+pub const GROUP_MAX_MEMBERS_DEFAULT: u32 = 1024;
 
 /// A client's `delivered` or `read` frame. Watermarks only grow, so receipts need no dedupe:
 /// applying one twice, or two out of order, ends in the same state.
@@ -150,4 +177,56 @@ pub struct PushNotification {
 /// The `Nats-Msg-Id` of a push notification: one per recipient per message.
 pub fn push_dedupe_id(user: &str, conv: &str, seq: u64) -> String {
     format!("push:{user}:{conv}:{seq}")
+}
+
+/// A conversation list request to `chat.api.conversations`, made by a gateway on behalf of
+/// `user` (the client's `conversations` frame).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConversationsRequest {
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    pub limit: u32,
+    /// Only groups (what a gateway subscribes to when a device connects).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub groups_only: bool,
+}
+
+/// The answer to a [`ConversationsRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum ConversationsReply {
+    Page {
+        convs: Vec<ConvInfo>,
+        more: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
+    },
+    Error(ErrorFrame),
+}
+
+/// Default and largest number of conversations in one `conversations` page.
+pub const CONVERSATIONS_PAGE_DEFAULT: u32 = 100;
+pub const CONVERSATIONS_PAGE_MAX: u32 = 500;
+
+/// A group's members, from `chat.api.group_info`: for a client's `group_info` frame (`user` set:
+/// it must be a member) or for a fan-out worker seeding its membership view (`user` absent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupInfoRequest {
+    pub conv: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+/// The answer to a [`GroupInfoRequest`]: the current members, as of the conversation's seq
+/// `seq` (every membership event up to `seq` is reflected, none after).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum GroupInfoReply {
+    Group {
+        name: String,
+        members: Vec<GroupMember>,
+        seq: u64,
+    },
+    Error(ErrorFrame),
 }

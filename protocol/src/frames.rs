@@ -58,8 +58,81 @@ pub enum ClientFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         seq: Option<u64>,
     },
+    /// Changes a group: create it, add or remove members, leave, rename, grant or take the admin
+    /// role. `id` is a client message id (the same namespace as `send`'s, reused on retry): the
+    /// change is answered `sent` once stored, and becomes a `message` with an `event` at its
+    /// place in the conversation's order. Refusals come as an `error` with this `id`.
+    Group {
+        op: GroupOp,
+        conv: String,
+        id: String,
+        /// The group's name (`create`, `rename`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        /// The users the operation is about (`create`: the initial members besides the creator;
+        /// `add`, `remove`, `promote`, `demote`).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        members: Vec<String>,
+    },
+    /// One page of the user's conversations (groups and one-to-one), ascending by id, starting
+    /// after `after`.
+    Conversations {
+        req: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// A group's name, members and admins.
+    GroupInfo { req: String, conv: String },
     /// Application-level heartbeat, for clients that cannot see WebSocket pings. Answered by `pong`.
     Ping,
+}
+
+/// What a `group` frame does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupOp {
+    /// Create the group `conv` (`g~<id>`) with `name` and `members`; the creator is its admin.
+    Create,
+    /// Admins only: add `members`.
+    Add,
+    /// Admins only: remove `members`.
+    Remove,
+    /// Leave the group.
+    Leave,
+    /// Any member: rename the group to `name`.
+    Rename,
+    /// Admins only: make `members` admins.
+    Promote,
+    /// Admins only: take the admin role from `members`.
+    Demote,
+}
+
+/// A change of a group, stamped in the conversation's order as the `event` of a `message`
+/// (whose `from` is the member who made it, `id` the client id of the `group` frame, `body`
+/// empty).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum GroupEvent {
+    /// The group was created by `from` (its first admin) with these other members.
+    Created { name: String, members: Vec<String> },
+    /// These users joined: they see the conversation from this seq on.
+    Added { members: Vec<String> },
+    /// These users were removed: this event is the last message they get or can read.
+    Removed { members: Vec<String> },
+    /// `from` left (this event is the last message it gets). When it was the last admin, `admin`
+    /// names the member who became admin in its place.
+    Left {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        admin: Option<String>,
+    },
+    /// The group was renamed.
+    Renamed { name: String },
+    /// These members became admins.
+    Promoted { members: Vec<String> },
+    /// These members are no longer admins.
+    Demoted { members: Vec<String> },
 }
 
 /// The frame types a client may send, as they appear in `type`.
@@ -70,6 +143,9 @@ pub const CLIENT_FRAME_TYPES: &[&str] = &[
     "read",
     "sync",
     "receipts",
+    "group",
+    "conversations",
+    "group_info",
     "ping",
 ];
 
@@ -86,8 +162,11 @@ pub struct Message {
     pub id: String,
     /// Server time in milliseconds since the Unix epoch, when the message was stamped.
     pub ts: u64,
-    /// Opaque body, never interpreted by the server.
+    /// Opaque body, never interpreted by the server (empty for group events).
     pub body: String,
+    /// Set on the group events: this message is a membership or name change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<GroupEvent>,
 }
 
 /// A member's receipt watermarks in a conversation. Pushed as the `receipt` frame whenever one of
@@ -115,12 +194,57 @@ pub struct MemberMarks {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConvState {
     pub conv: String,
+    /// The group's name (absent for one-to-one conversations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Number of current members.
+    #[serde(default)]
+    pub member_count: u32,
     /// Seq of the conversation's newest message.
     pub latest: u64,
     /// Messages after the user's read watermark (`latest - read`).
     pub unread: u64,
-    /// Every member's watermarks, the requesting user's included.
+    /// Every member's watermarks, the requesting user's included; for a group of more than
+    /// [`SYNC_MARKS_MAX_MEMBERS`] members only the requesting user's (ask `receipts` for all).
     pub members: Vec<MemberMarks>,
+    /// Set when the user is no longer a member: the seq of the event that removed it, the last
+    /// one it can see.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left: Option<u64>,
+}
+
+/// Groups larger than this list only the requesting user's watermarks in `sync`.
+pub const SYNC_MARKS_MAX_MEMBERS: u32 = 32;
+
+/// One conversation in a `conversations` answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConvInfo {
+    pub conv: String,
+    /// The group's name (absent for one-to-one conversations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Number of current members.
+    pub member_count: u32,
+    /// Seq of the newest message the user can see.
+    pub latest: u64,
+    /// Messages after the user's read watermark.
+    pub unread: u64,
+    /// Whether the user is an admin of the group.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
+    /// Set when the user is no longer a member (see [`ConvState::left`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left: Option<u64>,
+}
+
+/// A member of a group, in `group_info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupMember {
+    pub user: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub admin: bool,
+    /// Seq of the event that made it a member: it sees the conversation from there on.
+    pub joined: u64,
 }
 
 /// Limits the server enforces on this connection, announced in `hello`.
@@ -224,6 +348,23 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         read_by: Option<Vec<String>>,
     },
+    /// A page of the user's conversations, ascending by id; with `more`, ask again with
+    /// `after` = `next`.
+    Conversations {
+        req: String,
+        convs: Vec<ConvInfo>,
+        more: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<String>,
+    },
+    /// A group's name and current members, as of seq `seq`.
+    GroupInfo {
+        req: String,
+        conv: String,
+        name: String,
+        members: Vec<GroupMember>,
+        seq: u64,
+    },
     Error(ErrorFrame),
     Pong,
 }
@@ -245,6 +386,14 @@ pub enum ErrorCode {
     BodyTooLarge,
     /// The user is not a member of the conversation.
     NotMember,
+    /// The group operation needs the admin role.
+    NotAdmin,
+    /// The group would have more members than the server allows.
+    GroupFull,
+    /// `create` of a group that already exists.
+    AlreadyExists,
+    /// The group does not exist.
+    NotFound,
     /// The sender exceeded its send rate; `retry_after_ms` says when to retry.
     RateLimited,
     /// The message could not be stored right now; retry with the same `id`.
@@ -270,6 +419,10 @@ impl ErrorCode {
             Self::InvalidId => "invalid_id",
             Self::BodyTooLarge => "body_too_large",
             Self::NotMember => "not_member",
+            Self::NotAdmin => "not_admin",
+            Self::GroupFull => "group_full",
+            Self::AlreadyExists => "already_exists",
+            Self::NotFound => "not_found",
             Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",
             Self::InvalidToken => "invalid_token",
@@ -412,6 +565,22 @@ mod tests {
                 conv: "c".into(),
                 seq: Some(2),
             },
+            ClientFrame::Group {
+                op: GroupOp::Create,
+                conv: "g~team".into(),
+                id: "c1".into(),
+                name: Some("Team".into()),
+                members: vec!["bob".into()],
+            },
+            ClientFrame::Conversations {
+                req: "r".into(),
+                after: Some("dm~a~b".into()),
+                limit: Some(10),
+            },
+            ClientFrame::GroupInfo {
+                req: "r".into(),
+                conv: "g~team".into(),
+            },
             ClientFrame::Ping,
         ];
         assert_eq!(frames.len(), CLIENT_FRAME_TYPES.len());
@@ -438,11 +607,46 @@ mod tests {
             id: "m1".into(),
             ts: 1,
             body: "x".into(),
+            event: None,
         };
         let json = serde_json::to_string(&ServerFrame::Message(m.clone())).unwrap();
         assert!(json.starts_with(r#"{"type":"message","#), "{json}");
+        assert!(!json.contains("event"), "{json}");
         let back: ServerFrame = serde_json::from_str(&json).unwrap();
         assert_eq!(back, ServerFrame::Message(m));
+    }
+
+    #[test]
+    fn group_events_are_tagged_by_kind() {
+        let m = Message {
+            conv: "g~team".into(),
+            seq: 3,
+            from: "alice".into(),
+            id: "op1".into(),
+            ts: 1,
+            body: String::new(),
+            event: Some(GroupEvent::Added {
+                members: vec!["dave".into()],
+            }),
+        };
+        let v = serde_json::to_value(ServerFrame::Message(m.clone())).unwrap();
+        assert_eq!(v["event"]["kind"], "added");
+        assert_eq!(v["event"]["members"][0], "dave");
+        assert_eq!(
+            serde_json::from_value::<ServerFrame>(v).unwrap(),
+            ServerFrame::Message(m)
+        );
+        let f = ClientFrame::decode(
+            br#"{"type":"group","op":"leave","conv":"g~team","id":"x1"}"#,
+        )
+        .unwrap();
+        assert!(matches!(f, ClientFrame::Group { op: GroupOp::Leave, .. }));
+        assert_eq!(
+            ClientFrame::decode(br#"{"type":"group","op":"explode","conv":"g~t","id":"x"}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::InvalidFrame
+        );
     }
 
     #[test]
@@ -454,6 +658,10 @@ mod tests {
             ErrorCode::InvalidId,
             ErrorCode::BodyTooLarge,
             ErrorCode::NotMember,
+            ErrorCode::NotAdmin,
+            ErrorCode::GroupFull,
+            ErrorCode::AlreadyExists,
+            ErrorCode::NotFound,
             ErrorCode::RateLimited,
             ErrorCode::Unavailable,
             ErrorCode::InvalidToken,

@@ -20,7 +20,7 @@ pub enum IdError {
     #[error("{what} contains a character outside [A-Za-z0-9_-]")]
     BadChar { what: &'static str },
     #[error(
-        "conversation id must be `dm~<user>~<user>` with two different users in ascending order"
+        "conversation id must be `g~<id>` or `dm~<user>~<user>` with two different users in ascending order"
     )]
     BadConversation,
 }
@@ -86,21 +86,31 @@ token_id!(
     "client message id"
 );
 
-/// A conversation id.
+/// A conversation id: a one-to-one conversation or a group.
 ///
-/// Today every conversation is a one-to-one conversation named `dm~<a>~<b>`, where `a` and `b` are
-/// the two member user ids, different, in ascending byte order. Its membership is therefore the
-/// id itself: it exists implicitly, and is recorded by the sequencer at its first message.
+/// - `dm~<a>~<b>`: the one-to-one conversation of users `a` and `b`, different, in ascending byte
+///   order. Its membership is the id itself: it exists implicitly, from its first message.
+/// - `g~<id>`: a group, `<id>` being 1 to 64 bytes of `[A-Za-z0-9_-]` chosen by its creator (a
+///   random id, such as a UUID). Its members are whatever its stamped membership events made
+///   them; only the sequencer's store and the fan-out workers' views know them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConvId {
     id: String,
-    members: [UserId; 2],
+    direct: Option<[UserId; 2]>,
 }
 
 impl ConvId {
     const DM_PREFIX: &'static str = "dm~";
+    const GROUP_PREFIX: &'static str = "g~";
 
     pub fn parse(s: &str) -> Result<Self, IdError> {
+        if let Some(group) = s.strip_prefix(Self::GROUP_PREFIX) {
+            check_token(group, "group id")?;
+            return Ok(Self {
+                id: s.to_owned(),
+                direct: None,
+            });
+        }
         let rest = s
             .strip_prefix(Self::DM_PREFIX)
             .ok_or(IdError::BadConversation)?;
@@ -112,7 +122,7 @@ impl ConvId {
         }
         Ok(Self {
             id: s.to_owned(),
-            members: [a, b],
+            direct: Some([a, b]),
         })
     }
 
@@ -122,16 +132,30 @@ impl ConvId {
         Self::parse(&format!("{}{}~{}", Self::DM_PREFIX, lo, hi))
     }
 
+    /// The group conversation `g~<id>`.
+    pub fn group(id: &str) -> Result<Self, IdError> {
+        Self::parse(&format!("{}{id}", Self::GROUP_PREFIX))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.id
     }
 
-    pub fn members(&self) -> &[UserId] {
-        &self.members
+    /// Whether this is a group (`g~<id>`) rather than a one-to-one conversation.
+    pub fn is_group(&self) -> bool {
+        self.direct.is_none()
     }
 
-    pub fn is_member(&self, user: &UserId) -> bool {
-        self.members.contains(user)
+    /// The two members of a one-to-one conversation; `None` for a group, whose members only
+    /// the stamped membership events tell.
+    pub fn direct_members(&self) -> Option<&[UserId; 2]> {
+        self.direct.as_ref()
+    }
+
+    /// Whether `user` is one of the two members of this one-to-one conversation (always false
+    /// for a group: ask the membership instead).
+    pub fn is_direct_member(&self, user: &UserId) -> bool {
+        self.direct.as_ref().is_some_and(|m| m.contains(user))
     }
 }
 
@@ -179,8 +203,9 @@ mod tests {
         let c = ConvId::direct(&b, &a).unwrap();
         assert_eq!(c.as_str(), "dm~alice~bob");
         assert_eq!(ConvId::parse("dm~alice~bob").unwrap(), c);
-        assert!(c.is_member(&a) && c.is_member(&b));
-        assert!(!c.is_member(&UserId::parse("carol").unwrap()));
+        assert!(c.is_direct_member(&a) && c.is_direct_member(&b));
+        assert!(!c.is_direct_member(&UserId::parse("carol").unwrap()));
+        assert!(!c.is_group());
         for bad in [
             "dm~bob~alice",
             "dm~alice~alice",
@@ -195,5 +220,16 @@ mod tests {
             assert!(ConvId::parse(bad).is_err(), "{bad:?} must be refused");
         }
         assert!(ConvId::direct(&a, &a).is_err());
+    }
+
+    #[test]
+    fn group_ids_are_one_token() {
+        let g = ConvId::parse("g~team-1").unwrap();
+        assert!(g.is_group() && g.direct_members().is_none());
+        assert!(!g.is_direct_member(&UserId::parse("team-1").unwrap()));
+        assert_eq!(ConvId::group("team-1").unwrap(), g);
+        for bad in ["g~", "g~a.b", "g~a~b", "g~*", "g~>", "g~ x", &format!("g~{}", "x".repeat(65))] {
+            assert!(ConvId::parse(bad).is_err(), "{bad:?} must be refused");
+        }
     }
 }

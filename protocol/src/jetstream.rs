@@ -48,6 +48,14 @@ pub const CONSUMERS: &[Definition] = defs![
     "consumers/CHAT_MSGS/fanout-p5.json",
     "consumers/CHAT_MSGS/fanout-p6.json",
     "consumers/CHAT_MSGS/fanout-p7.json",
+    "consumers/CHAT_MSGS/fanout-g-p0.json",
+    "consumers/CHAT_MSGS/fanout-g-p1.json",
+    "consumers/CHAT_MSGS/fanout-g-p2.json",
+    "consumers/CHAT_MSGS/fanout-g-p3.json",
+    "consumers/CHAT_MSGS/fanout-g-p4.json",
+    "consumers/CHAT_MSGS/fanout-g-p5.json",
+    "consumers/CHAT_MSGS/fanout-g-p6.json",
+    "consumers/CHAT_MSGS/fanout-g-p7.json",
     "consumers/CHAT_PUSH/push-adapter.json",
 ];
 
@@ -62,6 +70,11 @@ pub fn sequencer_consumer(partition: u32) -> String {
 /// Name of the fan-out worker's durable consumer for a partition.
 pub fn fanout_consumer(partition: u32) -> String {
     format!("fanout-p{partition}")
+}
+
+/// Name of the fan-out worker's durable consumer for a partition's groups.
+pub fn fanout_group_consumer(partition: u32) -> String {
+    format!("fanout-g-p{partition}")
 }
 
 impl Definition {
@@ -401,6 +414,26 @@ mod tests {
                 serde_json::from_value(cfg["filter_subjects"].clone()).unwrap();
             assert_eq!(filters, subjects::stamped_partition_filters(p));
             assert_eq!(cfg["priority_groups"][0], subjects::FANOUT_GROUP);
+            let group = CONSUMERS
+                .iter()
+                .find(|d| {
+                    d.stream() == subjects::STREAM_STAMPED && d.name() == fanout_group_consumer(p)
+                })
+                .expect("group fan-out consumer per partition");
+            let cfg = group.config();
+            let filters: Vec<String> =
+                serde_json::from_value(cfg["filter_subjects"].clone()).unwrap();
+            assert_eq!(filters, subjects::group_partition_filters(p));
+            assert_eq!(cfg["priority_groups"][0], subjects::FANOUT_GROUP);
+        }
+        let stamped: Vec<String> =
+            serde_json::from_value(STREAMS[1].config()["subjects"].clone()).unwrap();
+        for conv in ["dm~a~b", "g~team"] {
+            let conv = crate::ids::ConvId::parse(conv).unwrap();
+            for subject in [subjects::stamped(&conv), subjects::receipts(&conv)] {
+                let prefix = subject.split('.').take(2).collect::<Vec<_>>().join(".");
+                assert!(stamped.contains(&format!("{prefix}.*.*")), "{subject}");
+            }
         }
         let push = STREAMS[2].config();
         assert_eq!(push["name"], subjects::STREAM_PUSH);
@@ -409,7 +442,7 @@ mod tests {
         let adapter = CONSUMERS.last().unwrap();
         assert_eq!(adapter.stream(), subjects::STREAM_PUSH);
         assert_eq!(adapter.name(), PUSH_CONSUMER);
-        assert_eq!(CONSUMERS.len() as u32, 2 * subjects::PARTITIONS + 1);
+        assert_eq!(CONSUMERS.len() as u32, 3 * subjects::PARTITIONS + 1);
     }
 
     #[test]

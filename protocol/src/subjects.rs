@@ -28,6 +28,12 @@ pub const SYNC_API: &str = "chat.api.sync";
 /// Request subject for receipt watermarks (payload: [`crate::api::ReceiptsRequest`]).
 pub const RECEIPTS_API: &str = "chat.api.receipts";
 
+/// Request subject for a user's conversation list (payload:
+/// [`crate::api::ConversationsRequest`]).
+pub const CONVERSATIONS_API: &str = "chat.api.conversations";
+/// Request subject for a group's members (payload: [`crate::api::GroupInfoRequest`]).
+pub const GROUP_INFO_API: &str = "chat.api.group_info";
+
 /// Where a gateway publishes a client's send or receipt: `chat.in.<conv>`. `CHAT_IN` rewrites it to
 /// `chat.inp.<partition>.<conv>` on ingest.
 pub fn inbound(conv: &ConvId) -> String {
@@ -39,19 +45,24 @@ pub fn inbound_partition_filter(partition: u32) -> String {
     format!("chat.inp.{partition}.*")
 }
 
-/// The stamped subject of a conversation: `chat.msg.<partition>.<conv>`. One subject per
-/// conversation, so `Nats-Expected-Last-Subject-Sequence` fences its stamper.
+/// The stamped subject of a conversation: `chat.msg.<partition>.<conv>` for one-to-one
+/// conversations, `chat.gmsg.<partition>.<conv>` for groups (so groups have fan-out consumers
+/// of their own, and a flooding group cannot hold up one-to-one delivery in JetStream). One
+/// subject per conversation, so `Nats-Expected-Last-Subject-Sequence` fences its stamper.
 pub fn stamped(conv: &ConvId) -> String {
-    format!("chat.msg.{}.{conv}", partition_of(conv))
+    let kind = if conv.is_group() { "gmsg" } else { "msg" };
+    format!("chat.{kind}.{}.{conv}", partition_of(conv))
 }
 
-/// The subject of a conversation's receipt events in `CHAT_MSGS`: `chat.rcpt.<partition>.<conv>`.
-/// Separate from [`stamped`], so receipts never move the stamping fence.
+/// The subject of a conversation's receipt events in `CHAT_MSGS`: `chat.rcpt.<partition>.<conv>`
+/// (`chat.grcpt.…` for groups). Separate from [`stamped`], so receipts never move the stamping
+/// fence.
 pub fn receipts(conv: &ConvId) -> String {
-    format!("chat.rcpt.{}.{conv}", partition_of(conv))
+    let kind = if conv.is_group() { "grcpt" } else { "rcpt" };
+    format!("chat.{kind}.{}.{conv}", partition_of(conv))
 }
 
-/// The filters of the fan-out consumer of one partition: its messages and its receipts.
+/// The filters of the one-to-one fan-out consumer of one partition: its messages and receipts.
 pub fn stamped_partition_filters(partition: u32) -> [String; 2] {
     [
         format!("chat.msg.{partition}.*"),
@@ -59,14 +70,29 @@ pub fn stamped_partition_filters(partition: u32) -> [String; 2] {
     ]
 }
 
-/// Whether a `CHAT_MSGS` subject carries receipts (`chat.rcpt.…`) rather than messages.
+/// The filters of the group fan-out consumer of one partition: its messages and receipts.
+pub fn group_partition_filters(partition: u32) -> [String; 2] {
+    [
+        format!("chat.gmsg.{partition}.*"),
+        format!("chat.grcpt.{partition}.*"),
+    ]
+}
+
+/// Whether a `CHAT_MSGS` subject carries receipts (`chat.rcpt.…`, `chat.grcpt.…`) rather than
+/// messages.
 pub fn is_receipt_subject(subject: &str) -> bool {
-    subject.starts_with("chat.rcpt.")
+    subject.starts_with("chat.rcpt.") || subject.starts_with("chat.grcpt.")
 }
 
 /// Where offline push notifications for `user` go: `chat.push.<user>` in `CHAT_PUSH`.
 pub fn push(user: &UserId) -> String {
     format!("chat.push.{user}")
+}
+
+/// Core NATS subject of a large group: a fan-out worker publishes each of its events here once,
+/// and every gateway with a connected member subscribes (see `nats/README.md`, "Groups").
+pub fn group(conv: &ConvId) -> String {
+    format!("chat.grp.{conv}")
 }
 
 /// Core NATS subject on which every device of `user` receives its pushes.
@@ -113,6 +139,14 @@ mod tests {
         assert!(stamped_partition_filters(p).contains(&format!("chat.rcpt.{p}.*")));
         assert_eq!(push(&UserId::parse("bob").unwrap()), "chat.push.bob");
         assert_eq!(split_partitioned("chat.inp.3.dm~a~b"), Some((3, "dm~a~b")));
+        let g = ConvId::parse("g~team").unwrap();
+        let (gm, gr) = (stamped(&g), receipts(&g));
+        assert!(gm.starts_with("chat.gmsg.") && gr.starts_with("chat.grcpt."));
+        assert!(is_receipt_subject(&gr) && !is_receipt_subject(&gm));
+        assert_eq!(split_partitioned(&gm), Some((partition_of(&g), "g~team")));
+        assert_eq!(group(&g), "chat.grp.g~team");
+        let pg = partition_of(&g);
+        assert!(group_partition_filters(pg).contains(&format!("chat.gmsg.{pg}.*")));
         assert_eq!(split_partitioned("chat.inp.x.dm~a~b"), None);
         assert_eq!(split_partitioned("chat.inp"), None);
     }

@@ -125,7 +125,7 @@ fn parse_member(user: &str, conv: &str) -> Result<(UserId, ConvId), Refusal> {
             "invalid conversation or user id",
         ));
     };
-    if !conv.is_member(&user) {
+    if !conv.is_direct_member(&user) {
         return Err(not_member());
     }
     Ok((user, conv))
@@ -161,8 +161,9 @@ mod token {
 
 /// Every member's marks (members without stored marks at 0), in member order.
 fn all_marks(conv: &ConvId, stored: Vec<chat_store::Marks>) -> Vec<MemberMarks> {
-    conv.members()
-        .iter()
+    conv.direct_members()
+        .into_iter()
+        .flatten()
         .map(|u| {
             let m = stored.iter().find(|m| m.user == u.as_str());
             MemberMarks {
@@ -182,6 +183,7 @@ fn to_frame(m: StoredMessage) -> Message {
         id: m.client_id,
         ts: m.ts_ms,
         body: m.body,
+        event: None,
     }
 }
 
@@ -377,9 +379,12 @@ impl<S: MessageStore> Responder<S> {
                 .map_or(0, |m| m.read);
             convs.push(ConvState {
                 conv: summary.conv.clone(),
+                name: None,
+                member_count: 2,
                 latest: summary.latest,
                 unread: summary.latest.saturating_sub(read),
                 members,
+                left: None,
             });
             let cursor = req.cursors.get(&summary.conv).copied().unwrap_or(0);
             if summary.latest <= cursor {

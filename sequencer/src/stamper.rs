@@ -174,13 +174,14 @@ impl<S: MessageStore> Stamper<S> {
                 (&m.conv, &m.from, Some(&m.id))
             }
             Inbound::Receipt(r) => (&r.conv, &r.user, None),
+            Inbound::Group(g) => (&g.conv, &g.from, Some(&g.id)),
         };
         let conv = ConvId::parse(conv)?;
         let from = UserId::parse(from)?;
         if subjects::split_partitioned(&msg.subject) != Some((partition, conv.as_str())) {
             return Err(Reject::SubjectMismatch);
         }
-        if !conv.is_member(&from) {
+        if !conv.is_direct_member(&from) {
             return Err(Reject::NotMember {
                 from,
                 conv: conv.to_string(),
@@ -190,6 +191,7 @@ impl<S: MessageStore> Stamper<S> {
         let valid = match inbound {
             Inbound::Send(m) => Valid::Send(m),
             Inbound::Receipt(r) => Valid::Receipt(r),
+            Inbound::Group(_) => return Err(Reject::Undecodable("groups: in progress".into())),
         };
         Ok((valid, conv))
     }
@@ -231,6 +233,7 @@ impl<S: MessageStore> Stamper<S> {
                 id: inbound.id.clone(),
                 ts: chat_protocol::now_ms(),
                 body: inbound.body.clone(),
+                event: None,
             };
             let payload =
                 serde_json::to_vec(&ServerFrame::Message(message.clone())).expect("frame encodes");
@@ -444,7 +447,9 @@ pub fn decode_receipt(payload: &[u8], stream_seq: u64) -> Result<StoredReceipt, 
 
 /// The users whose conversation index a change of `conv` touches.
 pub fn members(conv: &ConvId) -> Vec<String> {
-    conv.members().iter().map(|u| u.to_string()).collect()
+    conv.direct_members()
+        .map(|m| m.iter().map(|u| u.to_string()).collect())
+        .unwrap_or_default()
 }
 
 /// The store record of a stamped message.
