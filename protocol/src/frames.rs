@@ -232,6 +232,9 @@ pub struct ConvInfo {
     /// Whether the user is an admin of the group.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub admin: bool,
+    /// Seq from which the user sees the conversation (1 for one-to-one conversations and
+    /// founding members; the seq of the `added` event otherwise).
+    pub joined: u64,
     /// Set when the user is no longer a member (see [`ConvState::left`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub left: Option<u64>,
