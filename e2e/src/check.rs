@@ -607,6 +607,7 @@ mod tests {
             ts_ms: 1000 + seq,
             body: format!("body {id}"),
             stream_seq: seq,
+            event: None,
         }
     }
 
@@ -665,13 +666,7 @@ mod tests {
                 read: 3,
             },
         ];
-        let summaries = |_: &str| {
-            vec![ConvSummary {
-                conv: CONV.into(),
-                latest: 3,
-                pos: 3,
-            }]
-        };
+        let summaries = |_: &str| vec![chat_store::conformance::summary(CONV, 3, 3)];
         let store = StoreDump {
             name: "seq-a".into(),
             messages: BTreeMap::from([(CONV.to_owned(), msgs.clone())]),

@@ -462,5 +462,8 @@ pub fn stored(m: Message, stream_seq: u64) -> StoredMessage {
         ts_ms: m.ts,
         body: m.body,
         stream_seq,
+        event: m
+            .event
+            .map(|e| serde_json::to_string(&e).expect("event encodes")),
     }
 }

@@ -25,8 +25,8 @@ use std::future::Future;
 use std::sync::Arc;
 
 use crate::{
-    Change, ConvSummary, MAX_PAGE_LIMIT, Marks, MessageStore, Page, PageQuery, StoreErrorKind,
-    StoredMessage, StoredReceipt, UserConversations,
+    Change, ConvSummary, GroupChange, MAX_PAGE_LIMIT, Marks, Member, MessageStore, Page, PageQuery,
+    StoreErrorKind, StoredMessage, StoredReceipt, UserConversations,
 };
 
 /// Runs every conformance case, each against a fresh store from `make`.
@@ -70,6 +70,9 @@ where
     conflict_writes_no_receipts_or_index(make().await).await;
     apply_through_only(make().await).await;
     concurrent_receipts_converge(make().await).await;
+    group_membership_follows_events(make().await).await;
+    group_changes_apply_once(make().await).await;
+    group_index_follows_conversation_until_leave(make().await).await;
 }
 
 /// Builds a message with deterministic, seq-derived fields.
@@ -82,6 +85,7 @@ pub fn msg(conv: &str, seq: u64, from: &str, client_id: &str, stream_seq: u64) -
         ts_ms: 1_700_000_000_000 + seq,
         body: format!("body of {conv}/{seq}"),
         stream_seq,
+        event: None,
     }
 }
 
@@ -178,6 +182,7 @@ pub async fn round_trip_preserves_fields<S: MessageStore>(store: S) {
         ts_ms: u64::MAX,
         body: "héllo \u{1F600} \"quoted\" \\ \n\t\0 {\"json\": true}".into(),
         stream_seq: u64::MAX - 1,
+        event: Some(r#"{"kind":"renamed","name":"x\u00e9"}"#.into()),
     };
     let empty = StoredMessage {
         seq: 2,
@@ -185,6 +190,7 @@ pub async fn round_trip_preserves_fields<S: MessageStore>(store: S) {
         ts_ms: 0,
         body: String::new(),
         stream_seq: 1,
+        event: None,
         ..odd.clone()
     };
     let big = StoredMessage {
@@ -728,11 +734,18 @@ pub async fn concurrent_appends<S: MessageStore>(store: S) {
     assert_eq!(store.applied_stream_seq().await.unwrap(), 7 * 1000 + 20);
 }
 
-fn summary(conv: &str, latest: u64, pos: u64) -> ConvSummary {
+/// The summary of a one-to-one conversation (no name, no counted members,
+/// seen from seq 1).
+pub fn summary(conv: &str, latest: u64, pos: u64) -> ConvSummary {
     ConvSummary {
         conv: conv.to_owned(),
         latest,
         pos,
+        name: String::new(),
+        member_count: 0,
+        joined: 1,
+        left: None,
+        admin: false,
     }
 }
 
@@ -1471,4 +1484,206 @@ pub async fn concurrent_receipts_converge<S: MessageStore>(store: S) {
         let page = store.user_conversations(user, 0, None, 10).await.unwrap();
         assert_eq!(page.convs, vec![summary("shared", 0, 7 * 100 + 20)]);
     }
+}
+
+fn users(names: &[&str]) -> Vec<String> {
+    names.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn member(user: &str, joined: u64, left: Option<u64>, admin: bool) -> Member {
+    Member {
+        user: user.to_owned(),
+        joined,
+        left,
+        admin,
+    }
+}
+
+/// The first events of group `g`: created by alice (admin) with bob and carol
+/// at seq 1, a message by bob at 2, dave added at 3, carol removed at 4, bob
+/// promoted and the group renamed at 5 and 6. Stream seqs are 100 + seq.
+fn group_history() -> Vec<Change> {
+    let event = |seq, from: &str, group: Vec<GroupChange>| {
+        let mut m = msg("g", seq, from, &format!("e{seq}"), 100 + seq);
+        m.event = Some(format!("event {seq}"));
+        Change::group_message(m, group)
+    };
+    vec![
+        event(
+            1,
+            "alice",
+            vec![
+                GroupChange::Join {
+                    users: users(&["alice"]),
+                    admin: true,
+                },
+                GroupChange::Join {
+                    users: users(&["bob", "carol"]),
+                    admin: false,
+                },
+                GroupChange::Rename {
+                    name: "Team".into(),
+                },
+            ],
+        ),
+        Change::group_message(msg("g", 2, "bob", "b2", 102), vec![]),
+        event(
+            3,
+            "alice",
+            vec![GroupChange::Join {
+                users: users(&["dave"]),
+                admin: false,
+            }],
+        ),
+        event(
+            4,
+            "alice",
+            vec![GroupChange::Leave {
+                users: users(&["carol"]),
+            }],
+        ),
+        event(
+            5,
+            "alice",
+            vec![GroupChange::Admin {
+                users: users(&["bob"]),
+                admin: true,
+            }],
+        ),
+        event(
+            6,
+            "bob",
+            vec![GroupChange::Rename {
+                name: "Team 2".into(),
+            }],
+        ),
+    ]
+}
+
+/// Group changes make members join at their event's seq, leave at theirs,
+/// gain the admin role and rename the group; the count follows.
+pub async fn group_membership_follows_events<S: MessageStore>(store: S) {
+    apply_each(&store, group_history()).await;
+    assert_eq!(
+        store.members("g").await.unwrap(),
+        vec![
+            member("alice", 1, None, true),
+            member("bob", 1, None, true),
+            member("carol", 1, Some(4), false),
+            member("dave", 3, None, false),
+        ]
+    );
+    assert_eq!(
+        store.member("g", "dave").await.unwrap(),
+        Some(member("dave", 3, None, false))
+    );
+    assert_eq!(store.member("g", "erin").await.unwrap(), None);
+    let meta = store.conversation("g").await.unwrap().unwrap();
+    assert_eq!(
+        (meta.name.as_str(), meta.member_count, meta.pos),
+        ("Team 2", 3, 106)
+    );
+    assert_eq!(store.conversation("nope").await.unwrap(), None);
+    // The event text is stored with its message.
+    let (page, _) = page(&store, "g", after(0, 10)).await;
+    assert_eq!(page, vec![1, 2, 3, 4, 5, 6]);
+    let stored = store.page("g", after(2, 1)).await.unwrap();
+    assert_eq!(stored.messages[0].event.as_deref(), Some("event 3"));
+
+    // Leaving and joining again starts a new membership at the new seq.
+    let mut m = msg("g", 7, "alice", "e7", 107);
+    m.event = Some("event 7".into());
+    store
+        .apply(
+            vec![Change::group_message(
+                m,
+                vec![GroupChange::Join {
+                    users: users(&["carol", "bob"]),
+                    admin: false,
+                }],
+            )],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.member("g", "carol").await.unwrap(),
+        Some(member("carol", 7, None, false))
+    );
+    // Bob was a member already: unchanged, still admin, counted once.
+    assert_eq!(
+        store.member("g", "bob").await.unwrap(),
+        Some(member("bob", 1, None, true))
+    );
+    assert_eq!(
+        store.conversation("g").await.unwrap().unwrap().member_count,
+        4
+    );
+}
+
+/// Re-applying a stored event (a redelivery, the follower confirming what the
+/// stamper stored) never repeats its membership effect.
+pub async fn group_changes_apply_once<S: MessageStore>(store: S) {
+    let history = group_history();
+    store.apply(history.clone(), None).await.unwrap();
+    // Again, in one batch and one by one.
+    store.apply(history.clone(), Some(106)).await.unwrap();
+    apply_each(&store, history).await;
+    let meta = store.conversation("g").await.unwrap().unwrap();
+    assert_eq!(meta.member_count, 3);
+    assert_eq!(
+        store.member("g", "carol").await.unwrap(),
+        Some(member("carol", 1, Some(4), false))
+    );
+}
+
+/// A group member's index entry follows the conversation (each change moves
+/// it, whatever the group's size) until the member leaves, when it freezes at
+/// its removal: a removed member's sync never lists later changes, and its
+/// latest seq is the removal.
+pub async fn group_index_follows_conversation_until_leave<S: MessageStore>(store: S) {
+    apply_each(&store, group_history()).await;
+    let listed = |user: &'static str, since| {
+        let store = &store;
+        async move {
+            store
+                .user_conversations(user, since, None, 10)
+                .await
+                .unwrap()
+                .convs
+        }
+    };
+    let dave = listed("dave", 0).await;
+    assert_eq!(
+        dave,
+        vec![ConvSummary {
+            conv: "g".into(),
+            latest: 6,
+            pos: 106,
+            name: "Team 2".into(),
+            member_count: 3,
+            joined: 3,
+            left: None,
+            admin: false,
+        }]
+    );
+    let carol = listed("carol", 0).await;
+    assert_eq!(
+        (carol[0].latest, carol[0].pos, carol[0].left),
+        (4, 104, Some(4))
+    );
+    // A receipt moves the members' entries (the conversation's position)...
+    store
+        .apply(
+            vec![Change::receipt(rcpt("g", "bob", 6, 6, 110), vec![])],
+            None,
+        )
+        .await
+        .unwrap();
+    assert_eq!(listed("alice", 106).await.len(), 1);
+    assert_eq!(listed("alice", 110).await.len(), 0);
+    // ... but not a removed member's.
+    assert!(listed("carol", 104).await.is_empty());
+    assert_eq!(listed("carol", 103).await[0].pos, 104);
+    assert!(listed("erin", 0).await.is_empty());
 }

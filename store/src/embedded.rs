@@ -10,13 +10,17 @@
 //! | `client_ids` | `(conv, from, client_id)`  | seq                           |
 //! | `latest_seq` | `conv`                     | highest stored seq            |
 //! | `marks`      | `(conv, user)`             | `(delivered, read)`           |
-//! | `user_convs` | `(user, conv)`             | index position (stream seq)   |
+//! | `user_convs` | `(user, conv)`             | index position (stream seq), or [`FOLLOW`] |
+//! | `members`    | `(conv, user)`             | `(joined, left or 0, admin)`  |
+//! | `convs`      | `conv`                     | `(position, member count, name)` |
 //! | `meta`       | `"applied_stream_seq"`     | highest applied stream seq    |
 //!
 //! `marks` keyed by conversation first lists a conversation's members with one
 //! range scan; `user_convs` keyed by user first lists a user's conversations
 //! the same way, in conversation id order (the paging order of
-//! [`MessageStore::user_conversations`]).
+//! [`MessageStore::user_conversations`]). A current group member's
+//! `user_convs` entry is [`FOLLOW`]: its position is the conversation's, in
+//! `convs`, so a group message writes one row however many members it has.
 
 use std::collections::HashMap;
 use std::ops::Bound;
@@ -29,8 +33,8 @@ use redb::{
 };
 
 use crate::{
-    Change, ConvSummary, Event, MAX_PAGE_LIMIT, Marks, MessageStore, Page, PageQuery, StoreError,
-    StoredMessage, StoredReceipt, UserConversations,
+    Change, ConvMeta, ConvSummary, Event, GroupChange, MAX_PAGE_LIMIT, Marks, Member, MessageStore,
+    Page, PageQuery, StoreError, StoredMessage, StoredReceipt, UserConversations,
 };
 
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
@@ -39,6 +43,12 @@ const LATEST_SEQ: TableDefinition<&str, u64> = TableDefinition::new("latest_seq"
 const MARKS: TableDefinition<(&str, &str), (u64, u64)> = TableDefinition::new("marks");
 const USER_CONVS: TableDefinition<(&str, &str), u64> = TableDefinition::new("user_convs");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const MEMBERS: TableDefinition<(&str, &str), (u64, u64, bool)> = TableDefinition::new("members");
+const CONVS: TableDefinition<&str, (u64, u64, &str)> = TableDefinition::new("convs");
+
+/// The `user_convs` value of a current group member: its position is the
+/// conversation's (`convs`).
+const FOLLOW: u64 = u64::MAX;
 
 const APPLIED_STREAM_SEQ: &str = "applied_stream_seq";
 
@@ -50,6 +60,8 @@ struct RecordRef<'a> {
     ts_ms: u64,
     body: &'a str,
     stream_seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event: Option<&'a str>,
 }
 
 #[derive(serde::Deserialize)]
@@ -59,6 +71,8 @@ struct Record {
     ts_ms: u64,
     body: String,
     stream_seq: u64,
+    #[serde(default)]
+    event: Option<String>,
 }
 
 impl Record {
@@ -68,6 +82,7 @@ impl Record {
             && self.ts_ms == m.ts_ms
             && self.body == m.body
             && self.stream_seq == m.stream_seq
+            && self.event == m.event
     }
 
     fn into_message(self, conv: &str, seq: u64) -> StoredMessage {
@@ -79,6 +94,7 @@ impl Record {
             ts_ms: self.ts_ms,
             body: self.body,
             stream_seq: self.stream_seq,
+            event: self.event,
         }
     }
 }
@@ -90,6 +106,7 @@ fn encode(m: &StoredMessage) -> Vec<u8> {
         ts_ms: m.ts_ms,
         body: &m.body,
         stream_seq: m.stream_seq,
+        event: m.event.as_deref(),
     };
     // Serializing a struct of strings and integers into a Vec cannot fail.
     serde_json::to_vec(&record).expect("record serialization is infallible")
@@ -168,6 +185,8 @@ impl EmbeddedStore {
         txn.open_table(LATEST_SEQ).map_err(|e| open_err(e.into()))?;
         txn.open_table(MARKS).map_err(|e| open_err(e.into()))?;
         txn.open_table(USER_CONVS).map_err(|e| open_err(e.into()))?;
+        txn.open_table(MEMBERS).map_err(|e| open_err(e.into()))?;
+        txn.open_table(CONVS).map_err(|e| open_err(e.into()))?;
         txn.open_table(META).map_err(|e| open_err(e.into()))?;
         txn.commit().map_err(|e| open_err(e.into()))?;
         Ok(EmbeddedStore {
@@ -268,6 +287,10 @@ struct Raises<'a> {
     latest: HashMap<&'a str, u64>,
     marks: HashMap<(&'a str, &'a str), (u64, u64)>,
     positions: HashMap<(&'a str, &'a str), u64>,
+    conv_positions: HashMap<&'a str, u64>,
+    /// Group changes of newly stored messages, in batch order:
+    /// `(conv, seq, stream seq, change)`.
+    group: Vec<(&'a str, u64, u64, &'a GroupChange)>,
 }
 
 impl<'a> Raises<'a> {
@@ -279,6 +302,7 @@ impl<'a> Raises<'a> {
 
     fn positions(&mut self, change: &'a Change) {
         let conv = change.conv();
+        raise(&mut self.conv_positions, conv, change.stream_seq());
         for user in &change.members {
             raise(
                 &mut self.positions,
@@ -305,7 +329,11 @@ fn write_batch(
         for change in changes {
             match &change.event {
                 Event::Message(m) => {
-                    put_message(&mut messages, &mut client_ids, m)?;
+                    if put_message(&mut messages, &mut client_ids, m)? {
+                        for g in &change.group {
+                            raises.group.push((&m.conv, m.seq, m.stream_seq, g));
+                        }
+                    }
                     raise(&mut raises.latest, m.conv.as_str(), m.seq);
                     // Sending implies having read everything before.
                     raises.marks(&m.conv, &m.from, m.seq, m.seq);
@@ -367,6 +395,8 @@ fn write_batch(
         }
     }
 
+    write_groups(txn, &mut user_convs, &raises.conv_positions, &raises.group)?;
+
     if let Some(through) = through {
         let mut meta = txn.open_table(META).map_err(backend("open meta table"))?;
         let applied = meta
@@ -381,21 +411,117 @@ fn write_batch(
     Ok(())
 }
 
+/// Raises the conversations' positions and applies the group changes of
+/// newly stored messages, in batch order.
+fn write_groups(
+    txn: &WriteTransaction,
+    user_convs: &mut redb::Table<(&str, &str), u64>,
+    conv_positions: &HashMap<&str, u64>,
+    group: &[(&str, u64, u64, &GroupChange)],
+) -> Result<(), StoreError> {
+    let mut convs = txn.open_table(CONVS).map_err(backend("open convs table"))?;
+    let mut members = txn
+        .open_table(MEMBERS)
+        .map_err(backend("open members table"))?;
+    let mut metas: HashMap<&str, ConvMeta> = HashMap::new();
+    let load = |conv| -> Result<ConvMeta, StoreError> {
+        Ok(convs
+            .get(conv)
+            .map_err(backend("read conversation"))?
+            .map(|g| {
+                let (pos, member_count, name) = g.value();
+                ConvMeta {
+                    name: name.to_owned(),
+                    member_count,
+                    pos,
+                }
+            })
+            .unwrap_or_default())
+    };
+    for (&conv, &pos) in conv_positions {
+        let mut meta = load(conv)?;
+        meta.pos = meta.pos.max(pos);
+        metas.insert(conv, meta);
+    }
+    for &(conv, seq, stream_seq, change) in group {
+        let meta = metas.entry(conv).or_default();
+        match change {
+            GroupChange::Join { users, admin } => {
+                for user in users {
+                    let current = members
+                        .get((conv, user.as_str()))
+                        .map_err(backend("read member"))?
+                        .map(|g| g.value());
+                    if current.is_some_and(|(_, left, _)| left == 0) {
+                        continue;
+                    }
+                    members
+                        .insert((conv, user.as_str()), (seq, 0, *admin))
+                        .map_err(backend("update member"))?;
+                    user_convs
+                        .insert((user.as_str(), conv), FOLLOW)
+                        .map_err(backend("update user conversation"))?;
+                    meta.member_count += 1;
+                }
+            }
+            GroupChange::Leave { users } => {
+                for user in users {
+                    let current = members
+                        .get((conv, user.as_str()))
+                        .map_err(backend("read member"))?
+                        .map(|g| g.value());
+                    let Some((joined, 0, _)) = current else {
+                        continue;
+                    };
+                    members
+                        .insert((conv, user.as_str()), (joined, seq, false))
+                        .map_err(backend("update member"))?;
+                    user_convs
+                        .insert((user.as_str(), conv), stream_seq)
+                        .map_err(backend("update user conversation"))?;
+                    meta.member_count = meta.member_count.saturating_sub(1);
+                }
+            }
+            GroupChange::Admin { users, admin } => {
+                for user in users {
+                    let current = members
+                        .get((conv, user.as_str()))
+                        .map_err(backend("read member"))?
+                        .map(|g| g.value());
+                    if let Some((joined, 0, _)) = current {
+                        members
+                            .insert((conv, user.as_str()), (joined, 0, *admin))
+                            .map_err(backend("update member"))?;
+                    }
+                }
+            }
+            GroupChange::Rename { name } => meta.name.clone_from(name),
+        }
+    }
+    for (conv, meta) in metas {
+        convs
+            .insert(conv, (meta.pos, meta.member_count, meta.name.as_str()))
+            .map_err(backend("update conversation"))?;
+    }
+    Ok(())
+}
+
 /// Stores one message and its client id; a different message already at its
 /// `(conv, seq)` (stored earlier or earlier in this batch) is a conflict.
+/// Returns whether the message is new (not stored before).
 fn put_message(
     messages: &mut redb::Table<(&str, u64), &[u8]>,
     client_ids: &mut redb::Table<(&str, &str, &str), u64>,
     m: &StoredMessage,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let key = (m.conv.as_str(), m.seq);
     let existing = messages
         .get(key)
         .map_err(backend("read message"))?
         .map(|guard| decode(&m.conv, m.seq, guard.value()))
         .transpose()?;
-    match existing {
-        Some(stored) if stored.same_as(m) => {}
+    let new = match existing {
+        Some(stored) if stored.same_as(m) => false,
         Some(_) => {
             return Err(StoreError::Conflict {
                 conv: m.conv.clone(),
@@ -406,8 +532,9 @@ fn put_message(
             messages
                 .insert(key, encode(m).as_slice())
                 .map_err(backend("insert message"))?;
+            true
         }
-    }
+    };
 
     let cid_key = (m.conv.as_str(), m.from.as_str(), m.client_id.as_str());
     let recorded = client_ids
@@ -419,7 +546,7 @@ fn put_message(
             .insert(cid_key, m.seq)
             .map_err(backend("insert client id"))?;
     }
-    Ok(())
+    Ok(new)
 }
 
 fn watermarks_blocking(db: &Database, conv: &str) -> Result<Vec<Marks>, StoreError> {
@@ -469,6 +596,10 @@ fn user_conversations_blocking(
     let latest = txn
         .open_table(LATEST_SEQ)
         .map_err(backend("open latest seq table"))?;
+    let metas = txn.open_table(CONVS).map_err(backend("open convs table"))?;
+    let members = txn
+        .open_table(MEMBERS)
+        .map_err(backend("open members table"))?;
     let range = index
         .range::<(&str, &str)>((user, from_conv.unwrap_or(""))..)
         .map_err(backend("scan user conversations"))?;
@@ -481,7 +612,19 @@ fn user_conversations_blocking(
         if row_user != user {
             break;
         }
-        let pos = value.value();
+        let entry = value.value();
+        let meta = metas
+            .get(conv)
+            .map_err(backend("read conversation"))?
+            .map(|g| {
+                let (pos, count, name) = g.value();
+                (pos, count, name.to_owned())
+            });
+        let pos = match (entry, &meta) {
+            (FOLLOW, Some((pos, _, _))) => *pos,
+            (FOLLOW, None) => 0,
+            (frozen, _) => frozen,
+        };
         if pos <= since {
             continue;
         }
@@ -490,14 +633,28 @@ fn user_conversations_blocking(
             more = true;
             break;
         }
+        let member = members
+            .get((conv, user))
+            .map_err(backend("read member"))?
+            .map(|g| g.value());
+        let (joined, left, admin) = match member {
+            Some((joined, left, admin)) => (joined, (left > 0).then_some(left), admin),
+            None => (1, None, false),
+        };
         let latest = latest
             .get(conv)
             .map_err(backend("read latest seq"))?
             .map_or(0, |g| g.value());
+        let (_, member_count, name) = meta.unwrap_or_default();
         convs.push(ConvSummary {
             conv: conv.to_owned(),
-            latest,
+            latest: left.map_or(latest, |l| latest.min(l)),
             pos,
+            name,
+            member_count,
+            joined,
+            left,
+            admin,
         });
     }
     Ok(UserConversations {
@@ -550,6 +707,15 @@ fn page_blocking(db: &Database, conv: &str, q: PageQuery) -> Result<Page, StoreE
     Ok(Page { messages, more })
 }
 
+fn to_member(user: &str, (joined, left, admin): (u64, u64, bool)) -> Member {
+    Member {
+        user: user.to_owned(),
+        joined,
+        left: (left > 0).then_some(left),
+        admin,
+    }
+}
+
 impl MessageStore for EmbeddedStore {
     async fn apply(&self, changes: Vec<Change>, through: Option<u64>) -> Result<(), StoreError> {
         if changes.is_empty() && through.is_none() {
@@ -576,6 +742,67 @@ impl MessageStore for EmbeddedStore {
         let from_conv = from_conv.map(str::to_owned);
         self.blocking("read user conversations", move |db| {
             user_conversations_blocking(db, &user, since, from_conv.as_deref(), limit)
+        })
+        .await
+    }
+
+    async fn member(&self, conv: &str, user: &str) -> Result<Option<Member>, StoreError> {
+        let (conv, user) = (conv.to_owned(), user.to_owned());
+        self.blocking("read member", move |db| {
+            let txn = begin_read(db)?;
+            let table = txn
+                .open_table(MEMBERS)
+                .map_err(backend("open members table"))?;
+            let row = table
+                .get((conv.as_str(), user.as_str()))
+                .map_err(backend("read member"))?
+                .map(|g| g.value());
+            Ok(row.map(|row| to_member(&user, row)))
+        })
+        .await
+    }
+
+    async fn members(&self, conv: &str) -> Result<Vec<Member>, StoreError> {
+        let conv = conv.to_owned();
+        self.blocking("read members", move |db| {
+            let txn = begin_read(db)?;
+            let table = txn
+                .open_table(MEMBERS)
+                .map_err(backend("open members table"))?;
+            let range = table
+                .range::<(&str, &str)>((conv.as_str(), "")..)
+                .map_err(backend("scan members"))?;
+            let mut members = Vec::new();
+            for row in range {
+                let (key, value) = row.map_err(backend("scan members"))?;
+                let (row_conv, user) = key.value();
+                if row_conv != conv {
+                    break;
+                }
+                members.push(to_member(user, value.value()));
+            }
+            Ok(members)
+        })
+        .await
+    }
+
+    async fn conversation(&self, conv: &str) -> Result<Option<ConvMeta>, StoreError> {
+        let conv = conv.to_owned();
+        self.blocking("read conversation", move |db| {
+            let txn = begin_read(db)?;
+            let table = txn.open_table(CONVS).map_err(backend("open convs table"))?;
+            let row = table
+                .get(conv.as_str())
+                .map_err(backend("read conversation"))?
+                .map(|g| {
+                    let (pos, member_count, name) = g.value();
+                    ConvMeta {
+                        name: name.to_owned(),
+                        member_count,
+                        pos,
+                    }
+                });
+            Ok(row)
         })
         .await
     }
@@ -660,6 +887,7 @@ mod tests {
             ts_ms: 1,
             body: "hi".into(),
             stream_seq: seq,
+            event: None,
         }
     }
 

@@ -17,6 +17,12 @@
 //! - **a per-user conversation index**, `(user, conv) -> position` (the highest
 //!   `CHAT_MSGS` stream sequence of a change in that conversation), so a sync
 //!   lists only the conversations that changed since the client's last token;
+//! - **group membership**, `(conv, user) -> (joined, left, admin)`, and each
+//!   conversation's name, member count and position, maintained from the
+//!   group changes that stamped group events carry ([`GroupChange`]). A group
+//!   member's index entry follows the conversation's position (one write per
+//!   change, whatever the group's size) until it leaves, when it freezes at
+//!   the position of its removal;
 //! - **the applied watermark**: every `CHAT_MSGS` message up to it is stored.
 //!
 //! Every change goes through one method, [`MessageStore::apply`], which writes
@@ -30,9 +36,10 @@
 //! backend must pass.
 //!
 //! The store does not validate ids (the caller has already checked that they
-//! are ASCII `[A-Za-z0-9_~-]`), does not know who the members of a conversation
-//! are (the caller passes them with each [`Change`]) and never interprets
-//! message bodies.
+//! are ASCII `[A-Za-z0-9_~-]`), does not decide who may join or leave (the
+//! sequencer does; the store applies the [`GroupChange`]s it is given, and for
+//! one-to-one conversations the caller passes the two members with each
+//! [`Change`]) and never interprets message bodies or group event texts.
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -65,6 +72,50 @@ pub struct StoredMessage {
     pub body: String,
     /// JetStream sequence of the stamped message in the `CHAT_MSGS` stream.
     pub stream_seq: u64,
+    /// The group event this message is (its JSON text, opaque to the store),
+    /// or `None` for a plain message.
+    pub event: Option<String>,
+}
+
+/// What a stamped group event does to the group, applied by
+/// [`MessageStore::apply`] together with the message that carries it, at the
+/// message's seq, and only the first time that message is stored (so
+/// re-applying a message never repeats its membership effect).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupChange {
+    /// These users become members from the message's seq on (a user who
+    /// already is a member is left as it is). `admin`: they join as admins.
+    Join { users: Vec<String>, admin: bool },
+    /// These members leave at the message's seq: it is the last one they can
+    /// see, and their index entry freezes at its stream seq.
+    Leave { users: Vec<String> },
+    /// These members get (`true`) or lose the admin role.
+    Admin { users: Vec<String>, admin: bool },
+    /// The group's name becomes `name`.
+    Rename { name: String },
+}
+
+/// A member of a group, current or former.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub user: String,
+    /// Seq of the event that made it a member (its latest joining).
+    pub joined: u64,
+    /// Seq of the event that removed it, if it is no longer a member.
+    pub left: Option<u64>,
+    pub admin: bool,
+}
+
+/// A conversation's name, member count and position.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConvMeta {
+    /// The group's name (empty for one-to-one conversations and unnamed groups).
+    pub name: String,
+    /// Current members, as counted by group changes (0 for one-to-one
+    /// conversations, which have none).
+    pub member_count: u64,
+    /// Highest `CHAT_MSGS` stream sequence of a change applied to it.
+    pub pos: u64,
 }
 
 /// A receipt event: a member's watermarks in a conversation, as stamped on the
@@ -92,16 +143,18 @@ pub enum Event {
     Receipt(StoredReceipt),
 }
 
-/// One change to apply, and the users whose conversation index it touches
-/// (the conversation's members, computed by the caller: the store does not
-/// know who is in a conversation).
+/// One change to apply, and the users whose conversation index it touches.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     /// What happened.
     pub event: Event,
     /// Users whose index entry for the event's conversation moves to the
-    /// event's stream sequence.
+    /// event's stream sequence: the two members of a one-to-one conversation
+    /// (computed by the caller). Empty for groups, whose members' entries
+    /// follow the conversation (see [`GroupChange`]).
     pub members: Vec<String>,
+    /// What the event does to its group (only for [`Event::Message`]).
+    pub group: Vec<GroupChange>,
 }
 
 impl Change {
@@ -110,6 +163,17 @@ impl Change {
         Change {
             event: Event::Message(m),
             members,
+            group: Vec::new(),
+        }
+    }
+
+    /// A stamped group message carrying `group` changes (none for a plain
+    /// group message).
+    pub fn group_message(m: StoredMessage, group: Vec<GroupChange>) -> Self {
+        Change {
+            event: Event::Message(m),
+            members: Vec::new(),
+            group,
         }
     }
 
@@ -118,6 +182,7 @@ impl Change {
         Change {
             event: Event::Receipt(r),
             members,
+            group: Vec::new(),
         }
     }
 
@@ -154,11 +219,22 @@ pub struct Marks {
 pub struct ConvSummary {
     /// Conversation id.
     pub conv: String,
-    /// The conversation's latest stored seq (0 if it has only receipts so far).
+    /// The conversation's latest stored seq the user can see (0 if it has
+    /// only receipts so far; at most `left`).
     pub latest: u64,
     /// The user's index position for the conversation: the highest
-    /// `CHAT_MSGS` stream sequence of a change applied to it.
+    /// `CHAT_MSGS` stream sequence of a change applied to it (frozen at the
+    /// user's removal from a group).
     pub pos: u64,
+    /// The group's name and current member count (empty and 0 for one-to-one
+    /// conversations).
+    pub name: String,
+    pub member_count: u64,
+    /// Group membership of the user: the seq it joined at (1 for one-to-one
+    /// conversations), the seq it left at, and whether it is an admin.
+    pub joined: u64,
+    pub left: Option<u64>,
+    pub admin: bool,
 }
 
 /// One page of a user's conversations, ascending by conversation id.
@@ -344,7 +420,13 @@ pub trait MessageStore: Send + Sync + 'static {
     ///
     /// For either, each user in `members` gets its index entry for the
     /// event's conversation raised to the event's stream seq (see
-    /// [`MessageStore::user_conversations`]).
+    /// [`MessageStore::user_conversations`]), and the conversation's position
+    /// ([`ConvMeta::pos`]) is raised to it.
+    ///
+    /// A message's [`GroupChange`]s are applied when the message is stored
+    /// for the first time, in batch order; they change the members, the
+    /// member count and the name, and start (`Join`) or freeze (`Leave`) the
+    /// members' index entries.
     ///
     /// `through`: if `Some(n)`, raises the applied watermark to `n` in the
     /// same transaction (never lowered): every `CHAT_MSGS` message up to
@@ -364,6 +446,24 @@ pub trait MessageStore: Send + Sync + 'static {
     /// unknown conversation is empty.
     fn watermarks(&self, conv: &str)
     -> impl Future<Output = Result<Vec<Marks>, StoreError>> + Send;
+
+    /// One user's group membership in `conv` (current or former), or `None`
+    /// if it never was a member (or `conv` is a one-to-one conversation).
+    fn member(
+        &self,
+        conv: &str,
+        user: &str,
+    ) -> impl Future<Output = Result<Option<Member>, StoreError>> + Send;
+
+    /// Every current and former member of group `conv`, sorted by user id.
+    fn members(&self, conv: &str) -> impl Future<Output = Result<Vec<Member>, StoreError>> + Send;
+
+    /// The name, member count and position of `conv`; `None` if nothing of it
+    /// was ever applied.
+    fn conversation(
+        &self,
+        conv: &str,
+    ) -> impl Future<Output = Result<Option<ConvMeta>, StoreError>> + Send;
 
     /// The conversations of `user` whose index position is `> since`,
     /// ascending by conversation id, starting at `from_conv` (inclusive) when

@@ -6,10 +6,8 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use chat_store::conformance::{self, marks, messages, msg, range_msgs, rcpt};
-use chat_store::{
-    Change, ConvSummary, EmbeddedStore, MessageStore, PageQuery, StoreError, StoreErrorKind,
-};
+use chat_store::conformance::{self, marks, messages, msg, range_msgs, rcpt, summary};
+use chat_store::{Change, EmbeddedStore, MessageStore, PageQuery, StoreError, StoreErrorKind};
 use tempfile::TempDir;
 
 /// A fresh store in its own temporary directory (kept alive with the store).
@@ -58,6 +56,9 @@ conformance_tests!(
     user_index_positions_are_max,
     user_index_touches_only_members,
     user_conversations_since_filters,
+    group_membership_follows_events,
+    group_changes_apply_once,
+    group_index_follows_conversation_until_leave,
     user_conversations_from_conv_is_inclusive,
     user_conversations_paging_visits_each_once,
     user_conversations_limit_is_clamped,
@@ -123,11 +124,6 @@ async fn assert_contents(store: &EmbeddedStore) {
         store.watermarks("c2").await.unwrap(),
         vec![marks("bob", 1, 1)]
     );
-    let summary = |conv: &str, latest, pos| ConvSummary {
-        conv: conv.to_owned(),
-        latest,
-        pos,
-    };
     for (user, want) in [
         ("alice", vec![summary("c1", 30, 1500)]),
         ("bob", vec![summary("c1", 30, 1500), summary("c2", 1, 2000)]),
