@@ -1,7 +1,13 @@
 //! Answers the request APIs from the local store, in queue group `api`:
 //! - `chat.api.history`: a page of one conversation (before a seq, after a seq, or a range);
 //! - `chat.api.sync`: what changed for a user since a sync token, with the missed messages;
-//! - `chat.api.receipts`: every member's watermarks, and who has or read a given seq.
+//! - `chat.api.receipts`: every member's watermarks, and who has or read a given seq;
+//! - `chat.api.conversations`: a user's conversations with names, counts and unread;
+//! - `chat.api.group_info`: a group's name and current members (for clients, and for fan-out
+//!   workers seeding their membership views).
+//!
+//! A user reads a group only within its membership window (from the event that added it to
+//! the one that removed it), see [`groups::Window`].
 //!
 //! Before reading, each makes sure the store has caught up with the stream (history: with the
 //! conversation's last stamped message; sync and receipts: with everything in `CHAT_MSGS` when
@@ -13,19 +19,26 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::{self, stream::DirectGetErrorKind};
 use chat_protocol::{
     api::{
-        HISTORY_PAGE_MAX, HistoryReply, HistoryRequest, PAGE_MAX_BODY_BYTES, ReceiptsReply,
-        ReceiptsRequest, SYNC_PAGE_MAX, SyncReply, SyncRequest,
+        CONVERSATIONS_PAGE_MAX, ConversationsReply, ConversationsRequest, GroupInfoReply,
+        GroupInfoRequest, HISTORY_PAGE_MAX, HistoryReply, HistoryRequest, PAGE_MAX_BODY_BYTES,
+        ReceiptsReply, ReceiptsRequest, SYNC_PAGE_MAX, SyncReply, SyncRequest,
     },
-    frames::{ConvState, ErrorCode, ErrorFrame, MemberMarks, Message},
+    frames::{
+        ConvInfo, ConvState, ErrorCode, ErrorFrame, GroupMember, MemberMarks, Message,
+        SYNC_MARKS_MAX_MEMBERS,
+    },
     ids::{ConvId, UserId},
     subjects,
 };
-use chat_store::{MessageStore, PageQuery, StoredMessage};
+use chat_store::{ConvSummary, MessageStore, PageQuery, StoredMessage};
 use futures::StreamExt;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::stamper::decode_stamped;
+use crate::{
+    groups::{self, Window},
+    stamper::decode_stamped,
+};
 
 /// Most conversations one sync page lists.
 pub const SYNC_CONVS_PER_PAGE: u32 = 200;
@@ -54,6 +67,12 @@ pub async fn serve<S: MessageStore + Clone>(
         client
             .queue_subscribe(subjects::RECEIPTS_API, subjects::API_QUEUE.into())
             .await?,
+        client
+            .queue_subscribe(subjects::CONVERSATIONS_API, subjects::API_QUEUE.into())
+            .await?,
+        client
+            .queue_subscribe(subjects::GROUP_INFO_API, subjects::API_QUEUE.into())
+            .await?,
     ]);
     let responder = std::sync::Arc::new(Responder {
         store,
@@ -78,6 +97,14 @@ pub async fn serve<S: MessageStore + Clone>(
                 subjects::RECEIPTS_API => {
                     ("receipts", encode(&responder.receipts(&req.payload).await))
                 }
+                subjects::CONVERSATIONS_API => (
+                    "conversations",
+                    encode(&responder.conversations(&req.payload).await),
+                ),
+                subjects::GROUP_INFO_API => (
+                    "group_info",
+                    encode(&responder.group_info(&req.payload).await),
+                ),
                 _ => ("history", encode(&responder.history(&req.payload).await)),
             };
             metrics::histogram!("sequencer_api_seconds", "api" => api)
@@ -118,16 +145,13 @@ fn internal() -> Refusal {
     error_frame(ErrorCode::Internal, "store read failed")
 }
 
-fn parse_member(user: &str, conv: &str) -> Result<(UserId, ConvId), Refusal> {
+fn parse_ids(user: &str, conv: &str) -> Result<(UserId, ConvId), Refusal> {
     let (Ok(conv), Ok(user)) = (ConvId::parse(conv), UserId::parse(user)) else {
         return Err(error_frame(
             ErrorCode::InvalidId,
             "invalid conversation or user id",
         ));
     };
-    if !conv.is_direct_member(&user) {
-        return Err(not_member());
-    }
     Ok((user, conv))
 }
 
@@ -159,20 +183,39 @@ mod token {
     }
 }
 
-/// Every member's marks (members without stored marks at 0), in member order.
-fn all_marks(conv: &ConvId, stored: Vec<chat_store::Marks>) -> Vec<MemberMarks> {
-    conv.direct_members()
+/// The marks of `users` (those without stored marks at 0), in that order.
+fn marks_of<'a>(
+    users: impl IntoIterator<Item = &'a str>,
+    stored: &[chat_store::Marks],
+) -> Vec<MemberMarks> {
+    users
         .into_iter()
-        .flatten()
         .map(|u| {
-            let m = stored.iter().find(|m| m.user == u.as_str());
+            let m = stored.iter().find(|m| m.user == u);
             MemberMarks {
-                user: u.to_string(),
+                user: u.to_owned(),
                 delivered: m.map_or(0, |m| m.delivered),
                 read: m.map_or(0, |m| m.read),
             }
         })
         .collect()
+}
+
+/// Messages of a conversation the user has not read: after its read watermark and after it
+/// joined.
+fn unread(summary: &ConvSummary, read: u64) -> u64 {
+    summary
+        .latest
+        .saturating_sub(read.max(summary.joined.saturating_sub(1)))
+}
+
+/// Member count as clients see it: a one-to-one conversation always has two.
+fn member_count(conv: &ConvId, summary: &ConvSummary) -> u32 {
+    if conv.is_group() {
+        u32::try_from(summary.member_count).unwrap_or(u32::MAX)
+    } else {
+        2
+    }
 }
 
 fn to_frame(m: StoredMessage) -> Message {
@@ -183,7 +226,7 @@ fn to_frame(m: StoredMessage) -> Message {
         id: m.client_id,
         ts: m.ts_ms,
         body: m.body,
-        event: None,
+        event: m.event.and_then(|e| serde_json::from_str(&e).ok()),
     }
 }
 
@@ -203,13 +246,22 @@ impl<S: MessageStore> Responder<S> {
     async fn history_page(&self, payload: &[u8]) -> Result<(Vec<Message>, bool), Refusal> {
         let req: HistoryRequest = serde_json::from_slice(payload)
             .map_err(|_| error_frame(ErrorCode::InvalidFrame, "undecodable history request"))?;
-        let (_, conv) = parse_member(&req.user, &req.conv)?;
+        let (user, conv) = parse_ids(&req.user, &req.conv)?;
         if let Err(err) = self.wait_for_conversation(&conv).await {
             tracing::warn!(conv = %conv, error = %err, "history catch-up check failed");
             return Err(unavailable());
         }
+        let window = self.window(&conv, &user).await?.ok_or_else(not_member)?;
+        // Only the user's window: after what precedes it, before what follows it.
+        let floor = window.from - 1;
+        let req_after = req.after.map(|a| a.max(floor));
+        let req_before = match (req.before, window.to) {
+            (Some(b), Some(to)) => Some(b.min(to + 1)),
+            (None, Some(to)) => Some(to + 1),
+            (b, None) => b,
+        };
         let limit = req.limit.clamp(1, HISTORY_PAGE_MAX);
-        let (query, before) = match (req.after, req.before) {
+        let (query, before) = match (req_after, req_before) {
             (Some(after), Some(before)) if before <= after.saturating_add(1) => {
                 return Ok((Vec::new(), false));
             }
@@ -228,6 +280,13 @@ impl<S: MessageStore> Responder<S> {
             .map_err(store_failed)?;
         let mut messages = page.messages;
         let mut more = page.more;
+        if messages.first().is_some_and(|m| m.seq <= window.from) {
+            // Nothing older is the user's to read.
+            messages.retain(|m| window.contains(m.seq));
+            if matches!(query, PageQuery::Before { .. }) {
+                more = false;
+            }
+        }
         if let Some(before) = before {
             messages.retain(|m| m.seq < before);
             more = more && messages.last().is_some_and(|m| m.seq + 1 < before);
@@ -276,17 +335,22 @@ impl<S: MessageStore> Responder<S> {
     async fn receipt_marks(&self, payload: &[u8]) -> Result<ReceiptsReply, Refusal> {
         let req: ReceiptsRequest = serde_json::from_slice(payload)
             .map_err(|_| error_frame(ErrorCode::InvalidFrame, "undecodable receipts request"))?;
-        let (_, conv) = parse_member(&req.user, &req.conv)?;
+        let (user, conv) = parse_ids(&req.user, &req.conv)?;
         if let Err(err) = self.wait_for_stream(None).await {
             tracing::warn!(conv = %conv, error = %err, "receipts catch-up check failed");
             return Err(unavailable());
+        }
+        let window = self.window(&conv, &user).await?;
+        if window.is_none_or(|w| w.to.is_some()) {
+            return Err(not_member());
         }
         let stored = self
             .store
             .watermarks(conv.as_str())
             .await
             .map_err(store_failed)?;
-        let members = all_marks(&conv, stored);
+        let users = self.member_ids(&conv).await?;
+        let members = marks_of(users.iter().map(String::as_str), &stored);
         let who = |f: fn(&MemberMarks) -> u64, seq: u64| {
             members
                 .iter()
@@ -372,21 +436,33 @@ impl<S: MessageStore> Responder<S> {
                 .watermarks(conv.as_str())
                 .await
                 .map_err(store_failed)?;
-            let members = all_marks(&conv, stored);
+            let count = member_count(&conv, &summary);
+            let members = if count <= SYNC_MARKS_MAX_MEMBERS && summary.left.is_none() {
+                let users = self.member_ids(&conv).await?;
+                marks_of(users.iter().map(String::as_str), &stored)
+            } else {
+                marks_of([user.as_str()], &stored)
+            };
             let read = members
                 .iter()
                 .find(|m| m.user == user.as_str())
                 .map_or(0, |m| m.read);
             convs.push(ConvState {
                 conv: summary.conv.clone(),
-                name: None,
-                member_count: 2,
+                name: (!summary.name.is_empty()).then(|| summary.name.clone()),
+                member_count: count,
                 latest: summary.latest,
-                unread: summary.latest.saturating_sub(read),
+                unread: unread(&summary, read),
                 members,
-                left: None,
+                left: summary.left,
             });
-            let cursor = req.cursors.get(&summary.conv).copied().unwrap_or(0);
+            // Nothing before the user joined, nothing after it left (`latest` stops there).
+            let cursor = req
+                .cursors
+                .get(&summary.conv)
+                .copied()
+                .unwrap_or(0)
+                .max(summary.joined.saturating_sub(1));
             if summary.latest <= cursor {
                 continue;
             }
@@ -404,6 +480,11 @@ impl<S: MessageStore> Responder<S> {
                 .map_err(store_failed)?;
             let mut cut = page.more;
             for m in page.messages {
+                if m.seq > summary.latest {
+                    // Stamped after the user left (or after the index was read).
+                    cut = false;
+                    break;
+                }
                 if budget + weight(&m) > PAGE_MAX_BODY_BYTES && !messages.is_empty() {
                     cut = true;
                     break;
@@ -425,6 +506,146 @@ impl<S: MessageStore> Responder<S> {
             next: next_conv.map(|c| token::encode_next(snapshot, &c)),
             token: (!more).then(|| token::encode(snapshot)),
         })
+    }
+
+    async fn conversations(&self, payload: &[u8]) -> ConversationsReply {
+        match self.conversations_page(payload).await {
+            Ok(reply) => reply,
+            Err(e) => ConversationsReply::Error(e),
+        }
+    }
+
+    async fn conversations_page(&self, payload: &[u8]) -> Result<ConversationsReply, Refusal> {
+        let req: ConversationsRequest = serde_json::from_slice(payload).map_err(|_| {
+            error_frame(ErrorCode::InvalidFrame, "undecodable conversations request")
+        })?;
+        let user = UserId::parse(&req.user)
+            .map_err(|_| error_frame(ErrorCode::InvalidId, "invalid user id"))?;
+        if let Err(err) = self.wait_for_stream(None).await {
+            tracing::warn!(user = %user, error = %err, "conversations catch-up check failed");
+            return Err(unavailable());
+        }
+        // `after` is exclusive; the store's `from_conv` is inclusive.
+        let from = req.after.as_ref().map(|a| format!("{a}\0"));
+        let limit = req.limit.clamp(1, CONVERSATIONS_PAGE_MAX);
+        let listed = self
+            .store
+            .user_conversations(user.as_str(), 0, from.as_deref(), limit)
+            .await
+            .map_err(store_failed)?;
+        let mut convs = Vec::with_capacity(listed.convs.len());
+        for summary in &listed.convs {
+            let Ok(conv) = ConvId::parse(&summary.conv) else {
+                continue;
+            };
+            if req.groups_only && (!conv.is_group() || summary.left.is_some()) {
+                continue;
+            }
+            let stored = self
+                .store
+                .watermarks(conv.as_str())
+                .await
+                .map_err(store_failed)?;
+            let read = stored
+                .iter()
+                .find(|m| m.user == user.as_str())
+                .map_or(0, |m| m.read);
+            convs.push(ConvInfo {
+                conv: summary.conv.clone(),
+                name: (!summary.name.is_empty()).then(|| summary.name.clone()),
+                member_count: member_count(&conv, summary),
+                latest: summary.latest,
+                unread: unread(summary, read),
+                admin: summary.admin,
+                joined: summary.joined,
+                left: summary.left,
+            });
+        }
+        let next = if listed.more {
+            listed.convs.last().map(|c| c.conv.clone())
+        } else {
+            None
+        };
+        Ok(ConversationsReply::Page {
+            convs,
+            more: listed.more,
+            next,
+        })
+    }
+
+    async fn group_info(&self, payload: &[u8]) -> GroupInfoReply {
+        match self.group_members(payload).await {
+            Ok(reply) => reply,
+            Err(e) => GroupInfoReply::Error(e),
+        }
+    }
+
+    async fn group_members(&self, payload: &[u8]) -> Result<GroupInfoReply, Refusal> {
+        let req: GroupInfoRequest = serde_json::from_slice(payload)
+            .map_err(|_| error_frame(ErrorCode::InvalidFrame, "undecodable group info request"))?;
+        let conv = ConvId::parse(&req.conv)
+            .ok()
+            .filter(ConvId::is_group)
+            .ok_or_else(|| error_frame(ErrorCode::InvalidId, "not a group id"))?;
+        if let Err(err) = self.wait_for_stream(None).await {
+            tracing::warn!(conv = %conv, error = %err, "group info catch-up check failed");
+            return Err(unavailable());
+        }
+        // The seq first: the members read after it reflect at least every event up to it.
+        let seq = self
+            .store
+            .latest_seq(conv.as_str())
+            .await
+            .map_err(store_failed)?
+            .unwrap_or(0);
+        let Some(meta) = self
+            .store
+            .conversation(conv.as_str())
+            .await
+            .map_err(store_failed)?
+        else {
+            return Err(error_frame(ErrorCode::NotFound, "no such group"));
+        };
+        let members = groups::current_members(&self.store, &conv)
+            .await
+            .map_err(store_failed)?;
+        if let Some(user) = &req.user
+            && !members.iter().any(|m| &m.user == user)
+        {
+            return Err(not_member());
+        }
+        Ok(GroupInfoReply::Group {
+            name: meta.name,
+            members: members
+                .into_iter()
+                .map(|m| GroupMember {
+                    user: m.user,
+                    admin: m.admin,
+                    joined: m.joined,
+                })
+                .collect(),
+            seq,
+        })
+    }
+
+    /// What `user` may read of `conv`.
+    async fn window(&self, conv: &ConvId, user: &UserId) -> Result<Option<Window>, Refusal> {
+        groups::window(&self.store, conv, user)
+            .await
+            .map_err(store_failed)
+    }
+
+    /// The current members of a conversation, sorted by id.
+    async fn member_ids(&self, conv: &ConvId) -> Result<Vec<String>, Refusal> {
+        if let Some(pair) = conv.direct_members() {
+            return Ok(pair.iter().map(|u| u.to_string()).collect());
+        }
+        Ok(groups::current_members(&self.store, conv)
+            .await
+            .map_err(store_failed)?
+            .into_iter()
+            .map(|m| m.user)
+            .collect())
     }
 
     /// Waits until the store holds the conversation's last stamped message.

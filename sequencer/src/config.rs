@@ -29,6 +29,8 @@ pub struct Config {
     /// Name of this instance, recorded in the `Chat-Stamper` header of what it stamps
     /// (default: host name and process id).
     pub instance_id: String,
+    /// Most members a group may have; a `create` or `add` beyond it is refused `group_full`.
+    pub group_max_members: u32,
 }
 
 impl Default for Config {
@@ -43,6 +45,7 @@ impl Default for Config {
             api_catch_up_ms: 2000,
             shutdown_grace_ms: 5000,
             instance_id: String::new(),
+            group_max_members: chat_protocol::api::GROUP_MAX_MEMBERS_DEFAULT,
         }
     }
 }

@@ -12,7 +12,7 @@ use chat_store::{Change, MessageStore};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::stamper::{decode_receipt, decode_stamped, members, stored};
+use crate::stamper::{decode_receipt, decode_stamped, members};
 
 /// Largest batch written in one store transaction.
 const BATCH: usize = 256;
@@ -86,8 +86,7 @@ fn decode_change(subject: &str, payload: &[u8], stream_seq: u64) -> anyhow::Resu
         Change::receipt(r, members)
     } else {
         let m = decode_stamped(payload, stream_seq)?;
-        let members = members(&ConvId::parse(&m.conv)?);
-        Change::message(stored(m, stream_seq), members)
+        crate::groups::change_for(&ConvId::parse(&m.conv)?, m, stream_seq)
     };
     Ok(change)
 }

@@ -15,6 +15,7 @@
 mod api;
 pub mod config;
 mod follower;
+pub mod groups;
 pub mod stamper;
 
 use std::time::Duration;
@@ -53,9 +54,18 @@ pub async fn run(
     } else {
         config.instance_id.clone()
     };
-    let stamper = stamper::Stamper::new(client.clone(), store.clone(), instance)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot open stream {}: {e}", subjects::STREAM_STAMPED))?;
+    anyhow::ensure!(
+        config.group_max_members >= 1,
+        "group_max_members must be at least 1"
+    );
+    let stamper = stamper::Stamper::new(
+        client.clone(),
+        store.clone(),
+        instance,
+        config.group_max_members,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("cannot open stream {}: {e}", subjects::STREAM_STAMPED))?;
 
     let ready = Readiness::default();
     let tasks = TaskTracker::new();

@@ -23,12 +23,14 @@ use async_nats::{
     jetstream::{self, AckKind, context::PublishErrorKind, stream::DirectGetErrorKind},
 };
 use chat_protocol::{
-    api::{Inbound, InboundMessage, InboundReceipt, dedupe_id},
-    frames::{ErrorCode, ErrorFrame, Message, Receipt, ServerFrame},
+    api::{Inbound, InboundGroup, InboundMessage, InboundReceipt, dedupe_id},
+    frames::{ErrorCode, ErrorFrame, GroupEvent, Message, Receipt, ServerFrame},
     ids::{ClientMsgId, ConvId, UserId},
     subjects,
 };
 use chat_store::{Change, MessageStore, StoredMessage, StoredReceipt};
+
+use crate::groups;
 
 /// Last stamped position of a conversation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,18 +64,43 @@ enum Reject {
     InvalidId(#[from] chat_protocol::ids::IdError),
     #[error("subject does not match the conversation")]
     SubjectMismatch,
-    #[error("sender is not a member")]
-    NotMember {
+    #[error("{code:?}: {message}")]
+    Refused {
+        code: ErrorCode,
+        message: String,
         from: UserId,
         conv: String,
         id: Option<String>,
     },
 }
 
+/// How handling a valid inbound message can fail.
+#[derive(Debug)]
+enum Failure {
+    /// Refused for good: the sender gets this error.
+    Refused(groups::Refused),
+    /// Try again (the message is redelivered).
+    Retry(StampError),
+}
+
+impl<E: Into<StampError>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Retry(e.into())
+    }
+}
+
+fn not_member() -> Failure {
+    Failure::Refused(groups::Refused {
+        code: ErrorCode::NotMember,
+        message: "you are not a member of this conversation".into(),
+    })
+}
+
 /// A validated inbound message.
 enum Valid {
     Send(InboundMessage),
     Receipt(InboundReceipt),
+    Group(InboundGroup),
 }
 
 const MAX_FENCE_RETRIES: u32 = 5;
@@ -89,6 +116,7 @@ pub struct Stamper<S> {
     store: S,
     heads: Mutex<HashMap<String, Head>>,
     instance: String,
+    group_max_members: u32,
 }
 
 /// Header naming the sequencer instance that stamped a message (for operators and tests).
@@ -99,6 +127,7 @@ impl<S: MessageStore> Stamper<S> {
         client: async_nats::Client,
         store: S,
         instance: String,
+        group_max_members: u32,
     ) -> Result<Arc<Self>, async_nats::Error> {
         let js = jetstream::new(client.clone());
         let stamped = js.get_stream(subjects::STREAM_STAMPED).await?;
@@ -109,55 +138,65 @@ impl<S: MessageStore> Stamper<S> {
             store,
             heads: Mutex::new(HashMap::new()),
             instance,
+            group_max_members,
         }))
     }
 
     /// Handles one delivery of the partition consumer: stamp, store, then ack.
     pub async fn handle(&self, partition: u32, msg: jetstream::Message) {
         let started = std::time::Instant::now();
-        match self.validate(partition, &msg) {
-            Err(reject) => {
-                self.refuse(reject).await;
-                if let Err(err) = msg.ack_with(AckKind::Term).await {
-                    tracing::warn!(error = %err, "term of refused message failed");
+        let (valid, conv) = match self.validate(partition, &msg) {
+            Ok(valid) => valid,
+            Err(reject) => return self.refuse(reject, msg).await,
+        };
+        let (kind, from, id) = match &valid {
+            Valid::Send(m) => ("send", m.from.clone(), Some(m.id.clone())),
+            Valid::Receipt(r) => ("receipt", r.user.clone(), None),
+            Valid::Group(g) => ("group", g.from.clone(), Some(g.id.clone())),
+        };
+        let outcome = match &valid {
+            Valid::Send(inbound) => self.stamp(inbound, &conv).await.map(|seq| {
+                tracing::debug!(conv = %conv, seq, "stamped");
+                "stamped"
+            }),
+            Valid::Receipt(receipt) => self
+                .receipt(receipt, &conv)
+                .await
+                .map(|moved| if moved { "moved" } else { "unchanged" }),
+            Valid::Group(op) => self.group(op, &conv).await.map(|_| "stamped"),
+        };
+        match outcome {
+            Ok(result) => {
+                if let Err(err) = msg.ack().await {
+                    // Redelivery is harmless: the dedupe id returns the stored message, and
+                    // receipts only raise.
+                    tracing::warn!(error = %err, "ack failed after handling");
                 }
-            }
-            Ok((Valid::Receipt(receipt), conv)) => match self.receipt(&receipt, &conv).await {
-                Ok(moved) => {
-                    if let Err(err) = msg.ack().await {
-                        tracing::warn!(error = %err, "ack failed after a receipt");
-                    }
-                    let outcome = if moved { "moved" } else { "unchanged" };
-                    metrics::counter!("sequencer_receipts_total", "outcome" => outcome)
-                        .increment(1);
-                }
-                Err(err) => {
-                    metrics::counter!("sequencer_stamp_errors_total").increment(1);
-                    tracing::warn!(conv = %conv, error = %err, "receipt failed, will be redelivered");
-                    let _ = msg
-                        .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
-                        .await;
-                }
-            },
-            Ok((Valid::Send(inbound), conv)) => match self.stamp(&inbound, &conv).await {
-                Ok(seq) => {
-                    if let Err(err) = msg.ack().await {
-                        // Redelivery is harmless: the dedupe id returns the stored message.
-                        tracing::warn!(error = %err, "ack failed after stamping");
-                    }
+                metrics::counter!("sequencer_handled_total", "kind" => kind, "result" => result)
+                    .increment(1);
+                if kind == "send" {
                     metrics::counter!("sequencer_stamped_total").increment(1);
                     metrics::histogram!("sequencer_stamp_seconds")
                         .record(started.elapsed().as_secs_f64());
-                    tracing::debug!(conv = %conv, seq, "stamped");
                 }
-                Err(err) => {
-                    metrics::counter!("sequencer_stamp_errors_total").increment(1);
-                    tracing::warn!(conv = %conv, error = %err, "stamping failed, will be redelivered");
-                    let _ = msg
-                        .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
-                        .await;
-                }
-            },
+            }
+            Err(Failure::Refused(r)) => {
+                let reject = Reject::Refused {
+                    code: r.code,
+                    message: r.message,
+                    from: UserId::parse(&from).expect("validated"),
+                    conv: conv.to_string(),
+                    id,
+                };
+                self.refuse(reject, msg).await;
+            }
+            Err(Failure::Retry(err)) => {
+                metrics::counter!("sequencer_stamp_errors_total").increment(1);
+                tracing::warn!(conv = %conv, kind, error = %err, "handling failed, will be redelivered");
+                let _ = msg
+                    .ack_with(AckKind::Nak(Some(Duration::from_millis(200))))
+                    .await;
+            }
         }
     }
 
@@ -174,36 +213,58 @@ impl<S: MessageStore> Stamper<S> {
                 (&m.conv, &m.from, Some(&m.id))
             }
             Inbound::Receipt(r) => (&r.conv, &r.user, None),
-            Inbound::Group(g) => (&g.conv, &g.from, Some(&g.id)),
+            Inbound::Group(g) => {
+                ClientMsgId::parse(&g.id)?;
+                (&g.conv, &g.from, Some(&g.id))
+            }
         };
         let conv = ConvId::parse(conv)?;
         let from = UserId::parse(from)?;
         if subjects::split_partitioned(&msg.subject) != Some((partition, conv.as_str())) {
             return Err(Reject::SubjectMismatch);
         }
-        if !conv.is_direct_member(&from) {
-            return Err(Reject::NotMember {
-                from,
-                conv: conv.to_string(),
-                id: id.cloned(),
-            });
+        // Group membership is checked against the store once the head is loaded.
+        let refuse = |code, message: &str| Reject::Refused {
+            code,
+            message: message.into(),
+            from: from.clone(),
+            conv: conv.to_string(),
+            id: id.cloned(),
+        };
+        if !conv.is_group() && !conv.is_direct_member(&from) {
+            return Err(refuse(
+                ErrorCode::NotMember,
+                "you are not a member of this conversation",
+            ));
         }
         let valid = match inbound {
             Inbound::Send(m) => Valid::Send(m),
             Inbound::Receipt(r) => Valid::Receipt(r),
-            Inbound::Group(_) => return Err(Reject::Undecodable("groups: in progress".into())),
+            Inbound::Group(_) if !conv.is_group() => {
+                return Err(refuse(
+                    ErrorCode::InvalidId,
+                    "group operations need a group conversation (`g~<id>`)",
+                ));
+            }
+            Inbound::Group(g) => Valid::Group(g),
         };
         Ok((valid, conv))
     }
 
-    async fn refuse(&self, reject: Reject) {
+    /// Refuses an inbound message for good: tells the sender (when there is one to tell) and
+    /// terminates the message, so it is never redelivered.
+    async fn refuse(&self, reject: Reject, msg: jetstream::Message) {
         metrics::counter!("sequencer_refused_total").increment(1);
-        tracing::warn!(reason = %reject, "refusing inbound message");
-        if let Reject::NotMember { from, conv, id } = reject {
-            let mut frame = ErrorFrame::new(
-                ErrorCode::NotMember,
-                "you are not a member of this conversation",
-            );
+        tracing::info!(reason = %reject, "refusing inbound message");
+        if let Reject::Refused {
+            code,
+            message,
+            from,
+            conv,
+            id,
+        } = reject
+        {
+            let mut frame = ErrorFrame::new(code, message);
             frame.id = id;
             frame.conv = Some(conv);
             let payload = serde_json::to_vec(&ServerFrame::Error(frame)).expect("frame encodes");
@@ -212,10 +273,47 @@ impl<S: MessageStore> Stamper<S> {
                 .publish(subjects::user(&from), payload.into())
                 .await;
         }
+        if let Err(err) = msg.ack_with(AckKind::Term).await {
+            tracing::warn!(error = %err, "term of refused message failed");
+        }
+    }
+
+    /// Refuses a message of a group the sender is not (or no longer) a member of. The head
+    /// must be loaded first: only then does the store hold the group's latest membership.
+    async fn check_member(&self, conv: &ConvId, user: &str) -> Result<(), Failure> {
+        if !conv.is_group() {
+            return Ok(());
+        }
+        match self.store.member(conv.as_str(), user).await? {
+            Some(m) if m.left.is_none() => Ok(()),
+            _ => Err(not_member()),
+        }
+    }
+
+    /// Applies one `group` frame: checks it against the group as it stands and stamps the
+    /// resulting event. Returns its seq.
+    async fn group(&self, op: &InboundGroup, conv: &ConvId) -> Result<u64, Failure> {
+        if let Some(seq) = self
+            .store
+            .seq_for_client_id(conv.as_str(), &op.from, &op.id)
+            .await?
+        {
+            return Ok(seq);
+        }
+        let head = self.head(conv, &subjects::stamped(conv)).await?;
+        let exists = head.seq > 0 || self.store.conversation(conv.as_str()).await?.is_some();
+        let current = groups::current_members(&self.store, conv).await?;
+        let event =
+            groups::plan(op, exists, &current, self.group_max_members).map_err(Failure::Refused)?;
+        let seq = self
+            .publish(conv, &op.from, &op.id, String::new(), Some(event))
+            .await?;
+        metrics::counter!("sequencer_group_events_total").increment(1);
+        Ok(seq)
     }
 
     /// Stamps one message (or finds its earlier stamp) and stores it. Returns its seq.
-    async fn stamp(&self, inbound: &InboundMessage, conv: &ConvId) -> Result<u64, StampError> {
+    async fn stamp(&self, inbound: &InboundMessage, conv: &ConvId) -> Result<u64, Failure> {
         if let Some(seq) = self
             .store
             .seq_for_client_id(conv.as_str(), &inbound.from, &inbound.id)
@@ -223,24 +321,42 @@ impl<S: MessageStore> Stamper<S> {
         {
             return Ok(seq);
         }
+        self.head(conv, &subjects::stamped(conv)).await?;
+        self.check_member(conv, &inbound.from).await?;
+        let seq = self
+            .publish(conv, &inbound.from, &inbound.id, inbound.body.clone(), None)
+            .await?;
+        Ok(seq)
+    }
+
+    /// Publishes the next message of `conv` (fenced on its head, deduplicated by the client
+    /// id) and stores it, or, when it was stamped before, stores the original. Returns its seq.
+    async fn publish(
+        &self,
+        conv: &ConvId,
+        from: &str,
+        id: &str,
+        body: String,
+        event: Option<GroupEvent>,
+    ) -> Result<u64, StampError> {
         let subject = subjects::stamped(conv);
         for _ in 0..MAX_FENCE_RETRIES {
             let head = self.head(conv, &subject).await?;
             let message = Message {
-                conv: inbound.conv.clone(),
+                conv: conv.to_string(),
                 seq: head.seq + 1,
-                from: inbound.from.clone(),
-                id: inbound.id.clone(),
+                from: from.to_owned(),
+                id: id.to_owned(),
                 ts: chat_protocol::now_ms(),
-                body: inbound.body.clone(),
-                event: None,
+                body: body.clone(),
+                event: event.clone(),
             };
             let payload =
                 serde_json::to_vec(&ServerFrame::Message(message.clone())).expect("frame encodes");
             let mut headers = HeaderMap::new();
             headers.insert(
                 async_nats::header::NATS_MESSAGE_ID,
-                dedupe_id(&inbound.conv, &inbound.from, &inbound.id).as_str(),
+                dedupe_id(conv.as_str(), from, id).as_str(),
             );
             headers.insert(
                 async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
@@ -264,12 +380,8 @@ impl<S: MessageStore> Stamper<S> {
                             stream_seq: ack.sequence,
                         },
                     );
-                    let members = members(conv);
                     self.store
-                        .apply(
-                            vec![Change::message(stored(message, ack.sequence), members)],
-                            None,
-                        )
+                        .apply(vec![groups::change_for(conv, message, ack.sequence)], None)
                         .await?;
                     return Ok(head.seq + 1);
                 }
@@ -280,7 +392,7 @@ impl<S: MessageStore> Stamper<S> {
                     let original = self.load_stamped(ack.sequence).await?;
                     let seq = original.seq;
                     self.store
-                        .apply(vec![Change::message(original, members(conv))], None)
+                        .apply(vec![groups::change_for(conv, original, ack.sequence)], None)
                         .await?;
                     metrics::counter!("sequencer_duplicates_total").increment(1);
                     return Ok(seq);
@@ -303,10 +415,11 @@ impl<S: MessageStore> Stamper<S> {
     /// Applies one receipt: clamps it to the conversation's head, merges it with the member's
     /// stored watermarks and, if they moved, publishes and stores the new ones. Returns whether
     /// they moved.
-    async fn receipt(&self, r: &InboundReceipt, conv: &ConvId) -> Result<bool, StampError> {
+    async fn receipt(&self, r: &InboundReceipt, conv: &ConvId) -> Result<bool, Failure> {
         let subject = subjects::stamped(conv);
         let wanted = r.delivered.max(r.read);
         let mut head = self.head(conv, &subject).await?;
+        self.check_member(conv, &r.user).await?;
         if wanted > head.seq {
             // The cached head may predate stamps by another owner: never clamp against it.
             self.forget_head(conv);
@@ -397,14 +510,13 @@ impl<S: MessageStore> Stamper<S> {
         })
     }
 
-    async fn load_stamped(&self, stream_seq: u64) -> Result<StoredMessage, StampError> {
+    async fn load_stamped(&self, stream_seq: u64) -> Result<Message, StampError> {
         let raw = self
             .stamped
             .direct_get(stream_seq)
             .await
             .map_err(|e| StampError::Head(e.to_string()))?;
-        let msg = decode_stamped(&raw.payload, stream_seq)?;
-        Ok(stored(msg, stream_seq))
+        decode_stamped(&raw.payload, stream_seq)
     }
 
     fn set_head(&self, conv: &ConvId, head: Head) {

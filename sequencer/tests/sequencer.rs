@@ -5,10 +5,11 @@ use std::{collections::HashMap, time::Duration};
 use async_nats::{HeaderMap, jetstream};
 use chat_protocol::{
     api::{
-        HistoryReply, HistoryRequest, Inbound, InboundMessage, InboundReceipt, ReceiptsReply,
+        ConversationsReply, ConversationsRequest, GroupInfoReply, GroupInfoRequest, HistoryReply,
+        HistoryRequest, Inbound, InboundGroup, InboundMessage, InboundReceipt, ReceiptsReply,
         ReceiptsRequest, SyncReply, SyncRequest, dedupe_id,
     },
-    frames::{ConvState, ErrorCode, MemberMarks, Receipt, ServerFrame},
+    frames::{ConvState, ErrorCode, GroupEvent, GroupOp, MemberMarks, Receipt, ServerFrame},
     ids::ConvId,
     jetstream::{Overrides, provision_all},
     subjects,
@@ -26,13 +27,17 @@ struct Sequencer {
 
 impl Sequencer {
     fn spawn(nats: &NatsServer, instance: &str) -> Self {
+        Self::spawn_with(nats, instance, Config::default())
+    }
+
+    fn spawn_with(nats: &NatsServer, instance: &str, config: Config) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = Config {
             nats_url: nats.url(),
             admin_listen: String::new(),
             store_dir: dir.path().join("store"),
             instance_id: instance.into(),
-            ..Config::default()
+            ..config
         };
         let stop = CancellationToken::new();
         let task = tokio::spawn(chat_sequencer::run(config, None, stop.clone()));
@@ -623,4 +628,298 @@ async fn a_stale_head_cannot_stamp() {
         .await
         .expect_err("the old head is fenced");
     assert_eq!(err.kind(), PublishErrorKind::WrongLastSequence);
+}
+
+async fn group_op(
+    js: &jetstream::Context,
+    conv: &str,
+    from: &str,
+    id: &str,
+    op: GroupOp,
+    name: Option<&str>,
+    members: &[&str],
+) {
+    let msg = Inbound::Group(InboundGroup {
+        conv: conv.into(),
+        from: from.into(),
+        device: "d1".into(),
+        id: id.into(),
+        op,
+        name: name.map(Into::into),
+        members: members.iter().map(|m| (*m).into()).collect(),
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", dedupe_id(conv, from, id).as_str());
+    js.publish_with_headers(
+        subjects::inbound(&ConvId::parse(conv).unwrap()),
+        headers,
+        serde_json::to_vec(&msg).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+/// The next error frame on a user's subject.
+async fn refusal(sub: &mut async_nats::Subscriber) -> (ErrorCode, Option<String>) {
+    let frame = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("the user is told")
+        .unwrap();
+    let ServerFrame::Error(e) = serde_json::from_slice(&frame.payload).unwrap() else {
+        panic!("expected an error frame")
+    };
+    (e.code, e.id)
+}
+
+async fn group_info(client: &async_nats::Client, conv: &str, user: Option<&str>) -> GroupInfoReply {
+    let req = GroupInfoRequest {
+        conv: conv.into(),
+        user: user.map(Into::into),
+    };
+    ask(client, subjects::GROUP_INFO_API, &req).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_membership_changes_take_their_place_in_the_order_and_bound_what_members_read() {
+    let (nats, client, js) = setup().await;
+    let mut bob_inbox = client.subscribe("chat.user.bob").await.unwrap();
+    let mut carol_inbox = client.subscribe("chat.user.carol").await.unwrap();
+    let mut alice_inbox = client.subscribe("chat.user.alice").await.unwrap();
+    client.flush().await.unwrap();
+    let seq = Sequencer::spawn(&nats, "s1");
+    const G: &str = "g~team";
+    group_op(
+        &js,
+        G,
+        "alice",
+        "op1",
+        GroupOp::Create,
+        Some("Team"),
+        &["bob"],
+    )
+    .await;
+    send(&js, G, "bob", "b1", "hello team").await;
+    group_op(&js, G, "alice", "op2", GroupOp::Add, None, &["carol"]).await;
+    send(&js, G, "carol", "c1", "hi, I am new").await;
+    group_op(&js, G, "alice", "op3", GroupOp::Remove, None, &["bob"]).await;
+    send(&js, G, "alice", "a1", "bob is gone").await;
+    // Refused: bob after his removal, carol (not an admin) adding, a second create.
+    send(&js, G, "bob", "b2", "wait").await;
+    group_op(&js, G, "carol", "op4", GroupOp::Add, None, &["dave"]).await;
+    group_op(&js, G, "alice", "op5", GroupOp::Create, Some("Again"), &[]).await;
+    // A retried operation is the same event, not a second one.
+    group_op(&js, G, "alice", "op2", GroupOp::Add, None, &["carol"]).await;
+    send(&js, G, "carol", "c2", "ok").await;
+
+    assert_eq!(
+        refusal(&mut bob_inbox).await,
+        (ErrorCode::NotMember, Some("b2".into()))
+    );
+    assert_eq!(
+        refusal(&mut carol_inbox).await,
+        (ErrorCode::NotAdmin, Some("op4".into()))
+    );
+    assert_eq!(
+        refusal(&mut alice_inbox).await,
+        (ErrorCode::AlreadyExists, Some("op5".into()))
+    );
+    let all: Vec<_> = stamped(&js, 7).await.into_iter().map(|(m, _)| m).collect();
+    let order: Vec<(u64, &str, Option<&GroupEvent>)> = all
+        .iter()
+        .map(|m| (m.seq, m.id.as_str(), m.event.as_ref()))
+        .collect();
+    let created = GroupEvent::Created {
+        name: "Team".into(),
+        members: vec!["bob".into()],
+    };
+    let added = GroupEvent::Added {
+        members: vec!["carol".into()],
+    };
+    let removed = GroupEvent::Removed {
+        members: vec!["bob".into()],
+    };
+    assert_eq!(
+        order,
+        vec![
+            (1, "op1", Some(&created)),
+            (2, "b1", None),
+            (3, "op2", Some(&added)),
+            (4, "c1", None),
+            (5, "op3", Some(&removed)),
+            (6, "a1", None),
+            (7, "c2", None),
+        ]
+    );
+    assert!(all.iter().all(|m| m.conv == G));
+
+    // Carol reads from her joining on, Bob up to his removal, Dave nothing.
+    assert_eq!(
+        page_seqs(history(&client, "carol", G, 0).await),
+        (vec![3, 4, 5, 6, 7], false)
+    );
+    let newest = history_range(&client, "carol", G, None, None, 200).await;
+    assert_eq!(page_seqs(newest), (vec![3, 4, 5, 6, 7], false));
+    let older = history_range(&client, "carol", G, None, Some(5), 200).await;
+    assert_eq!(page_seqs(older), (vec![3, 4], false));
+    assert_eq!(
+        page_seqs(history(&client, "bob", G, 0).await),
+        (vec![1, 2, 3, 4, 5], false)
+    );
+    let bob_newest = history_range(&client, "bob", G, None, None, 2).await;
+    assert_eq!(page_seqs(bob_newest), (vec![4, 5], true));
+    assert_eq!(
+        page_seqs(history(&client, "bob", G, 5).await),
+        (vec![], false)
+    );
+    let HistoryReply::Error(e) = history(&client, "dave", G, 0).await else {
+        panic!("dave is no member")
+    };
+    assert_eq!(e.code, ErrorCode::NotMember);
+
+    // Sync: Bob's state stops at his removal; Carol's starts at her joining.
+    let bob = sync_page(sync(&client, "bob", None, &[], None, 100).await);
+    assert_eq!(bob.messages, in_conv(G, 1..=5));
+    assert_eq!(
+        (
+            bob.convs[0].latest,
+            bob.convs[0].left,
+            bob.convs[0].member_count
+        ),
+        (5, Some(5), 2)
+    );
+    let carol = sync_page(sync(&client, "carol", None, &[], None, 100).await);
+    assert_eq!(carol.messages, in_conv(G, 3..=7));
+    let state = &carol.convs[0];
+    assert_eq!(state.name.as_deref(), Some("Team"));
+    assert_eq!((state.latest, state.unread, state.left), (7, 0, None));
+    assert_eq!(
+        state.members,
+        vec![marks("alice", 6, 6), marks("carol", 7, 7)]
+    );
+    // Bob's next sync from his token lists nothing new, though the group moved on.
+    let bob_again = sync_page(sync(&client, "bob", bob.token.as_deref(), &[], None, 100).await);
+    assert!(bob_again.convs.is_empty() && bob_again.messages.is_empty());
+
+    // The conversation list and the group's members.
+    let ConversationsReply::Page { convs, more, .. } = ask(
+        &client,
+        subjects::CONVERSATIONS_API,
+        &ConversationsRequest {
+            user: "alice".into(),
+            after: None,
+            limit: 10,
+            groups_only: false,
+        },
+    )
+    .await
+    else {
+        panic!("expected a page")
+    };
+    assert!(!more);
+    assert_eq!(convs.len(), 1);
+    let info = &convs[0];
+    assert_eq!(
+        (
+            info.name.as_deref(),
+            info.member_count,
+            info.latest,
+            info.unread
+        ),
+        (Some("Team"), 2, 7, 1)
+    );
+    assert!(info.admin && info.joined == 1 && info.left.is_none());
+    let GroupInfoReply::Group {
+        name,
+        members,
+        seq: at,
+    } = group_info(&client, G, None).await
+    else {
+        panic!("expected the group")
+    };
+    assert_eq!((name.as_str(), at), ("Team", 7));
+    let who: Vec<(&str, bool, u64)> = members
+        .iter()
+        .map(|m| (m.user.as_str(), m.admin, m.joined))
+        .collect();
+    assert_eq!(who, vec![("alice", true, 1), ("carol", false, 3)]);
+    let GroupInfoReply::Error(e) = group_info(&client, G, Some("bob")).await else {
+        panic!("bob is no longer a member")
+    };
+    assert_eq!(e.code, ErrorCode::NotMember);
+    let GroupInfoReply::Error(e) = group_info(&client, "g~nope", None).await else {
+        panic!("no such group")
+    };
+    assert_eq!(e.code, ErrorCode::NotFound);
+    seq.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_holds_1024_members_and_not_one_more() {
+    let (nats, client, js) = setup().await;
+    let mut owner_inbox = client.subscribe("chat.user.u0000").await.unwrap();
+    client.flush().await.unwrap();
+    let seq = Sequencer::spawn(&nats, "s1");
+    const G: &str = "g~big";
+    let users: Vec<String> = (0..1025).map(|i| format!("u{i:04}")).collect();
+    let others: Vec<&str> = users[1..1024].iter().map(String::as_str).collect();
+    group_op(
+        &js,
+        G,
+        "u0000",
+        "create",
+        GroupOp::Create,
+        Some("Big"),
+        &others,
+    )
+    .await;
+    group_op(
+        &js,
+        G,
+        "u0000",
+        "add",
+        GroupOp::Add,
+        None,
+        &[users[1024].as_str()],
+    )
+    .await;
+    send(&js, G, "u1023", "m1", "the last one in").await;
+    assert_eq!(
+        refusal(&mut owner_inbox).await,
+        (ErrorCode::GroupFull, Some("add".into()))
+    );
+    let all = stamped(&js, 2).await;
+    assert_eq!(all.len(), 2);
+    assert_eq!((all[1].0.seq, all[1].0.from.as_str()), (2, "u1023"));
+    let GroupInfoReply::Group { members, .. } = group_info(&client, G, None).await else {
+        panic!("expected the group")
+    };
+    assert_eq!(members.len(), 1024);
+    seq.stop().await;
+
+    // A smaller configured cap refuses a create beyond it.
+    let small = Sequencer::spawn_with(
+        &nats,
+        "s2",
+        Config {
+            group_max_members: 3,
+            ..Config::default()
+        },
+    );
+    group_op(
+        &js,
+        "g~small",
+        "u0000",
+        "c2",
+        GroupOp::Create,
+        Some("S"),
+        &others[..3],
+    )
+    .await;
+    assert_eq!(
+        refusal(&mut owner_inbox).await,
+        (ErrorCode::GroupFull, Some("c2".into()))
+    );
+    small.stop().await;
 }
