@@ -3,6 +3,7 @@
 //! pinned JetStream consumers. Nothing here knows about chat semantics.
 
 pub mod admin;
+pub mod balance;
 pub mod config;
 pub mod partitions;
 

@@ -12,6 +12,8 @@ use async_nats::jetstream::{self, consumer::PullConsumer};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::balance::Balance;
+
 /// The partitions a process competes for: `requested`, or all of `0..total`. A partition that
 /// does not exist is a configuration error.
 pub fn select(requested: Option<&[u32]>, total: u32) -> anyhow::Result<Vec<u32>> {
@@ -109,6 +111,64 @@ where
             None => return Ok(()),
         }
     }
+}
+
+/// Like [`run`], but each process pulls only the consumers it owns among the live processes
+/// of its kind (see [`crate::balance`]): it starts pulling a consumer when it becomes its owner
+/// and stops (after the message in hand) when it no longer is; the server moves the pin once
+/// the old owner has not pulled for the consumer's `priority_timeout`.
+pub async fn run_balanced<H, Fut>(
+    js: jetstream::Context,
+    stream: &'static str,
+    consumers: Vec<(u32, String)>,
+    settings: PullSettings,
+    balance: Balance,
+    handle: H,
+    shutdown: CancellationToken,
+) where
+    H: Fn(u32, jetstream::Message) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let handle = Arc::new(handle);
+    let mut tasks = tokio::task::JoinSet::new();
+    for (partition, name) in consumers {
+        let (js, handle, settings) = (js.clone(), handle.clone(), settings.clone());
+        let (mut balance, shutdown) = (balance.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            while balance.until_owned(&name, &shutdown).await {
+                tracing::info!(stream, consumer = %name, "balance: pulling");
+                metrics::gauge!("partition_consumers_owned").increment(1.0);
+                let lost = shutdown.child_token();
+                let watcher = {
+                    let (mut balance, lost, name) = (balance.clone(), lost.clone(), name.clone());
+                    tokio::spawn(async move {
+                        balance.until_lost(&name, &lost).await;
+                        lost.cancel();
+                    })
+                };
+                let mut backoff = Duration::from_millis(100);
+                while !lost.is_cancelled() {
+                    match consume_partition(&js, stream, &name, partition, &settings, &*handle, &lost).await {
+                        Ok(()) => backoff = Duration::from_millis(100),
+                        Err(err) => {
+                            tracing::warn!(stream, consumer = %name, error = %err, "partition consumer failed, retrying");
+                            tokio::select! {
+                                _ = tokio::time::sleep(backoff) => {},
+                                _ = lost.cancelled() => {},
+                            }
+                            backoff = (backoff * 2).min(Duration::from_secs(5));
+                        }
+                    }
+                }
+                watcher.abort();
+                metrics::gauge!("partition_consumers_owned").decrement(1.0);
+                if !shutdown.is_cancelled() {
+                    tracing::info!(stream, consumer = %name, "balance: released to another process");
+                }
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
 }
 
 #[cfg(test)]
