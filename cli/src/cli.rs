@@ -34,6 +34,9 @@ Quick start (with ./scripts/dev.sh running):
   chat send --as alice bob hello           # terminal 2: prints `sent to bob: seq 1`
   chat talk --as alice bob                 # interactive; /history [n], /quit
   chat history --as bob --with alice
+  chat group create --as alice g~team --name Team bob carol
+  chat send --as bob g~team hi all         # a group id instead of a user
+  chat convs --as carol                    # conversations, unread counts
   chat token alice                         # a token for other clients (ws://...?token=...&device=...)
 
 `--as USER` mints a development token signed with --secret; `--token` uses a given one.";
@@ -93,11 +96,11 @@ pub enum Command {
         #[arg(long, value_name = "SECS", default_value_t = SESSION_TOKEN_TTL_SECS)]
         ttl: u64,
     },
-    /// Send one message to another user and wait for its sequence number
+    /// Send one message to another user or a group and wait for its sequence number
     Send {
-        /// Recipient
-        #[arg(value_parser = parse_user)]
-        to: UserId,
+        /// Recipient: a user, or a group id (`g~<id>`)
+        #[arg(value_parser = parse_target)]
+        to: Target,
         /// Message text (several words are joined with spaces)
         #[arg(required = true, num_args = 1..)]
         text: Vec<String>,
@@ -109,11 +112,11 @@ pub enum Command {
         #[arg(value_parser = parse_user)]
         to: UserId,
     },
-    /// Print a page of the conversation with another user
+    /// Print a page of the conversation with another user or of a group
     History {
-        /// The other user of the conversation
-        #[arg(long, value_name = "USER", value_parser = parse_user)]
-        with: UserId,
+        /// The other user of the conversation, or a group id (`g~<id>`)
+        #[arg(long, value_name = "USER|GROUP", value_parser = parse_target)]
+        with: Target,
         /// Most messages to return (the server caps it)
         #[arg(long, value_name = "N")]
         limit: Option<u32>,
@@ -124,9 +127,96 @@ pub enum Command {
         #[arg(long, value_name = "SEQ")]
         after: Option<u64>,
     },
+    /// Create and change groups
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// List your conversations: groups and one-to-one, with unread counts
+    Convs,
     /// Administration
     #[command(subcommand)]
     Admin(AdminCommand),
+}
+
+/// A recipient: a user (the one-to-one conversation with it) or a group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    User(UserId),
+    Group(ConvId),
+}
+
+fn parse_target(s: &str) -> Result<Target, String> {
+    if s.starts_with("g~") {
+        return ConvId::parse(s)
+            .map(Target::Group)
+            .map_err(|e| e.to_string());
+    }
+    parse_user(s).map(Target::User)
+}
+
+fn parse_group(s: &str) -> Result<ConvId, String> {
+    match ConvId::parse(s) {
+        Ok(c) if c.is_group() => Ok(c),
+        Ok(_) => Err("a group id looks like g~<id>".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create a group (you become its admin) with these other members
+    Create {
+        #[arg(value_parser = parse_group)]
+        group: ConvId,
+        #[arg(long)]
+        name: String,
+        #[arg(value_parser = parse_user)]
+        members: Vec<UserId>,
+    },
+    /// Add members (admins only)
+    Add {
+        #[arg(value_parser = parse_group)]
+        group: ConvId,
+        #[arg(required = true, value_parser = parse_user)]
+        members: Vec<UserId>,
+    },
+    /// Remove members (admins only)
+    Remove {
+        #[arg(value_parser = parse_group)]
+        group: ConvId,
+        #[arg(required = true, value_parser = parse_user)]
+        members: Vec<UserId>,
+    },
+    /// Leave a group
+    Leave {
+        #[arg(value_parser = parse_group)]
+        group: ConvId,
+    },
+    /// Rename a group
+    Rename {
+        #[arg(value_parser = parse_group)]
+        group: ConvId,
+        #[arg(long)]
+        name: String,
+    },
+    /// Make members admins (admins only)
+    Promote {
+        #[arg(value_parser = parse_group)]
+        group: ConvId,
+        #[arg(required = true, value_parser = parse_user)]
+        members: Vec<UserId>,
+    },
+    /// Take the admin role from members (admins only)
+    Demote {
+        #[arg(value_parser = parse_group)]
+        group: ConvId,
+        #[arg(required = true, value_parser = parse_user)]
+        members: Vec<UserId>,
+    },
+    /// Show a group's name and members
+    Info {
+        #[arg(value_parser = parse_group)]
+        group: ConvId,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -238,6 +328,8 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Send { to, text } => send(g, &to, &text.join(" ")).await,
+        Command::Group(command) => group(g, command).await,
+        Command::Convs => convs(g).await,
         Command::Watch => watch(g).await,
         Command::Talk { to } => talk(g, &to).await,
         Command::History {
@@ -270,14 +362,128 @@ fn conversation(me: &UserId, other: &UserId) -> anyhow::Result<ConvId> {
     ConvId::direct(me, other).with_context(|| format!("no conversation between {me} and {other}"))
 }
 
-async fn send(g: &Global, to: &UserId, text: &str) -> anyhow::Result<()> {
-    if g.as_user.as_ref() == Some(to) {
-        conversation(to, to)?;
+/// The conversation a target names, for the connected user.
+fn target_conv(me: &UserId, to: &Target) -> anyhow::Result<ConvId> {
+    match to {
+        Target::User(user) => conversation(me, user),
+        Target::Group(conv) => Ok(conv.clone()),
+    }
+}
+
+fn target_name(to: &Target) -> String {
+    match to {
+        Target::User(u) => u.to_string(),
+        Target::Group(c) => c.to_string(),
+    }
+}
+
+async fn send(g: &Global, to: &Target, text: &str) -> anyhow::Result<()> {
+    if let (Some(me), Target::User(user)) = (g.as_user.as_ref(), to)
+        && me == user
+    {
+        conversation(me, user)?;
     }
     let mut client = g.connect().await?;
-    let conv = conversation(client.user(), to)?;
+    let conv = target_conv(client.user(), to)?;
     let m = client.send_and_wait(&conv, text, g.timeout()).await?;
-    println!("sent to {to}: seq {}", m.seq);
+    println!("sent to {}: seq {}", target_name(to), m.seq);
+    client.close().await;
+    Ok(())
+}
+
+async fn group(g: &Global, command: GroupCommand) -> anyhow::Result<()> {
+    use chat_protocol::frames::GroupOp;
+    let (op, conv, name, members) = match command {
+        GroupCommand::Info { group } => return group_info(g, &group).await,
+        GroupCommand::Create {
+            group,
+            name,
+            members,
+        } => (GroupOp::Create, group, Some(name), members),
+        GroupCommand::Add { group, members } => (GroupOp::Add, group, None, members),
+        GroupCommand::Remove { group, members } => (GroupOp::Remove, group, None, members),
+        GroupCommand::Leave { group } => (GroupOp::Leave, group, None, vec![]),
+        GroupCommand::Rename { group, name } => (GroupOp::Rename, group, Some(name), vec![]),
+        GroupCommand::Promote { group, members } => (GroupOp::Promote, group, None, members),
+        GroupCommand::Demote { group, members } => (GroupOp::Demote, group, None, members),
+    };
+    let mut client = g.connect().await?;
+    let m = client
+        .group_and_wait(op, &conv, name.as_deref(), &members, g.timeout())
+        .await?;
+    println!("{}", message_line(&m));
+    client.close().await;
+    Ok(())
+}
+
+async fn group_info(g: &Global, conv: &ConvId) -> anyhow::Result<()> {
+    let mut client = g.connect().await?;
+    let (name, members, seq) = client
+        .request(
+            "the group's members",
+            g.timeout(),
+            |req| chat_protocol::frames::ClientFrame::GroupInfo {
+                req,
+                conv: conv.to_string(),
+            },
+            |req, f| match f {
+                ServerFrame::GroupInfo {
+                    req: r,
+                    name,
+                    members,
+                    seq,
+                    ..
+                } if r == req => Some((name.clone(), members.clone(), *seq)),
+                _ => None,
+            },
+        )
+        .await?;
+    println!(
+        "{} \"{}\": {} members (as of #{seq})",
+        conv,
+        format::terminal_safe(&name),
+        members.len()
+    );
+    for m in members {
+        let role = if m.admin { " (admin)" } else { "" };
+        println!("  {}{role}, since #{}", m.user, m.joined);
+    }
+    client.close().await;
+    Ok(())
+}
+
+async fn convs(g: &Global) -> anyhow::Result<()> {
+    let mut client = g.connect().await?;
+    let mut after = None;
+    loop {
+        let (convs, next) = client
+            .request(
+                "the conversation list",
+                g.timeout(),
+                |req| chat_protocol::frames::ClientFrame::Conversations {
+                    req,
+                    after: after.clone(),
+                    limit: None,
+                },
+                |req, f| match f {
+                    ServerFrame::Conversations {
+                        req: r,
+                        convs,
+                        next,
+                        ..
+                    } if r == req => Some((convs.clone(), next.clone())),
+                    _ => None,
+                },
+            )
+            .await?;
+        for c in &convs {
+            println!("{}", format::conversation_line(c));
+        }
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
     client.close().await;
     Ok(())
 }
@@ -501,9 +707,10 @@ async fn talk(g: &Global, to: &UserId) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn history(g: &Global, with: &UserId, query: HistoryQuery) -> anyhow::Result<()> {
+async fn history(g: &Global, with: &Target, query: HistoryQuery) -> anyhow::Result<()> {
     let mut client = g.connect().await?;
-    let conv = conversation(&client.user().clone(), with)?;
+    let conv = target_conv(&client.user().clone(), with)?;
+    let with = target_name(with);
     let page = client.fetch_history(&conv, query, g.timeout()).await?;
     if page.messages.is_empty() {
         eprintln!("(no messages)");
@@ -568,11 +775,36 @@ mod tests {
         assert_eq!(cli.global.as_user.unwrap().as_str(), "alice");
         match cli.command {
             Command::Send { to, text } => {
-                assert_eq!(to.as_str(), "bob");
+                assert_eq!(target_name(&to), "bob");
                 assert_eq!(text.join(" "), "hello world");
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_group_id_is_a_recipient_and_group_commands_check_ids() {
+        let cli = parse(&["send", "--as", "bob", "g~team", "hi"]).unwrap();
+        match cli.command {
+            Command::Send { to, .. } => {
+                assert_eq!(to, Target::Group(ConvId::parse("g~team").unwrap()));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&["send", "--as", "bob", "g~a.b", "hi"]).is_err());
+        let cli = parse(&["group", "create", "g~team", "--name", "T", "bob", "carol"]).unwrap();
+        match cli.command {
+            Command::Group(GroupCommand::Create { members, name, .. }) => {
+                assert_eq!((members.len(), name.as_str()), (2, "T"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            parse(&["group", "add", "g~team"]).is_err(),
+            "members required"
+        );
+        assert!(parse(&["group", "leave", "dm~a~b"]).is_err(), "not a group");
+        assert!(parse(&["convs"]).is_ok());
     }
 
     #[test]
@@ -619,7 +851,7 @@ mod tests {
                 before,
                 after,
             } => {
-                assert_eq!(with.as_str(), "bob");
+                assert_eq!(target_name(&with), "bob");
                 assert_eq!((limit, before, after), (Some(5), Some(9), None));
             }
             other => panic!("{other:?}"),

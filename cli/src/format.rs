@@ -1,19 +1,62 @@
 //! How `chat` prints what it receives: one line per message or error, safe for a terminal.
 
 use chat_protocol::{
-    frames::{ErrorFrame, Message, close},
+    frames::{ErrorFrame, GroupEvent, Message, close},
     jetstream::Outcome,
 };
 
-/// `[dm~alice~bob #3] alice: hello`
+/// `[dm~alice~bob #3] alice: hello`, or for a group event `[g~team #4] alice added dave`.
 pub fn message_line(m: &Message) -> String {
-    format!(
-        "[{} #{}] {}: {}",
-        terminal_safe(&m.conv),
-        m.seq,
-        terminal_safe(&m.from),
-        terminal_safe(&m.body)
-    )
+    let head = format!("[{} #{}]", terminal_safe(&m.conv), m.seq);
+    let from = terminal_safe(&m.from);
+    match &m.event {
+        None => format!("{head} {from}: {}", terminal_safe(&m.body)),
+        Some(e) => format!("{head} {from} {}", event_text(e)),
+    }
+}
+
+/// `added dave, erin`, `renamed the group to "Team"`, ...
+pub fn event_text(e: &GroupEvent) -> String {
+    let list = |users: &[String]| terminal_safe(&users.join(", "));
+    match e {
+        GroupEvent::Created { name, members } if members.is_empty() => {
+            format!("created the group \"{}\"", terminal_safe(name))
+        }
+        GroupEvent::Created { name, members } => format!(
+            "created the group \"{}\" with {}",
+            terminal_safe(name),
+            list(members)
+        ),
+        GroupEvent::Added { members } => format!("added {}", list(members)),
+        GroupEvent::Removed { members } => format!("removed {}", list(members)),
+        GroupEvent::Left { admin: None } => "left".into(),
+        GroupEvent::Left { admin: Some(a) } => {
+            format!("left; {} is now an admin", terminal_safe(a))
+        }
+        GroupEvent::Renamed { name } => format!("renamed the group to \"{}\"", terminal_safe(name)),
+        GroupEvent::Promoted { members } => format!("made {} admin", list(members)),
+        GroupEvent::Demoted { members } => format!("took the admin role from {}", list(members)),
+    }
+}
+
+/// `g~team "Team" (3 members, admin): #42, 2 unread` or `dm~alice~bob: #7`.
+pub fn conversation_line(c: &chat_protocol::frames::ConvInfo) -> String {
+    let mut line = terminal_safe(&c.conv);
+    if let Some(name) = &c.name {
+        line.push_str(&format!(" \"{}\"", terminal_safe(name)));
+    }
+    if c.conv.starts_with("g~") {
+        let admin = if c.admin { ", admin" } else { "" };
+        line.push_str(&format!(" ({} members{admin})", c.member_count));
+    }
+    line.push_str(&format!(": #{}", c.latest));
+    if c.unread > 0 {
+        line.push_str(&format!(", {} unread", c.unread));
+    }
+    if let Some(left) = c.left {
+        line.push_str(&format!(" (you left at #{left})"));
+    }
+    line
 }
 
 /// `error rate_limited: too many sends (retry after 250 ms)`
@@ -69,6 +112,23 @@ mod tests {
     use chat_protocol::frames::ErrorCode;
 
     use super::*;
+
+    #[test]
+    fn group_events_read_as_sentences() {
+        let mut m = msg("");
+        m.conv = "g~team".into();
+        m.event = Some(GroupEvent::Added {
+            members: vec!["dave".into(), "erin".into()],
+        });
+        assert_eq!(message_line(&m), "[g~team #3] alice added dave, erin");
+        m.event = Some(GroupEvent::Left {
+            admin: Some("bob".into()),
+        });
+        assert_eq!(
+            message_line(&m),
+            "[g~team #3] alice left; bob is now an admin"
+        );
+    }
 
     fn msg(body: &str) -> Message {
         Message {

@@ -17,7 +17,7 @@ pub mod format;
 use std::{collections::VecDeque, time::Duration};
 
 use chat_protocol::{
-    frames::{ClientFrame, ErrorCode, ErrorFrame, Limits, Message, ServerFrame},
+    frames::{ClientFrame, ErrorCode, ErrorFrame, GroupOp, Limits, Message, ServerFrame},
     ids::{ConvId, UserId},
 };
 use futures::{SinkExt, StreamExt};
@@ -455,6 +455,56 @@ impl Client {
             }),
             other => other,
         }
+    }
+
+    /// Sends a `group` frame and waits until its event comes back stamped. A refusal (an
+    /// `error` with its id) fails it.
+    pub async fn group_and_wait(
+        &mut self,
+        op: GroupOp,
+        conv: &ConvId,
+        name: Option<&str>,
+        members: &[UserId],
+        timeout: Duration,
+    ) -> Result<Message, ClientError> {
+        let id = new_client_id();
+        self.write(&ClientFrame::Group {
+            op,
+            conv: conv.to_string(),
+            id: id.clone(),
+            name: name.map(str::to_owned),
+            members: members.iter().map(ToString::to_string).collect(),
+        })
+        .await?;
+        let me = self.session.user.to_string();
+        let mut sent = false;
+        self.wait_for("the stamped group event", timeout, |frame| {
+            match_send(frame, conv, &me, &id, &mut sent)
+        })
+        .await
+    }
+
+    /// Sends a request frame built from a fresh request id and waits for the answer `pick`
+    /// recognizes (by that id); an `error` with the id fails it.
+    pub async fn request<T>(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        frame: impl FnOnce(String) -> ClientFrame,
+        mut pick: impl FnMut(&str, &ServerFrame) -> Option<T>,
+    ) -> Result<T, ClientError> {
+        let req = new_client_id();
+        self.write(&frame(req.clone())).await?;
+        self.wait_for(what, timeout, |f| match f {
+            ServerFrame::Error(e)
+                if e.req.as_deref() == Some(req.as_str())
+                    || (e.req.is_none() && e.id.is_none()) =>
+            {
+                Some(Err(ClientError::Server(e.clone())))
+            }
+            other => pick(&req, other).map(Ok),
+        })
+        .await
     }
 
     /// Asks for a page of `conv`'s history and waits for it.
