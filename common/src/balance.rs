@@ -113,6 +113,9 @@ impl Balance {
     /// Waits until this process owns `consumer` (true), or `shutdown` (false).
     pub async fn until_owned(&mut self, consumer: &str, shutdown: &CancellationToken) -> bool {
         loop {
+            if shutdown.is_cancelled() {
+                return false;
+            }
             if self.owns(consumer) {
                 return true;
             }

@@ -49,6 +49,12 @@ pub fn shutdown_on_signals() -> CancellationToken {
     token
 }
 
+/// The default id of a service instance: host name and process id (`web-3-4711`).
+pub fn default_instance_id() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
 /// Connects to NATS with a client name that shows in `nats server report connections`.
 pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
     use anyhow::Context;

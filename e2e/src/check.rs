@@ -564,7 +564,12 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
 }
 
 fn is_member(conv: &str, user: &str) -> bool {
-    ConvId::parse(conv).is_ok_and(|c| c.direct_members().into_iter().flatten().any(|m| m.as_str() == user))
+    ConvId::parse(conv).is_ok_and(|c| {
+        c.direct_members()
+            .into_iter()
+            .flatten()
+            .any(|m| m.as_str() == user)
+    })
 }
 
 #[cfg(test)]

@@ -35,7 +35,12 @@ pub fn convs_of<'a>(convs: &'a [String], user: &str) -> Vec<&'a String> {
     convs
         .iter()
         .filter(|c| {
-            ConvId::parse(c).is_ok_and(|id| id.direct_members().into_iter().flatten().any(|m| m.as_str() == user))
+            ConvId::parse(c).is_ok_and(|id| {
+                id.direct_members()
+                    .into_iter()
+                    .flatten()
+                    .any(|m| m.as_str() == user)
+            })
         })
         .collect()
 }

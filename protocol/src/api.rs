@@ -4,9 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::frames::{
-    ConvInfo, ConvState, ErrorFrame, GroupMember, GroupOp, MemberMarks, Message,
-};
+use crate::frames::{ConvInfo, ConvState, ErrorFrame, GroupMember, GroupOp, MemberMarks, Message};
 
 /// What a gateway publishes to `chat.in.<conv>`: a client's send or receipt. Both go through the
 /// conversation's sequencer, which checks membership and orders them.
@@ -216,6 +214,11 @@ pub struct GroupInfoRequest {
     pub conv: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Internal requests only: also list the former members whose membership ended at or
+    /// after this seq (with `left`), so a view seeded late still knows who was a member at
+    /// an older message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<u64>,
 }
 
 /// The answer to a [`GroupInfoRequest`]: the current members, as of the conversation's seq

@@ -248,6 +248,9 @@ pub struct GroupMember {
     pub admin: bool,
     /// Seq of the event that made it a member: it sees the conversation from there on.
     pub joined: u64,
+    /// Only in internal answers listing former members: the seq of the event that removed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub left: Option<u64>,
 }
 
 /// Limits the server enforces on this connection, announced in `hello`.
@@ -639,11 +642,15 @@ mod tests {
             serde_json::from_value::<ServerFrame>(v).unwrap(),
             ServerFrame::Message(m)
         );
-        let f = ClientFrame::decode(
-            br#"{"type":"group","op":"leave","conv":"g~team","id":"x1"}"#,
-        )
-        .unwrap();
-        assert!(matches!(f, ClientFrame::Group { op: GroupOp::Leave, .. }));
+        let f = ClientFrame::decode(br#"{"type":"group","op":"leave","conv":"g~team","id":"x1"}"#)
+            .unwrap();
+        assert!(matches!(
+            f,
+            ClientFrame::Group {
+                op: GroupOp::Leave,
+                ..
+            }
+        ));
         assert_eq!(
             ClientFrame::decode(br#"{"type":"group","op":"explode","conv":"g~t","id":"x"}"#)
                 .unwrap_err()

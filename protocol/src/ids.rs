@@ -228,7 +228,15 @@ mod tests {
         assert!(g.is_group() && g.direct_members().is_none());
         assert!(!g.is_direct_member(&UserId::parse("team-1").unwrap()));
         assert_eq!(ConvId::group("team-1").unwrap(), g);
-        for bad in ["g~", "g~a.b", "g~a~b", "g~*", "g~>", "g~ x", &format!("g~{}", "x".repeat(65))] {
+        for bad in [
+            "g~",
+            "g~a.b",
+            "g~a~b",
+            "g~*",
+            "g~>",
+            "g~ x",
+            &format!("g~{}", "x".repeat(65)),
+        ] {
             assert!(ConvId::parse(bad).is_err(), "{bad:?} must be refused");
         }
     }

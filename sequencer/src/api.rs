@@ -606,9 +606,18 @@ impl<S: MessageStore> Responder<S> {
         else {
             return Err(error_frame(ErrorCode::NotFound, "no such group"));
         };
-        let members = groups::current_members(&self.store, &conv)
+        let mut members = self
+            .store
+            .members(conv.as_str())
             .await
             .map_err(store_failed)?;
+        // Former members only for internal requests asking for them.
+        let since = if req.user.is_some() { None } else { req.since };
+        members.retain(|m| match (m.left, since) {
+            (None, _) => true,
+            (Some(left), Some(since)) => left >= since,
+            (Some(_), None) => false,
+        });
         if let Some(user) = &req.user
             && !members.iter().any(|m| &m.user == user)
         {
@@ -622,6 +631,7 @@ impl<S: MessageStore> Responder<S> {
                     user: m.user,
                     admin: m.admin,
                     joined: m.joined,
+                    left: m.left,
                 })
                 .collect(),
             seq,

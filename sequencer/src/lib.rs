@@ -49,8 +49,7 @@ pub async fn run(
     let client = chat_common::connect_nats(&config.nats_url, "sequencer").await?;
     let js = async_nats::jetstream::new(client.clone());
     let instance = if config.instance_id.is_empty() {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-        format!("{}-{}", host.trim(), std::process::id())
+        chat_common::default_instance_id()
     } else {
         config.instance_id.clone()
     };

@@ -677,6 +677,7 @@ async fn group_info(client: &async_nats::Client, conv: &str, user: Option<&str>)
     let req = GroupInfoRequest {
         conv: conv.into(),
         user: user.map(Into::into),
+        since: None,
     };
     ask(client, subjects::GROUP_INFO_API, &req).await
 }
