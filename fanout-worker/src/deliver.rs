@@ -23,20 +23,25 @@ use async_nats::{
     HeaderMap, StatusCode,
     jetstream::{self, AckKind},
 };
+use bytes::Bytes;
 use chat_protocol::{
     api::{PushNotification, push_dedupe_id},
-    frames::ServerFrame,
+    frames::{Message, ServerFrame},
     ids::{ConvId, UserId},
     subjects,
 };
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Spend;
+
 /// One stamped message waiting for its recipients to be resolved before it is acked.
 struct Outstanding {
     remaining: AtomicUsize,
     failed: AtomicBool,
     msg: Mutex<Option<jetstream::Message>>,
+    /// Told once every recipient is resolved (dropped without a word otherwise).
+    resolved: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl Outstanding {
@@ -48,6 +53,9 @@ impl Outstanding {
         let Some(msg) = self.msg.lock().expect("outstanding lock").take() else {
             return;
         };
+        if let Some(resolved) = self.resolved.lock().expect("outstanding lock").take() {
+            let _ = resolved.send(());
+        }
         let result = if self.failed.load(Ordering::Acquire) {
             msg.ack_with(AckKind::Nak(Some(Duration::from_millis(500))))
                 .await
@@ -123,31 +131,52 @@ impl Deliverer {
         let Some(m) = from else {
             // Receipts: every device of every member (the reader's other devices included).
             for member in conv.direct_members().into_iter().flatten() {
-                self.push(member, None, &msg).await;
+                self.push(member, None, &msg.payload, None).await;
             }
             metrics::counter!("fanout_receipts_total").increment(1);
             return ack(&msg).await;
         };
-        let recipients: Vec<&UserId> = conv
+        let members: Vec<UserId> = conv
             .direct_members()
             .into_iter()
             .flatten()
-            .filter(|u| u.as_str() != m.from)
+            .cloned()
             .collect();
+        let m = m.clone();
+        // Nothing waits for the recipients here: the ack follows them.
+        drop(self.push_message(msg, &m, &members, None).await);
+        metrics::counter!("fanout_messages_total").increment(1);
+    }
+
+    /// Pushes stamped message `m` (the payload of `msg`) to each of `members`, in order: the
+    /// sender's own devices without a confirmation request (no notification for the sender),
+    /// every other member with one. `msg` is acked once every recipient is resolved, or naked
+    /// when a publish or a notification failed. Each publish first takes one delivery from
+    /// `budget` (group deliveries), if given. The returned receiver is told when every
+    /// recipient is resolved (at the latest after the presence timeout).
+    pub(crate) async fn push_message(
+        &self,
+        msg: jetstream::Message,
+        m: &Message,
+        members: &[UserId],
+        budget: Option<&Spend<'_>>,
+    ) -> tokio::sync::oneshot::Receiver<()> {
+        let (resolved, on_resolved) = tokio::sync::oneshot::channel();
         let outstanding = Arc::new(Outstanding {
-            remaining: AtomicUsize::new(recipients.len() + 1),
+            resolved: Mutex::new(Some(resolved)),
+            // One per recipient asked for a confirmation, plus one held until `msg` is in place.
+            remaining: AtomicUsize::new(1),
             failed: AtomicBool::new(false),
             msg: Mutex::new(None),
         });
-        for member in conv
-            .direct_members()
-            .into_iter()
-            .flatten()
-            .filter(|u| u.as_str() == m.from) {
-            // The sender's own devices: no notification if none is connected.
-            self.push(member, None, &msg).await;
-        }
-        for user in recipients {
+        for user in members {
+            if user.as_str() == m.from {
+                // The sender's own devices: no notification if none is connected.
+                if !self.push(user, None, &msg.payload, budget).await {
+                    outstanding.failed.store(true, Ordering::Release);
+                }
+                continue;
+            }
             let token = self.next_token.fetch_add(1, Ordering::Relaxed);
             let notification = PushNotification {
                 user: user.to_string(),
@@ -157,6 +186,7 @@ impl Deliverer {
                 id: m.id.clone(),
                 ts: m.ts,
             };
+            outstanding.remaining.fetch_add(1, Ordering::AcqRel);
             self.waiting.lock().expect("waiting lock").insert(
                 token,
                 Waiting {
@@ -165,7 +195,7 @@ impl Deliverer {
                     since: Instant::now(),
                 },
             );
-            if !self.push(user, Some(token), &msg).await {
+            if !self.push(user, Some(token), &msg.payload, budget).await {
                 // Could not even publish: resolve now, the nak makes it come back.
                 if let Some(w) = self.waiting.lock().expect("waiting lock").remove(&token) {
                     w.outstanding.failed.store(true, Ordering::Release);
@@ -174,23 +204,54 @@ impl Deliverer {
                 }
             }
         }
-        metrics::counter!("fanout_messages_total").increment(1);
         *outstanding.msg.lock().expect("outstanding lock") = Some(msg);
         // The extra count held the ack back until the message was in place.
         outstanding.resolve_one().await;
+        on_resolved
+    }
+
+    /// Publishes `payload` to `subject` without a confirmation request (receipts, large
+    /// groups), after taking one delivery from `budget`, if given.
+    pub(crate) async fn publish(
+        &self,
+        subject: String,
+        payload: &Bytes,
+        budget: Option<&Spend<'_>>,
+    ) -> bool {
+        if let Some(spend) = budget {
+            spend.take().await;
+        }
+        match self.client.publish(subject, payload.clone()).await {
+            Ok(()) => {
+                metrics::counter!("fanout_pushes_total").increment(1);
+                true
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "push failed");
+                false
+            }
+        }
     }
 
     /// Publishes to `chat.user.<user>`, with a reply subject when `token` is given.
-    async fn push(&self, user: &UserId, token: Option<u64>, msg: &jetstream::Message) -> bool {
+    pub(crate) async fn push(
+        &self,
+        user: &UserId,
+        token: Option<u64>,
+        payload: &Bytes,
+        budget: Option<&Spend<'_>>,
+    ) -> bool {
         let subject = subjects::user(user);
-        let result = match token {
-            Some(t) => {
-                self.client
-                    .publish_with_reply(subject, format!("{}.{t}", self.inbox), msg.payload.clone())
-                    .await
-            }
-            None => self.client.publish(subject, msg.payload.clone()).await,
+        let Some(t) = token else {
+            return self.publish(subject, payload, budget).await;
         };
+        if let Some(spend) = budget {
+            spend.take().await;
+        }
+        let result = self
+            .client
+            .publish_with_reply(subject, format!("{}.{t}", self.inbox), payload.clone())
+            .await;
         match result {
             Ok(()) => {
                 metrics::counter!("fanout_pushes_total").increment(1);
@@ -291,7 +352,7 @@ impl Deliverer {
     }
 }
 
-async fn ack(msg: &jetstream::Message) {
+pub(crate) async fn ack(msg: &jetstream::Message) {
     if let Err(err) = msg.ack().await {
         tracing::warn!(error = %err, "ack failed; the event will be pushed again");
     }

@@ -6,6 +6,12 @@
 //! frame goes to the core NATS subject `chat.user.<member>` of every member, the sender included
 //! (the sender's other devices see it, and the sender learns the seq).
 //!
+//! Groups have consumers of their own (`fanout-g-p<N>`, subjects `chat.gmsg.<N>.<conv>` and
+//! `chat.grcpt.<N>.<conv>`), rate-limited per conversation and per worker, with a membership
+//! view per group kept from the stream and seeded from `chat.api.group_info`; large groups are
+//! published once on `chat.grp.<conv>` (see [`groups`]). `direct` and `groups` choose which of
+//! the two a worker runs, so they can be separate deployments.
+//!
 //! Pushes are best effort by design: a device that was offline or dropped a push recovers with
 //! `sync` and its cursors. A recipient with no connected device gets an offline push
 //! notification on `chat.push.<user>` (see [`deliver`]).
@@ -14,13 +20,20 @@ use std::time::Duration;
 
 use chat_common::{
     admin::{self, Readiness},
+    balance::{Balance, BalanceSettings},
     partitions::{self, PullSettings},
 };
-use chat_protocol::{jetstream::fanout_consumer, subjects};
+use chat_protocol::{
+    jetstream::{fanout_consumer, fanout_group_consumer},
+    subjects,
+};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+pub mod budget;
 pub mod deliver;
+pub mod groups;
+pub mod view;
 
 /// Fan-out worker settings (`CHAT_FANOUT_*` env vars or a TOML file).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +52,36 @@ pub struct Config {
     /// How long a push waits for a gateway to confirm a connected device before the recipient
     /// is counted as online anyway (no notification).
     pub presence_timeout_ms: u64,
+    /// Deliver one-to-one conversations (consumers `fanout-p<N>`).
+    pub direct: bool,
+    /// Deliver groups (consumers `fanout-g-p<N>`).
+    pub groups: bool,
+    /// Groups with at most this many members get one push per member (with offline
+    /// notifications); larger ones one publish on `chat.grp.<conv>`.
+    pub small_group_max_members: u32,
+    /// Bound of the membership views cache, in members over all cached groups.
+    pub group_view_max_members: usize,
+    /// Deadline of a `chat.api.group_info` request seeding a view.
+    pub group_info_timeout_ms: u64,
+    /// Delay before a group event that could not be delivered (no view, publish failed) comes
+    /// back.
+    pub group_retry_delay_ms: u64,
+    /// Group deliveries (NATS publishes) per second per conversation, and its burst.
+    pub group_conv_deliveries_per_second: u32,
+    pub group_conv_burst: u32,
+    /// Group deliveries per second over all groups of this worker, and its burst.
+    pub group_deliveries_per_second: u32,
+    pub group_burst: u32,
+    /// Share the partition consumers with the other live workers (rendezvous hashing over
+    /// heartbeats on `chat.ctl.fanout.<kind>.live`); off: compete for every partition, and the
+    /// first worker to pull owns it.
+    pub balance: bool,
+    /// How often a worker announces itself, and after how long without a heartbeat another
+    /// worker takes over its share.
+    pub balance_heartbeat_ms: u64,
+    pub balance_expire_ms: u64,
+    /// This worker's id among the live workers (default: host name and process id).
+    pub instance_id: String,
 }
 
 impl Default for Config {
@@ -50,7 +93,42 @@ impl Default for Config {
             pull_batch: 256,
             shutdown_grace_ms: 5000,
             presence_timeout_ms: 5000,
+            direct: true,
+            groups: true,
+            small_group_max_members: 64,
+            group_view_max_members: 500_000,
+            group_info_timeout_ms: 5000,
+            group_retry_delay_ms: 1000,
+            group_conv_deliveries_per_second: 2000,
+            group_conv_burst: 2000,
+            group_deliveries_per_second: 50_000,
+            group_burst: 50_000,
+            balance: true,
+            balance_heartbeat_ms: 1000,
+            balance_expire_ms: 3000,
+            instance_id: String::new(),
         }
+    }
+}
+
+/// Drives `consumers` of `CHAT_MSGS`: this worker's share of them when balancing, else all.
+async fn consume<H, Fut>(
+    js: async_nats::jetstream::Context,
+    consumers: Vec<(u32, String)>,
+    settings: PullSettings,
+    balance: Option<Balance>,
+    handle: H,
+    shutdown: CancellationToken,
+) where
+    H: Fn(u32, async_nats::jetstream::Message) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let stream = subjects::STREAM_STAMPED;
+    match balance {
+        Some(b) => {
+            partitions::run_balanced(js, stream, consumers, settings, b, handle, shutdown).await
+        }
+        None => partitions::run(js, stream, consumers, settings, handle, shutdown).await,
     }
 }
 
@@ -68,10 +146,9 @@ pub async fn run(
     let stop_admin = CancellationToken::new();
     let admin_task =
         admin_listener.map(|l| tokio::spawn(admin::serve(l, ready.clone(), stop_admin.clone())));
-    let consumers = partitions
-        .iter()
-        .map(|p| (*p, fanout_consumer(*p)))
-        .collect();
+    if !config.direct && !config.groups {
+        anyhow::bail!("nothing to do: both `direct` and `groups` are off");
+    }
     let stop_delivery = CancellationToken::new();
     let deliverer = deliver::Deliverer::start(
         client.clone(),
@@ -79,23 +156,92 @@ pub async fn run(
         stop_delivery.clone(),
     )
     .await?;
-    let consuming = tokio::spawn(partitions::run(
-        js,
-        subjects::STREAM_STAMPED,
-        consumers,
-        PullSettings {
-            group: subjects::FANOUT_GROUP,
-            batch: config.pull_batch,
-            expires: Duration::from_secs(2),
-        },
-        move |_p, msg| {
-            let deliverer = deliverer.clone();
-            async move { deliverer.deliver(msg).await }
-        },
-        shutdown.child_token(),
-    ));
+    let settings = PullSettings {
+        group: subjects::FANOUT_GROUP,
+        batch: config.pull_batch,
+        expires: Duration::from_secs(2),
+    };
+    let instance = if config.instance_id.is_empty() {
+        chat_common::default_instance_id()
+    } else {
+        config.instance_id.clone()
+    };
+    let balance_for = |kind: &'static str| {
+        let settings = BalanceSettings {
+            subject: format!("chat.ctl.fanout.{kind}.live"),
+            instance: instance.clone(),
+            heartbeat: Duration::from_millis(config.balance_heartbeat_ms),
+            expire: Duration::from_millis(config.balance_expire_ms),
+        };
+        let (client, stop) = (client.clone(), stop_delivery.clone());
+        let enabled = config.balance;
+        async move {
+            if !enabled {
+                return Ok(None);
+            }
+            Balance::start(client, settings, stop).await.map(Some)
+        }
+    };
+    let mut consuming = tokio::task::JoinSet::new();
+    if config.direct {
+        let consumers = partitions
+            .iter()
+            .map(|p| (*p, fanout_consumer(*p)))
+            .collect();
+        let deliverer = deliverer.clone();
+        let balance = balance_for("direct").await?;
+        consuming.spawn(consume(
+            js.clone(),
+            consumers,
+            settings.clone(),
+            balance,
+            move |_p, msg| {
+                let deliverer = deliverer.clone();
+                async move { deliverer.deliver(msg).await }
+            },
+            shutdown.child_token(),
+        ));
+    }
+    if config.groups {
+        let groups = groups::GroupFanout::start(
+            deliverer.clone(),
+            client.clone(),
+            budget::Budget::new(
+                config.group_conv_deliveries_per_second,
+                config.group_conv_burst,
+                config.group_deliveries_per_second,
+                config.group_burst,
+            ),
+            groups::GroupSettings {
+                small_group_max_members: config.small_group_max_members as usize,
+                view_max_members: config.group_view_max_members,
+                group_info_timeout: Duration::from_millis(config.group_info_timeout_ms),
+                retry_delay: Duration::from_millis(config.group_retry_delay_ms),
+            },
+            stop_delivery.clone(),
+        );
+        let consumers = partitions
+            .iter()
+            .map(|p| (*p, fanout_group_consumer(*p)))
+            .collect();
+        let balance = balance_for("groups").await?;
+        consuming.spawn(consume(
+            js,
+            consumers,
+            settings,
+            balance,
+            // Only sorts the event into its conversation's queue: the pull loop never waits
+            // for a group's budget.
+            move |_p, msg| {
+                groups.enqueue(msg);
+                std::future::ready(())
+            },
+            shutdown.child_token(),
+        ));
+    }
+    let consuming = async move { while consuming.join_next().await.is_some() {} };
     ready.set(true);
-    tracing::info!(partitions = ?partitions, "fan-out worker running");
+    tracing::info!(partitions = ?partitions, direct = config.direct, groups = config.groups, "fan-out worker running");
     shutdown.cancelled().await;
     ready.set(false);
     let grace = Duration::from_millis(config.shutdown_grace_ms);
