@@ -9,7 +9,10 @@ use async_nats::{
 };
 use bytes::Bytes;
 use chat_protocol::{
-    api::{HistoryReply, HistoryRequest, ReceiptsReply, ReceiptsRequest, SyncReply, SyncRequest},
+    api::{
+        ConversationsReply, ConversationsRequest, GroupInfoReply, GroupInfoRequest, HistoryReply,
+        HistoryRequest, ReceiptsReply, ReceiptsRequest, SyncReply, SyncRequest,
+    },
     ids::{ConvId, UserId},
     subjects,
 };
@@ -74,6 +77,25 @@ pub trait Backend: Clone + Send + Sync + 'static {
         request: &ReceiptsRequest,
     ) -> impl Future<Output = Result<ReceiptsReply, BackendError>> + Send;
 
+    /// Asks for a page of the user's conversations.
+    fn conversations(
+        &self,
+        request: &ConversationsRequest,
+    ) -> impl Future<Output = Result<ConversationsReply, BackendError>> + Send;
+
+    /// Asks for a group's members.
+    fn group_info(
+        &self,
+        request: &GroupInfoRequest,
+    ) -> impl Future<Output = Result<GroupInfoReply, BackendError>> + Send;
+
+    /// Subscribes to a large group's subject (`chat.grp.<conv>`); resolves once the server has
+    /// the subscription.
+    fn subscribe_group(
+        &self,
+        conv: &ConvId,
+    ) -> impl Future<Output = Result<Pushes, BackendError>> + Send;
+
     /// Answers a delivery confirmation request with an empty message: this device took the push.
     /// Core NATS, not flushed: confirmations ride along with the client's other traffic.
     fn confirm(&self, reply: Subject) -> impl Future<Output = Result<(), BackendError>> + Send;
@@ -114,9 +136,13 @@ impl NatsBackend {
     /// Subscribes to `user`'s subject and waits until the server has registered the
     /// subscription, so nothing published after this returns is missed.
     pub async fn subscribe_user(&self, user: &UserId) -> Result<Pushes, BackendError> {
+        self.subscribe(subjects::user(user)).await
+    }
+
+    async fn subscribe(&self, subject: String) -> Result<Pushes, BackendError> {
         let sub = self
             .client
-            .subscribe(subjects::user(user))
+            .subscribe(subject)
             .await
             .map_err(|e| BackendError::Nats(e.to_string()))?;
         self.server_round_trip().await?;
@@ -208,6 +234,21 @@ impl Backend for NatsBackend {
 
     async fn receipts(&self, request: &ReceiptsRequest) -> Result<ReceiptsReply, BackendError> {
         self.api_request(subjects::RECEIPTS_API, request).await
+    }
+
+    async fn conversations(
+        &self,
+        request: &ConversationsRequest,
+    ) -> Result<ConversationsReply, BackendError> {
+        self.api_request(subjects::CONVERSATIONS_API, request).await
+    }
+
+    async fn group_info(&self, request: &GroupInfoRequest) -> Result<GroupInfoReply, BackendError> {
+        self.api_request(subjects::GROUP_INFO_API, request).await
+    }
+
+    async fn subscribe_group(&self, conv: &ConvId) -> Result<Pushes, BackendError> {
+        self.subscribe(subjects::group(conv)).await
     }
 
     async fn confirm(&self, reply: Subject) -> Result<(), BackendError> {

@@ -25,10 +25,13 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes};
 use bytes::Bytes;
 use chat_protocol::{
     api::{
-        self, HistoryReply, HistoryRequest, Inbound, InboundMessage, InboundReceipt, ReceiptsReply,
-        ReceiptsRequest, SyncReply, SyncRequest,
+        self, ConversationsReply, ConversationsRequest, GroupInfoReply, GroupInfoRequest,
+        HistoryReply, HistoryRequest, Inbound, InboundGroup, InboundMessage, InboundReceipt,
+        ReceiptsReply, ReceiptsRequest, SyncReply, SyncRequest,
     },
-    frames::{ClientFrame, ErrorCode, ErrorFrame, Limits, PROTOCOL_VERSION, ServerFrame, close},
+    frames::{
+        ClientFrame, ErrorCode, ErrorFrame, GroupOp, Limits, PROTOCOL_VERSION, ServerFrame, close,
+    },
     ids::{ClientMsgId, ConvId, DeviceId, UserId},
 };
 use futures::{
@@ -44,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Config,
     backend::{Backend, BackendError, Push, Pushes},
+    groups::{ConnGroups, GroupHub, own_change},
     metrics,
 };
 
@@ -109,6 +113,8 @@ pub(crate) struct Shared {
     pub receipt_limiter: DefaultKeyedRateLimiter<UserId>,
     /// Cancelled when the gateway shuts down: connections finish in-flight work and close 1001.
     pub shutdown: CancellationToken,
+    /// The large groups' subscriptions shared by the connections.
+    pub groups: Arc<GroupHub>,
 }
 
 impl Shared {
@@ -123,6 +129,7 @@ impl Shared {
             limiter: keyed(config.sends_per_second, config.send_burst),
             receipt_limiter: keyed(config.receipts_per_second, config.receipt_burst),
             shutdown,
+            groups: Arc::default(),
         }
     }
 }
@@ -221,6 +228,8 @@ pub(crate) async fn serve<B, W, R>(
     let settings = &shared.settings;
     let (out_tx, out_rx) = mpsc::channel(settings.outgoing_queue);
     let closer = Closer::default();
+    // Before `hello`: from then on the user's large groups reach this connection.
+    let groups = open_groups(&backend, &shared, &session.user).await;
     let hello = ServerFrame::Hello {
         version: PROTOCOL_VERSION,
         user: session.user.to_string(),
@@ -244,7 +253,15 @@ pub(crate) async fn serve<B, W, R>(
     tokio::join!(
         reader.run(&mut stream),
         write_loop(sink, out_rx, &closer, settings),
-        forward(&confirmer, pushes, out_tx, &closer, &shared.shutdown),
+        forward(
+            &confirmer,
+            &shared,
+            &session.user,
+            groups,
+            pushes,
+            out_tx,
+            &closer
+        ),
     );
     drop(reader);
 
@@ -439,16 +456,23 @@ impl<B: Backend> Reader<'_, B> {
                 metrics::frame_in("receipts");
                 self.on_receipts(req, conv, seq).await
             }
-            ClientFrame::Group { .. }
-            | ClientFrame::Conversations { .. }
-            | ClientFrame::GroupInfo { .. } => {
-                // TODO(groups, in progress): forwarded by the gateway in the next change.
+            ClientFrame::Group {
+                op,
+                conv,
+                id,
+                name,
+                members,
+            } => {
                 metrics::frame_in("group");
-                self.enqueue(ServerFrame::Error(ErrorFrame::new(
-                    ErrorCode::UnknownType,
-                    "not supported by this gateway yet",
-                )))
-                .await
+                self.on_group(op, conv, id, name, members).await
+            }
+            ClientFrame::Conversations { req, after, limit } => {
+                metrics::frame_in("conversations");
+                self.on_conversations(req, after, limit).await
+            }
+            ClientFrame::GroupInfo { req, conv } => {
+                metrics::frame_in("group_info");
+                self.on_group_info(req, conv).await
             }
             ClientFrame::Ping => {
                 metrics::frame_in("ping");
@@ -459,22 +483,16 @@ impl<B: Backend> Reader<'_, B> {
 
     /// Validates a send, then publishes it to `CHAT_IN`; `sent` follows when JetStream acks.
     async fn on_send(&mut self, conv: String, id: String, body: String) -> Result<(), CloseReason> {
-        let (shared, session) = (self.shared, self.session);
-        let settings = &shared.settings;
+        let (settings, session) = (&self.shared.settings, self.session);
         let user = &session.user;
-        let conv_id = match ConvId::parse(&conv) {
-            Ok(c) => c,
-            Err(e) => {
+        let conv_id = match check_message_ids(&conv, &id) {
+            Ok(conv_id) => conv_id,
+            Err(message) => {
                 return self
-                    .send_failed(ErrorCode::InvalidId, e.to_string(), id, conv, None)
+                    .send_failed(ErrorCode::InvalidId, message, id, conv, None)
                     .await;
             }
         };
-        if let Err(e) = ClientMsgId::parse(&id) {
-            return self
-                .send_failed(ErrorCode::InvalidId, e.to_string(), id, conv, None)
-                .await;
-        }
         if body.len() > settings.max_body_bytes {
             let message = format!(
                 "body is {} bytes; the limit is {}",
@@ -490,24 +508,76 @@ impl<B: Backend> Reader<'_, B> {
                 .send_failed(ErrorCode::NotMember, NOT_MEMBER.into(), id, conv, None)
                 .await;
         }
-        if let Err(retry_ms) = check_rate(&shared.limiter, user) {
-            let message = "send rate exceeded; retry later with the same id".to_owned();
-            return self
-                .send_failed(ErrorCode::RateLimited, message, id, conv, Some(retry_ms))
-                .await;
-        }
-
-        let ts = chat_protocol::now_ms();
-        let msg_id = api::dedupe_id(conv_id.as_str(), user.as_str(), &id);
-        let payload = serde_json::to_vec(&Inbound::Send(InboundMessage {
+        let inbound = Inbound::Send(InboundMessage {
             conv: conv.clone(),
             from: user.to_string(),
             device: session.device.to_string(),
             id: id.clone(),
             body,
-            ts,
-        }))
-        .expect("inbound messages always serialize");
+            ts: chat_protocol::now_ms(),
+        });
+        self.submit(conv_id, conv.clone(), id.clone(), inbound)
+            .await
+    }
+
+    /// Validates a `group` frame, then publishes it to `CHAT_IN` like a send (same rate limit,
+    /// dedupe id and `sent`). Whether the user may make the change is the sequencer's to decide:
+    /// its refusal comes as an `error` with the `id` after `sent`.
+    async fn on_group(
+        &mut self,
+        op: GroupOp,
+        conv: String,
+        id: String,
+        name: Option<String>,
+        members: Vec<String>,
+    ) -> Result<(), CloseReason> {
+        let session = self.session;
+        let conv_id = match check_message_ids(&conv, &id) {
+            Ok(conv_id) => conv_id,
+            Err(message) => {
+                return self
+                    .send_failed(ErrorCode::InvalidId, message, id, conv, None)
+                    .await;
+            }
+        };
+        if let Err((code, message)) = check_group_op(&conv_id, op, name.as_deref(), &members) {
+            return self.send_failed(code, message, id, conv, None).await;
+        }
+        let inbound = Inbound::Group(InboundGroup {
+            conv: conv.clone(),
+            from: session.user.to_string(),
+            device: session.device.to_string(),
+            id: id.clone(),
+            op,
+            name,
+            members,
+        });
+        self.submit(conv_id, conv, id, inbound).await
+    }
+
+    /// The common tail of `send` and `group`: the user's send rate, then the publish to
+    /// `CHAT_IN` with `Nats-Msg-Id` = [`api::dedupe_id`]; `sent` (with the gateway's receive
+    /// time) once JetStream stored it, `unavailable` otherwise.
+    async fn submit(
+        &mut self,
+        conv_id: ConvId,
+        conv: String,
+        id: String,
+        inbound: Inbound,
+    ) -> Result<(), CloseReason> {
+        let user = &self.session.user;
+        if let Err(retry_ms) = check_rate(&self.shared.limiter, user) {
+            let message = "send rate exceeded; retry later with the same id".to_owned();
+            return self
+                .send_failed(ErrorCode::RateLimited, message, id, conv, Some(retry_ms))
+                .await;
+        }
+        let ts = match &inbound {
+            Inbound::Send(m) => m.ts,
+            _ => chat_protocol::now_ms(),
+        };
+        let msg_id = api::dedupe_id(conv_id.as_str(), user.as_str(), &id);
+        let payload = serde_json::to_vec(&inbound).expect("inbound messages always serialize");
         let (ack_id, ack_conv) = (id.clone(), conv.clone());
         let published = self
             .publish(&conv_id, Some(msg_id), payload, move |stored| {
@@ -813,6 +883,86 @@ impl<B: Backend> Reader<'_, B> {
         Ok(())
     }
 
+    /// Asks for a page of the user's conversations, without blocking reads.
+    async fn on_conversations(
+        &mut self,
+        req: String,
+        after: Option<String>,
+        limit: Option<u32>,
+    ) -> Result<(), CloseReason> {
+        if let Err(message) = check_request_id(&req) {
+            return self
+                .enqueue(request_error(ErrorCode::InvalidId, message, req, None))
+                .await;
+        }
+        let request = ConversationsRequest {
+            user: self.session.user.to_string(),
+            after,
+            limit: limit
+                .unwrap_or(api::CONVERSATIONS_PAGE_DEFAULT)
+                .clamp(1, api::CONVERSATIONS_PAGE_MAX),
+            groups_only: false,
+        };
+        let (backend, deadline) = (self.backend.clone(), self.request_deadline());
+        self.inflight.push(
+            async move {
+                let page = |reply| match reply {
+                    ConversationsReply::Page { convs, more, next } => {
+                        Ok(ServerFrame::Conversations {
+                            req: req.clone(),
+                            convs,
+                            more,
+                            next,
+                        })
+                    }
+                    ConversationsReply::Error(frame) => Err(frame),
+                };
+                let reply = backend.conversations(&request);
+                Some(answer("conversations", &req, None, deadline, reply, page).await)
+            }
+            .boxed(),
+        );
+        Ok(())
+    }
+
+    /// Asks for a group's name and members on behalf of the user (the sequencer checks that
+    /// the user is a member), without blocking reads.
+    async fn on_group_info(&mut self, req: String, conv: String) -> Result<(), CloseReason> {
+        let conv_id = match self.check_request(&req, &conv) {
+            Ok(conv_id) if conv_id.is_group() => conv_id,
+            Ok(_) => {
+                let message = "group_info needs a group id (g~<id>)".to_owned();
+                let frame = request_error(ErrorCode::InvalidId, message, req, Some(conv));
+                return self.enqueue(frame).await;
+            }
+            Err(frame) => return self.enqueue(ServerFrame::Error(frame)).await,
+        };
+        let request = GroupInfoRequest {
+            conv: conv_id.to_string(),
+            user: Some(self.session.user.to_string()),
+            since: None,
+        };
+        let (backend, deadline) = (self.backend.clone(), self.request_deadline());
+        self.inflight.push(
+            async move {
+                let info = |reply| match reply {
+                    GroupInfoReply::Group { name, members, seq } => Ok(ServerFrame::GroupInfo {
+                        req: req.clone(),
+                        conv: conv.clone(),
+                        name,
+                        members,
+                        seq,
+                    }),
+                    GroupInfoReply::Error(frame) => Err(frame),
+                };
+                let reply = backend.group_info(&request);
+                Some(answer("group_info", &req, Some(&conv), deadline, reply, info).await)
+            }
+            .boxed(),
+        );
+        Ok(())
+    }
+
     /// The request id and the conversation of a request about one conversation: both valid,
     /// and the user a member. Else the error frame that answers it.
     fn check_request(&self, req: &str, conv: &str) -> Result<ConvId, ErrorFrame> {
@@ -846,29 +996,141 @@ impl<B: Backend> Reader<'_, B> {
     }
 }
 
+/// Lists the user's groups (`chat.api.conversations`, `groups_only`, every page) and
+/// registers the connection for each one it is still a member of, waiting until new group
+/// subscriptions are live. `None` when the user is in no group. A failure is logged and
+/// counted: the connection opens anyway, and the devices recover group messages by sync.
+async fn open_groups<B: Backend>(
+    backend: &B,
+    shared: &Shared,
+    user: &UserId,
+) -> Option<ConnGroups<B>> {
+    let settings = &shared.settings;
+    let deadline = Instant::now() + settings.history_timeout;
+    let mut groups: Option<ConnGroups<B>> = None;
+    let mut ready = Vec::new();
+    let mut after = None;
+    loop {
+        let request = ConversationsRequest {
+            user: user.to_string(),
+            after: after.take(),
+            limit: api::CONVERSATIONS_PAGE_MAX,
+            groups_only: true,
+        };
+        let (convs, next) = match timeout_at(deadline, backend.conversations(&request)).await {
+            Ok(Ok(ConversationsReply::Page { convs, more, next })) => {
+                (convs, next.filter(|_| more))
+            }
+            Ok(Ok(ConversationsReply::Error(e))) => {
+                tracing::warn!(
+                    code = e.code.as_str(),
+                    "listing the user's groups was refused"
+                );
+                ::metrics::counter!(metrics::GROUP_LIST_FAILURES).increment(1);
+                break;
+            }
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "listing the user's groups failed");
+                ::metrics::counter!(metrics::GROUP_LIST_FAILURES).increment(1);
+                break;
+            }
+            Err(_) => {
+                tracing::warn!("listing the user's groups timed out");
+                ::metrics::counter!(metrics::GROUP_LIST_FAILURES).increment(1);
+                break;
+            }
+        };
+        for info in convs {
+            let Some(conv) = ConvId::parse(&info.conv).ok().filter(ConvId::is_group) else {
+                continue;
+            };
+            if info.left.is_some() {
+                continue;
+            }
+            let groups = groups.get_or_insert_with(|| {
+                ConnGroups::new(
+                    shared.groups.clone(),
+                    backend.clone(),
+                    user.clone(),
+                    settings.outgoing_queue,
+                )
+            });
+            ready.push(groups.join(conv, info.joined.max(1)).wait());
+        }
+        match next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let subscribed = futures::future::join_all(ready);
+    if timeout_at(Instant::now() + settings.publish_timeout, subscribed)
+        .await
+        .is_err()
+    {
+        tracing::warn!("group subscriptions not confirmed in time");
+    }
+    groups
+}
+
+/// Waits for the next event of the user's groups that this connection may see (forever when
+/// the user has no groups on this connection).
+async fn next_group<B: Backend>(groups: &mut Option<ConnGroups<B>>) -> Utf8Bytes {
+    match groups {
+        Some(groups) => match groups.next().await {
+            Some(text) => text,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
 /// Pushes the user's subject into the queue, unchanged: those payloads are complete frames
 /// (`message`, `receipt`, `error`). A push that asks for a delivery confirmation (it has a reply
 /// subject) is confirmed once it is queued: a device of the user is there to take it. A push
 /// that closes a slow consumer is not confirmed.
+///
+/// Also forwards the events of the user's large groups (see [`crate::groups`]). The user's own
+/// subject goes first, so a membership event naming the user (which the worker pushes there)
+/// changes what the connection may see before any later event of that group is looked at.
 async fn forward<B: Backend>(
     backend: &B,
+    shared: &Shared,
+    user: &UserId,
+    mut groups: Option<ConnGroups<B>>,
     mut pushes: Pushes,
     out: mpsc::Sender<Outbound>,
     closer: &Closer,
-    shutdown: &CancellationToken,
 ) {
+    let shutdown = &shared.shutdown;
     loop {
+        let slow = groups.as_ref().map(ConnGroups::slow_token);
         let payload = tokio::select! {
             biased;
             _ = closer.stop.cancelled() => return,
             _ = shutdown.cancelled() => return,
             payload = pushes.next() => payload,
+            _ = async { match &slow {
+                Some(slow) => slow.cancelled().await,
+                None => std::future::pending().await,
+            } } => {
+                tracing::info!("group queue full, closing slow consumer");
+                closer.close(CloseReason::SlowConsumer);
+                return;
+            }
+            text = next_group(&mut groups) => {
+                if let Err(reason) = push_frame(&out, text).await {
+                    closer.close(reason);
+                    return;
+                }
+                continue;
+            }
         };
         let Some(Push { payload, reply }) = payload else {
             tracing::warn!("push subscription ended");
             closer.close(CloseReason::GoingAway);
             return;
         };
+        let change = own_change(user, &payload);
         let Ok(text) = Utf8Bytes::try_from(payload) else {
             tracing::warn!("dropping a push that is not utf-8");
             continue;
@@ -876,6 +1138,27 @@ async fn forward<B: Backend>(
         if let Err(reason) = push_frame(&out, text).await {
             closer.close(reason);
             return;
+        }
+        if let Some(change) = change {
+            let live = groups
+                .get_or_insert_with(|| {
+                    ConnGroups::new(
+                        shared.groups.clone(),
+                        backend.clone(),
+                        user.clone(),
+                        shared.settings.outgoing_queue,
+                    )
+                })
+                .apply(change);
+            // The worker waits for this confirmation before the group's next event: confirm a
+            // join only once the group's subscription is live, so nothing after it is missed.
+            if let Some(live) = live
+                && timeout(shared.settings.publish_timeout, live.wait())
+                    .await
+                    .is_err()
+            {
+                tracing::warn!("group subscription not live in time");
+            }
         }
         if let Some(reply) = reply {
             match backend.confirm(reply).await {
@@ -994,6 +1277,66 @@ fn check_request_id(req: &str) -> Result<(), String> {
         .map_err(|e| e.to_string().replace("client message id", "request id"))
 }
 
+/// The conversation and client message id of a `send` or `group` frame, both valid.
+fn check_message_ids(conv: &str, id: &str) -> Result<ConvId, String> {
+    let conv_id = ConvId::parse(conv).map_err(|e| e.to_string())?;
+    ClientMsgId::parse(id).map_err(|e| e.to_string())?;
+    Ok(conv_id)
+}
+
+/// What a `group` frame must carry: a group id; a name (at most
+/// [`api::GROUP_NAME_MAX_BYTES`]) for `create` and `rename` and none otherwise; valid member
+/// ids, at least one for `add`, `remove`, `promote` and `demote`, none for `leave` and `rename`.
+fn check_group_op(
+    conv: &ConvId,
+    op: GroupOp,
+    name: Option<&str>,
+    members: &[String],
+) -> Result<(), (ErrorCode, String)> {
+    let invalid = |message: &str| Err((ErrorCode::InvalidFrame, message.to_owned()));
+    if !conv.is_group() {
+        return Err((
+            ErrorCode::InvalidId,
+            "group frames need a group id (g~<id>)".to_owned(),
+        ));
+    }
+    if let Some(Err(e)) = members
+        .iter()
+        .map(|m| UserId::parse(m))
+        .find(Result::is_err)
+    {
+        return Err((ErrorCode::InvalidId, format!("members: {e}")));
+    }
+    let named = matches!(op, GroupOp::Create | GroupOp::Rename);
+    match name {
+        None if named => return invalid("`name` is required"),
+        Some(_) if !named => return invalid("`name` is only for create and rename"),
+        Some("") => return invalid("`name` must not be empty"),
+        Some(n) if n.len() > api::GROUP_NAME_MAX_BYTES => {
+            return Err((
+                ErrorCode::InvalidFrame,
+                format!(
+                    "`name` is {} bytes; the limit is {}",
+                    n.len(),
+                    api::GROUP_NAME_MAX_BYTES
+                ),
+            ));
+        }
+        _ => {}
+    }
+    match op {
+        GroupOp::Add | GroupOp::Remove | GroupOp::Promote | GroupOp::Demote
+            if members.is_empty() =>
+        {
+            invalid("`members` must name at least one user")
+        }
+        GroupOp::Leave | GroupOp::Rename if !members.is_empty() => {
+            invalid("`members` is not taken by leave and rename")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// An error frame answering request `req` (about `conv`, if any).
 fn request_error(
     code: ErrorCode,
@@ -1070,9 +1413,9 @@ fn is_too_big(err: &axum::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use std::{collections::HashMap, sync::Mutex};
 
-    use chat_protocol::frames::{ConvState, MemberMarks};
+    use chat_protocol::frames::{ConvInfo, ConvState, GroupMember, MemberMarks};
     use futures::channel::mpsc as chan;
     use tokio::sync::oneshot;
 
@@ -1092,6 +1435,15 @@ mod tests {
         history: Vec<HistoryRequest>,
         sync: Vec<SyncRequest>,
         receipts: Vec<ReceiptsRequest>,
+        conversations: Vec<ConversationsRequest>,
+        group_info: Vec<GroupInfoRequest>,
+    }
+
+    /// The user's groups the fake backend lists, and the group subscriptions it holds.
+    #[derive(Default)]
+    struct Groups {
+        list: Vec<ConvInfo>,
+        subscribed: HashMap<String, chan::Sender<Push>>,
     }
 
     /// Publishes go to the test; API requests are recorded and answered by fixed rules; delivery
@@ -1101,6 +1453,7 @@ mod tests {
         published: tokio::sync::mpsc::UnboundedSender<Published>,
         asked: Arc<Mutex<Asked>>,
         confirmed: tokio::sync::mpsc::UnboundedSender<async_nats::Subject>,
+        groups: Arc<Mutex<Groups>>,
     }
 
     fn marks(user: &str, delivered: u64, read: u64) -> MemberMarks {
@@ -1178,6 +1531,68 @@ mod tests {
             })
         }
 
+        /// The configured groups, two per page.
+        async fn conversations(
+            &self,
+            request: &ConversationsRequest,
+        ) -> Result<ConversationsReply, BackendError> {
+            self.asked
+                .lock()
+                .unwrap()
+                .conversations
+                .push(request.clone());
+            let list = self.groups.lock().unwrap().list.clone();
+            let start = match &request.after {
+                Some(after) => list
+                    .iter()
+                    .position(|c| &c.conv == after)
+                    .map_or(list.len(), |i| i + 1),
+                None => 0,
+            };
+            let convs: Vec<ConvInfo> = list[start..].iter().take(2).cloned().collect();
+            let more = start + convs.len() < list.len();
+            Ok(ConversationsReply::Page {
+                next: convs.last().filter(|_| more).map(|c| c.conv.clone()),
+                convs,
+                more,
+            })
+        }
+
+        /// `g~secret` is refused (not a member); any other group has alice and bob.
+        async fn group_info(
+            &self,
+            request: &GroupInfoRequest,
+        ) -> Result<GroupInfoReply, BackendError> {
+            self.asked.lock().unwrap().group_info.push(request.clone());
+            if request.conv == "g~secret" {
+                return Ok(GroupInfoReply::Error(ErrorFrame::new(
+                    ErrorCode::NotMember,
+                    "not a member",
+                )));
+            }
+            let member = |user: &str, admin| GroupMember {
+                user: user.into(),
+                admin,
+                joined: 1,
+                left: None,
+            };
+            Ok(GroupInfoReply::Group {
+                name: "team".into(),
+                members: vec![member("alice", true), member("bob", false)],
+                seq: 7,
+            })
+        }
+
+        async fn subscribe_group(&self, conv: &ConvId) -> Result<Pushes, BackendError> {
+            let (tx, rx) = chan::channel(64);
+            self.groups
+                .lock()
+                .unwrap()
+                .subscribed
+                .insert(conv.to_string(), tx);
+            Ok(rx.boxed())
+        }
+
         async fn confirm(&self, reply: async_nats::Subject) -> Result<(), BackendError> {
             let _ = self.confirmed.send(reply);
             Ok(())
@@ -1191,6 +1606,8 @@ mod tests {
         published: tokio::sync::mpsc::UnboundedReceiver<Published>,
         asked: Arc<Mutex<Asked>>,
         confirmed: tokio::sync::mpsc::UnboundedReceiver<async_nats::Subject>,
+        groups: Arc<Mutex<Groups>>,
+        shared: Arc<Shared>,
         shutdown: CancellationToken,
         task: tokio::task::JoinHandle<()>,
     }
@@ -1208,6 +1625,16 @@ mod tests {
     /// Starts a connection of `alice` over channels. `sink_buffer` 0 makes the "socket" block
     /// as soon as the client stops reading.
     fn connect(config: Config, sink_buffer: usize, token_ttl: Duration) -> Client {
+        connect_in(config, sink_buffer, token_ttl, vec![])
+    }
+
+    /// [`connect`] for a user in `groups`.
+    fn connect_in(
+        config: Config,
+        sink_buffer: usize,
+        token_ttl: Duration,
+        groups: Vec<ConvInfo>,
+    ) -> Client {
         let (to_server, server_in) = chan::channel(16);
         let (server_out, from_server) = chan::channel(sink_buffer);
         let (pushes, pushes_rx) = chan::channel(1024);
@@ -1215,10 +1642,15 @@ mod tests {
         let (confirmed_tx, confirmed) = tokio::sync::mpsc::unbounded_channel();
         let asked = Arc::new(Mutex::new(Asked::default()));
         let shutdown = CancellationToken::new();
+        let groups = Arc::new(Mutex::new(Groups {
+            list: groups,
+            ..Groups::default()
+        }));
         let backend = FakeBackend {
             published: published_tx,
             asked: asked.clone(),
             confirmed: confirmed_tx,
+            groups: groups.clone(),
         };
         let session = Session {
             user: UserId::parse("alice").unwrap(),
@@ -1228,7 +1660,7 @@ mod tests {
         let shared = Arc::new(Shared::new(&config, shutdown.clone()));
         let task = tokio::spawn(serve(
             backend,
-            shared,
+            shared.clone(),
             session,
             pushes_rx.boxed(),
             server_out,
@@ -1241,6 +1673,8 @@ mod tests {
             published,
             asked,
             confirmed,
+            groups,
+            shared,
             shutdown,
             task,
         }
@@ -1947,5 +2381,360 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    fn group_info(conv: &str, joined: u64, left: Option<u64>) -> ConvInfo {
+        ConvInfo {
+            conv: conv.into(),
+            name: Some("team".into()),
+            member_count: 100,
+            latest: 10,
+            unread: 0,
+            admin: false,
+            joined,
+            left,
+        }
+    }
+
+    fn group_message(conv: &str, seq: u64, from: &str, event: Option<&str>) -> String {
+        let event = event
+            .map(|e| format!(r#","event":{e}"#))
+            .unwrap_or_default();
+        format!(
+            r#"{{"type":"message","conv":"{conv}","seq":{seq},"from":"{from}","id":"m{seq}","ts":1,"body":""{event}}}"#
+        )
+    }
+
+    impl Client {
+        /// Publishes `frame` on the large group's subject `conv` (which must have been subscribed).
+        async fn group_push(&mut self, conv: &str, frame: &str) {
+            let mut tx = self
+                .groups
+                .lock()
+                .unwrap()
+                .subscribed
+                .get(conv)
+                .unwrap_or_else(|| panic!("{conv} is not subscribed"))
+                .clone();
+            let push = Push {
+                payload: Bytes::copy_from_slice(frame.as_bytes()),
+                reply: None,
+            };
+            // An ended subscription (the last member left) takes nothing.
+            let _ = tx.send(push).await;
+        }
+
+        fn subscribed(&self) -> Vec<String> {
+            let mut convs: Vec<String> = self.shared.groups.subscribed().into_iter().collect();
+            convs.sort();
+            convs
+        }
+
+        async fn text(&mut self) -> String {
+            loop {
+                match self.next_message().await {
+                    Message::Text(t) => return t.to_string(),
+                    Message::Ping(_) => continue,
+                    other => panic!("expected a frame, got {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn group_frames_are_validated_then_published_like_sends() {
+        let mut c = connect(config(), 16, HOUR);
+        c.frame().await;
+        let long = "n".repeat(api::GROUP_NAME_MAX_BYTES + 1);
+        let refused = [
+            (r#"{"type":"group","op":"create","conv":"dm~alice~bob","id":"g1","name":"x"}"#.to_owned(), ErrorCode::InvalidId),
+            (r#"{"type":"group","op":"create","conv":"g~t.x","id":"g1","name":"x"}"#.to_owned(), ErrorCode::InvalidId),
+            (r#"{"type":"group","op":"create","conv":"g~t","id":"g 1","name":"x"}"#.to_owned(), ErrorCode::InvalidId),
+            (r#"{"type":"group","op":"create","conv":"g~t","id":"g1"}"#.to_owned(), ErrorCode::InvalidFrame),
+            (format!(r#"{{"type":"group","op":"create","conv":"g~t","id":"g1","name":"{long}"}}"#), ErrorCode::InvalidFrame),
+            (r#"{"type":"group","op":"add","conv":"g~t","id":"g1"}"#.to_owned(), ErrorCode::InvalidFrame),
+            (r#"{"type":"group","op":"add","conv":"g~t","id":"g1","members":["bob","c*"]}"#.to_owned(), ErrorCode::InvalidId),
+            (r#"{"type":"group","op":"leave","conv":"g~t","id":"g1","members":["bob"]}"#.to_owned(), ErrorCode::InvalidFrame),
+            (r#"{"type":"group","op":"remove","conv":"g~t","id":"g1","name":"x","members":["bob"]}"#.to_owned(), ErrorCode::InvalidFrame),
+        ];
+        for (json, code) in &refused {
+            c.send(json).await;
+            let e = c.error().await;
+            assert_eq!(e.code, *code, "{json}");
+            assert_eq!(e.id.as_deref().map(|i| !i.is_empty()), Some(true), "{json}");
+            assert!(e.conv.is_some(), "{json}");
+        }
+        c.send(r#"{"type":"group","op":"create","conv":"g~t","id":"g1","name":"Team","members":["bob"]}"#)
+            .await;
+        c.send(r#"{"type":"group","op":"leave","conv":"g~t","id":"g2"}"#)
+            .await;
+        let create = c.published().await;
+        assert_eq!(create.conv, "g~t");
+        assert_eq!(create.msg_id, Some(api::dedupe_id("g~t", "alice", "g1")));
+        let Ok(Inbound::Group(group)) = serde_json::from_slice(&create.payload) else {
+            panic!("not a group frame: {:?}", create.payload);
+        };
+        assert_eq!(
+            group,
+            InboundGroup {
+                conv: "g~t".into(),
+                from: "alice".into(),
+                device: "phone".into(),
+                id: "g1".into(),
+                op: GroupOp::Create,
+                name: Some("Team".into()),
+                members: vec!["bob".into()],
+            }
+        );
+        create.ack.send(Ok(())).unwrap();
+        assert!(
+            matches!(c.frame().await, ServerFrame::Sent { id, conv, .. } if id == "g1" && conv == "g~t")
+        );
+        let leave = c.published().await;
+        leave.ack.send(Err(BackendError::NoResponders)).unwrap();
+        let e = c.error().await;
+        assert_eq!(
+            (e.code, e.id.as_deref()),
+            (ErrorCode::Unavailable, Some("g2"))
+        );
+        assert!(
+            c.published.try_recv().is_err(),
+            "refused frames were not published"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn group_frames_share_the_send_rate() {
+        let mut c = connect(
+            Config {
+                sends_per_second: 1,
+                send_burst: 1,
+                ..config()
+            },
+            16,
+            HOUR,
+        );
+        c.frame().await;
+        c.send(&send_json("m1")).await;
+        c.send(r#"{"type":"group","op":"rename","conv":"g~t","id":"g1","name":"x"}"#)
+            .await;
+        let e = c.error().await;
+        assert_eq!(
+            (e.code, e.id.as_deref()),
+            (ErrorCode::RateLimited, Some("g1"))
+        );
+        assert!(e.retry_after_ms.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn conversations_and_group_info_are_asked_for_the_user() {
+        let mut c = connect(config(), 16, HOUR);
+        c.frame().await;
+        c.send(r#"{"type":"conversations","req":"c1","limit":100000}"#)
+            .await;
+        assert_eq!(
+            c.frame().await,
+            ServerFrame::Conversations {
+                req: "c1".into(),
+                convs: vec![],
+                more: false,
+                next: None,
+            }
+        );
+        c.send(r#"{"type":"conversations","req":"c2","after":"g~a"}"#)
+            .await;
+        // The fake has no `g~a`; any answer will do, the request is what matters.
+        let _ = timeout(Duration::from_secs(1), c.frame()).await;
+        c.send(r#"{"type":"group_info","req":"i1","conv":"g~team"}"#)
+            .await;
+        match c.frame().await {
+            ServerFrame::GroupInfo {
+                req,
+                conv,
+                name,
+                members,
+                seq,
+            } => {
+                assert_eq!(
+                    (req.as_str(), conv.as_str(), name.as_str(), seq),
+                    ("i1", "g~team", "team", 7)
+                );
+                assert_eq!(members.len(), 2);
+            }
+            other => panic!("expected group_info, got {other:?}"),
+        }
+        c.send(r#"{"type":"group_info","req":"i2","conv":"g~secret"}"#)
+            .await;
+        let e = c.error().await;
+        assert_eq!(
+            (e.code, e.req.as_deref(), e.conv.as_deref()),
+            (ErrorCode::NotMember, Some("i2"), Some("g~secret"))
+        );
+        c.send(r#"{"type":"group_info","req":"i3","conv":"dm~alice~bob"}"#)
+            .await;
+        let e = c.error().await;
+        assert_eq!(
+            (e.code, e.req.as_deref()),
+            (ErrorCode::InvalidId, Some("i3"))
+        );
+        let asked = c.asked.lock().unwrap();
+        // The first one is the connection's own group listing.
+        assert!(asked.conversations[0].groups_only);
+        assert_eq!(
+            asked.conversations[1],
+            ConversationsRequest {
+                user: "alice".into(),
+                after: None,
+                limit: api::CONVERSATIONS_PAGE_MAX,
+                groups_only: false,
+            }
+        );
+        assert_eq!(
+            asked.conversations[2].limit,
+            api::CONVERSATIONS_PAGE_DEFAULT
+        );
+        assert_eq!(asked.conversations[2].after.as_deref(), Some("g~a"));
+        assert_eq!(
+            asked.group_info[0],
+            GroupInfoRequest {
+                conv: "g~team".into(),
+                user: Some("alice".into()),
+                since: None,
+            }
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn large_group_events_reach_members_from_their_join_on() {
+        // Alice is in three groups (two pages): joined g~a at 5, g~b at 1, left g~c at 3.
+        let groups = vec![
+            group_info("g~a", 5, None),
+            group_info("g~b", 1, None),
+            group_info("g~c", 1, Some(3)),
+        ];
+        let mut c = connect_in(config(), 16, HOUR, groups);
+        assert!(matches!(c.frame().await, ServerFrame::Hello { .. }));
+        assert_eq!(
+            c.subscribed(),
+            ["g~a", "g~b"],
+            "subscribed before hello, not to g~c"
+        );
+        // Before alice joined: not forwarded. From her join on: forwarded unchanged.
+        c.group_push("g~a", &group_message("g~a", 4, "bob", None))
+            .await;
+        let m5 = group_message("g~a", 5, "bob", None);
+        c.group_push("g~a", &m5).await;
+        assert_eq!(c.text().await, m5);
+        // An event naming alice comes on her own subject, not on the group's: no duplicate.
+        let added = group_message(
+            "g~b",
+            6,
+            "bob",
+            Some(r#"{"kind":"added","members":["alice","dan"]}"#),
+        );
+        c.group_push("g~b", &added).await;
+        let m7 = group_message("g~b", 7, "bob", None);
+        c.group_push("g~b", &m7).await;
+        assert_eq!(c.text().await, m7);
+
+        // Alice is removed from g~a: the event arrives on her subject, then nothing more.
+        let removed = group_message(
+            "g~a",
+            8,
+            "bob",
+            Some(r#"{"kind":"removed","members":["alice"]}"#),
+        );
+        c.push(&removed, Some("_INBOX.r1")).await;
+        assert_eq!(c.text().await, removed);
+        c.group_push("g~a", &group_message("g~a", 9, "bob", None))
+            .await;
+        c.ping_pong().await;
+        assert_eq!(
+            c.subscribed(),
+            ["g~b"],
+            "the last member's leave ends the subscription"
+        );
+
+        // Added to g~d (on her own subject): subscribed, and its later events reach her.
+        let added = group_message(
+            "g~d",
+            3,
+            "bob",
+            Some(r#"{"kind":"added","members":["alice"]}"#),
+        );
+        c.push(&added, None).await;
+        assert_eq!(c.text().await, added);
+        c.ping_pong().await;
+        assert_eq!(c.subscribed(), ["g~b", "g~d"]);
+        let m4 = group_message("g~d", 4, "carol", None);
+        c.group_push("g~d", &m4).await;
+        assert_eq!(c.text().await, m4);
+        // She leaves g~b herself.
+        let left = group_message("g~b", 8, "alice", Some(r#"{"kind":"left"}"#));
+        c.push(&left, None).await;
+        assert_eq!(c.text().await, left);
+        c.group_push("g~b", &group_message("g~b", 9, "bob", None))
+            .await;
+        c.ping_pong().await;
+        assert_eq!(c.subscribed(), ["g~d"]);
+        c.shutdown.cancel();
+        assert_eq!(c.close_code().await, close::GOING_AWAY);
+        timeout(Duration::from_secs(60), c.task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            c.shared.groups.subscribed().is_empty(),
+            "closed connections unsubscribe"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_group_subscription_is_shared_by_the_gateways_connections() {
+        let mut a = connect_in(config(), 16, HOUR, vec![group_info("g~a", 1, None)]);
+        a.frame().await;
+        // A second connection on the same gateway (shared state), in the same group.
+        let shared = a.shared.clone();
+        let (to_server, server_in) = chan::channel(16);
+        let (server_out, mut from_server) = chan::channel(16);
+        let (_pushes, pushes_rx) = chan::channel::<Push>(16);
+        let backend = FakeBackend {
+            published: tokio::sync::mpsc::unbounded_channel().0,
+            asked: Arc::default(),
+            confirmed: tokio::sync::mpsc::unbounded_channel().0,
+            groups: a.groups.clone(),
+        };
+        let session = Session {
+            user: UserId::parse("alice").unwrap(),
+            device: DeviceId::parse("laptop").unwrap(),
+            expires_at: Instant::now() + HOUR,
+        };
+        let second = tokio::spawn(serve(
+            backend,
+            shared.clone(),
+            session,
+            pushes_rx.boxed(),
+            server_out,
+            server_in,
+        ));
+        let _hello = from_server.next().await.unwrap();
+        assert_eq!(a.subscribed(), ["g~a"]);
+        let m2 = group_message("g~a", 2, "bob", None);
+        a.group_push("g~a", &m2).await;
+        assert_eq!(a.text().await, m2);
+        match from_server.next().await.unwrap() {
+            Message::Text(t) => assert_eq!(t.as_str(), m2),
+            other => panic!("expected the push, got {other:?}"),
+        }
+        drop(to_server);
+        timeout(Duration::from_secs(60), second)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            a.subscribed(),
+            ["g~a"],
+            "still held by the first connection"
+        );
     }
 }

@@ -11,9 +11,13 @@
 //!     (persist before ack).
 //!   - `delivered`, `read`: [`Inbound::Receipt`], without `Nats-Msg-Id` (watermarks only grow,
 //!     so duplicates are harmless). Success is not answered; a failed publish is `unavailable`.
-//! - `chat.api.history`, `chat.api.sync`, `chat.api.receipts` (core NATS requests):
-//!   [`HistoryRequest`], [`SyncRequest`], [`ReceiptsRequest`] on behalf of the user, answered by
-//!   the sequencer.
+//!   - `group`: [`Inbound::Group`], published exactly like a send (rate limit, `Nats-Msg-Id`,
+//!     `sent`); the sequencer checks membership and admin rights.
+//! - `chat.api.history`, `chat.api.sync`, `chat.api.receipts`, `chat.api.conversations`,
+//!   `chat.api.group_info` (core NATS requests): [`HistoryRequest`], [`SyncRequest`],
+//!   [`ReceiptsRequest`], [`ConversationsRequest`], [`GroupInfoRequest`] on behalf of the user,
+//!   answered by the sequencer. At connect, before `hello`, the user's groups
+//!   (`groups_only`).
 //! - Empty replies to delivery confirmation requests (see below).
 //!
 //! **Consumes**
@@ -22,6 +26,9 @@
 //!   Fan-out workers publish messages with a reply subject: each connection that queued the
 //!   frame answers with an empty message, and when no device of the user is connected the
 //!   requester gets "no responders" and notifies the user's phone instead.
+//! - `chat.grp.<conv>` (core NATS), one subscription per large group with a member connected
+//!   here, shared by its connections: each event once, forwarded to the members' connections
+//!   within their membership (see `groups.rs`).
 //!
 //! Every id that becomes part of a subject is validated first (`chat_protocol::ids`); subjects
 //! come from `chat_protocol::subjects`. Every queue is bounded: the per-connection outgoing queue
@@ -31,6 +38,9 @@
 //! [`Inbound`]: chat_protocol::api::Inbound
 //! [`Inbound::Send`]: chat_protocol::api::Inbound::Send
 //! [`Inbound::Receipt`]: chat_protocol::api::Inbound::Receipt
+//! [`Inbound::Group`]: chat_protocol::api::Inbound::Group
+//! [`ConversationsRequest`]: chat_protocol::api::ConversationsRequest
+//! [`GroupInfoRequest`]: chat_protocol::api::GroupInfoRequest
 //! [`dedupe_id`]: chat_protocol::api::dedupe_id
 //! [`HistoryRequest`]: chat_protocol::api::HistoryRequest
 //! [`SyncRequest`]: chat_protocol::api::SyncRequest
@@ -40,6 +50,7 @@ mod backend;
 pub mod config;
 mod connection;
 pub mod error;
+mod groups;
 pub mod metrics;
 mod registry;
 

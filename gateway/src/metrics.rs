@@ -5,8 +5,8 @@ use chat_protocol::frames::ErrorCode;
 
 /// Gauge: open WebSocket connections (counted from the accepted upgrade to the end).
 pub const CONNECTIONS: &str = "gateway_connections";
-/// Counter, label `kind` (`send`, `history`, `delivered`, `read`, `sync`, `receipts`, `ping`,
-/// `invalid`): frames read from clients.
+/// Counter, label `kind` (`send`, `history`, `delivered`, `read`, `sync`, `receipts`, `group`,
+/// `conversations`, `group_info`, `ping`, `invalid`): frames read from clients.
 pub const FRAMES_IN: &str = "gateway_frames_in_total";
 /// Counter: frames written to clients (including forwarded pushes, excluding pings).
 pub const FRAMES_OUT: &str = "gateway_frames_out_total";
@@ -26,6 +26,15 @@ pub const SLOW_CONSUMERS: &str = "gateway_slow_consumer_disconnects_total";
 pub const CLOSES: &str = "gateway_closes_total";
 /// Counter, label `code`: upgrades refused before the WebSocket opened.
 pub const UPGRADE_REJECTIONS: &str = "gateway_upgrade_rejections_total";
+
+/// Gauge: `chat.grp.<conv>` subscriptions held (large groups with a member connected here).
+pub const GROUP_SUBSCRIPTIONS: &str = "gateway_group_subscriptions";
+/// Counter: group subscriptions that failed (their members recover by sync).
+pub const GROUP_SUBSCRIBE_FAILURES: &str = "gateway_group_subscribe_failures_total";
+/// Counter: connections whose group list could not be fetched at connect.
+pub const GROUP_LIST_FAILURES: &str = "gateway_group_list_failures_total";
+/// Counter: large-group events forwarded to connections.
+pub const GROUP_PUSHES: &str = "gateway_group_pushes_total";
 
 /// Registers descriptions with the recorder (shown as `# HELP` lines).
 pub fn describe() {
@@ -50,6 +59,19 @@ pub fn describe() {
     );
     describe_counter!(CLOSES, "Connections closed, by reason");
     describe_counter!(UPGRADE_REJECTIONS, "Upgrades refused, by error code");
+    describe_gauge!(
+        GROUP_SUBSCRIPTIONS,
+        "Large-group subscriptions shared by this gateway's connections"
+    );
+    describe_counter!(
+        GROUP_SUBSCRIBE_FAILURES,
+        "Large-group subscriptions that failed"
+    );
+    describe_counter!(
+        GROUP_LIST_FAILURES,
+        "Connections whose group list could not be fetched at connect"
+    );
+    describe_counter!(GROUP_PUSHES, "Large-group events forwarded to connections");
 }
 
 pub(crate) fn frame_in(kind: &'static str) {

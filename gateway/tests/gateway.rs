@@ -11,15 +11,16 @@ use std::collections::BTreeMap;
 
 use chat_protocol::{
     api::{
-        self, HistoryReply, HistoryRequest, Inbound, InboundMessage, InboundReceipt, ReceiptsReply,
+        self, ConversationsReply, ConversationsRequest, GroupInfoReply, GroupInfoRequest,
+        HistoryReply, HistoryRequest, Inbound, InboundMessage, InboundReceipt, ReceiptsReply,
         ReceiptsRequest, SyncReply, SyncRequest,
     },
     auth::{Claims, mint_dev_token, mint_with_claims, now_secs},
     frames::{
-        ConvState, ErrorCode, ErrorFrame, MemberMarks, Message as ChatMessage, Receipt,
-        ServerFrame, close,
+        ConvInfo, ConvState, ErrorCode, ErrorFrame, GroupEvent, GroupOp, MemberMarks,
+        Message as ChatMessage, Receipt, ServerFrame, close,
     },
-    ids::UserId,
+    ids::{ConvId, UserId},
     jetstream::provision_all,
     subjects,
 };
@@ -1221,4 +1222,245 @@ async fn delivery_requests_are_answered_while_a_device_is_connected() {
     })
     .await
     .expect("no responders once bob disconnected");
+}
+
+fn group_event_frame(conv: &str, seq: u64, from: &str, event: GroupEvent) -> String {
+    serde_json::to_string(&ServerFrame::Message(ChatMessage {
+        conv: conv.into(),
+        seq,
+        from: from.into(),
+        id: format!("op{seq}"),
+        ts: 1,
+        body: String::new(),
+        event: Some(event),
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn group_frames_are_stored_once_and_answered_sent() {
+    let gw = spawn_gateway(|_| {}).await;
+    let mut ws = gw.connect("alice", "phone").await;
+    let create = r#"{"type":"group","op":"create","conv":"g~team","id":"op1","name":"Team","members":["bob"]}"#;
+    for _ in 0..2 {
+        // The retry of the same id is stored once.
+        send(&mut ws, create).await;
+        match next_frame(&mut ws).await {
+            ServerFrame::Sent { id, conv, .. } => {
+                assert_eq!((id.as_str(), conv.as_str()), ("op1", "g~team"))
+            }
+            other => panic!("expected sent, got {other:?}"),
+        }
+    }
+    send(
+        &mut ws,
+        r#"{"type":"group","op":"add","conv":"g~team","id":"op2"}"#,
+    )
+    .await;
+    let e = next_error(&mut ws).await;
+    assert_eq!(
+        (e.code, e.id.as_deref(), e.conv.as_deref()),
+        (ErrorCode::InvalidFrame, Some("op2"), Some("g~team"))
+    );
+    gw.wait_chat_in(1).await;
+    let stored = gw
+        .chat_in()
+        .await
+        .get_last_raw_message_by_subject("chat.inp.>")
+        .await;
+    let stored = match stored {
+        Ok(m) => m,
+        Err(_) => gw.chat_in().await.get_raw_message(1).await.unwrap(),
+    };
+    let inbound: Inbound = serde_json::from_slice(&stored.payload).unwrap();
+    let Inbound::Group(group) = inbound else {
+        panic!("not a group frame: {inbound:?}")
+    };
+    assert_eq!(
+        (group.from.as_str(), group.op, group.members),
+        ("alice", GroupOp::Create, vec!["bob".to_owned()])
+    );
+}
+
+#[tokio::test]
+async fn conversations_and_group_info_are_answered_for_the_user() {
+    let gw = spawn_gateway(|_| {}).await;
+    let mut convs = gw.responder(subjects::CONVERSATIONS_API).await;
+    let mut info = gw.responder(subjects::GROUP_INFO_API).await;
+    let url = gw.url(&format!("token={}&device=phone", token("alice")));
+    let connecting = tokio::spawn(try_connect(url, None));
+    // At connect: the user's groups (none here), before hello.
+    let (request, msg): (ConversationsRequest, _) = next_request(&mut convs).await;
+    assert!(request.groups_only && request.user == "alice");
+    gw.reply(
+        &msg,
+        &ConversationsReply::Page {
+            convs: vec![],
+            more: false,
+            next: None,
+        },
+    )
+    .await;
+    let mut ws = connecting.await.unwrap().expect("upgrade accepted");
+    assert!(matches!(
+        next_frame(&mut ws).await,
+        ServerFrame::Hello { .. }
+    ));
+
+    send(
+        &mut ws,
+        r#"{"type":"conversations","req":"c1","limit":9999}"#,
+    )
+    .await;
+    let (request, msg): (ConversationsRequest, _) = next_request(&mut convs).await;
+    assert_eq!(
+        (request.limit, request.groups_only, request.user.as_str()),
+        (api::CONVERSATIONS_PAGE_MAX, false, "alice")
+    );
+    let entry = ConvInfo {
+        conv: "g~team".into(),
+        name: Some("Team".into()),
+        member_count: 2,
+        latest: 3,
+        unread: 1,
+        admin: true,
+        joined: 1,
+        left: None,
+    };
+    gw.reply(
+        &msg,
+        &ConversationsReply::Page {
+            convs: vec![entry.clone()],
+            more: false,
+            next: None,
+        },
+    )
+    .await;
+    assert_eq!(
+        next_frame(&mut ws).await,
+        ServerFrame::Conversations {
+            req: "c1".into(),
+            convs: vec![entry],
+            more: false,
+            next: None
+        }
+    );
+
+    send(
+        &mut ws,
+        r#"{"type":"group_info","req":"i1","conv":"g~team"}"#,
+    )
+    .await;
+    let (request, msg): (GroupInfoRequest, _) = next_request(&mut info).await;
+    assert_eq!(
+        request,
+        GroupInfoRequest {
+            conv: "g~team".into(),
+            user: Some("alice".into()),
+            since: None,
+        }
+    );
+    let mut refusal = ErrorFrame::new(ErrorCode::NotMember, "not a member");
+    refusal.conv = Some("g~team".into());
+    gw.reply(&msg, &GroupInfoReply::Error(refusal)).await;
+    let e = next_error(&mut ws).await;
+    assert_eq!(
+        (e.code, e.req.as_deref()),
+        (ErrorCode::NotMember, Some("i1"))
+    );
+}
+
+#[tokio::test]
+async fn large_group_messages_reach_connected_members_within_their_membership() {
+    let gw = spawn_gateway(|_| {}).await;
+    let mut convs = gw.responder(subjects::CONVERSATIONS_API).await;
+    // Answers every group listing: alice joined g~big at 5, bob at 1, carol is in no group.
+    let nats = gw.nats.clone();
+    tokio::spawn(async move {
+        while let Some(msg) = convs.next().await {
+            let request: ConversationsRequest = serde_json::from_slice(&msg.payload).unwrap();
+            let joined = if request.user == "alice" { 5 } else { 1 };
+            let entry = ConvInfo {
+                conv: "g~big".into(),
+                name: Some("Big".into()),
+                member_count: 500,
+                latest: 6,
+                unread: 0,
+                admin: false,
+                joined,
+                left: None,
+            };
+            let convs = if request.user == "carol" {
+                vec![]
+            } else {
+                vec![entry]
+            };
+            let reply = ConversationsReply::Page {
+                convs,
+                more: false,
+                next: None,
+            };
+            let payload = serde_json::to_vec(&reply).unwrap();
+            nats.publish(msg.reply.unwrap(), payload.into())
+                .await
+                .unwrap();
+        }
+    });
+    let mut alice = gw.connect("alice", "phone").await;
+    let mut bob = gw.connect("bob", "phone").await;
+    let mut carol = gw.connect("carol", "phone").await;
+    let conv = ConvId::parse("g~big").unwrap();
+    let publish = |payload: String| {
+        let nats = gw.nats.clone();
+        let subject = subjects::group(&conv);
+        async move { nats.publish(subject, payload.into()).await.unwrap() }
+    };
+    // Before alice's join: bob only. From it on: both, unchanged.
+    publish(message_frame("g~big", 4, "old")).await;
+    let m6 = message_frame("g~big", 6, "new");
+    publish(m6.clone()).await;
+    assert_eq!(next_text(&mut bob).await, message_frame("g~big", 4, "old"));
+    assert_eq!(next_text(&mut bob).await, m6);
+    assert_eq!(next_text(&mut alice).await, m6);
+
+    // Alice is removed at 7: her removal comes on her own subject (the fan-out worker sends
+    // the users an event names there), the group's copy is not forwarded to her twice.
+    let removed = group_event_frame(
+        "g~big",
+        7,
+        "bob",
+        GroupEvent::Removed {
+            members: vec!["alice".into()],
+        },
+    );
+    publish(removed.clone()).await;
+    push_to(&gw, "alice", removed.clone()).await;
+    assert_eq!(next_text(&mut bob).await, removed);
+    assert_eq!(next_text(&mut alice).await, removed);
+    let m8 = message_frame("g~big", 8, "after");
+    publish(m8.clone()).await;
+    assert_eq!(next_text(&mut bob).await, m8);
+    // Carol, not a member, is added at 9 on her own subject; from then on she gets the group.
+    let added = group_event_frame(
+        "g~big",
+        9,
+        "bob",
+        GroupEvent::Added {
+            members: vec!["carol".into()],
+        },
+    );
+    push_to(&gw, "carol", added.clone()).await;
+    assert_eq!(next_text(&mut carol).await, added);
+    ping_pong(&mut carol).await;
+    publish(added.clone()).await;
+    let m10 = message_frame("g~big", 10, "welcome");
+    publish(m10.clone()).await;
+    assert_eq!(next_text(&mut bob).await, added);
+    assert_eq!(next_text(&mut bob).await, m10);
+    assert_eq!(
+        next_text(&mut carol).await,
+        m10,
+        "the added event is not repeated"
+    );
+    assert_silent(&mut alice, Duration::from_millis(300)).await;
 }
