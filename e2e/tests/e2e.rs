@@ -6,7 +6,10 @@ use std::time::Duration;
 use chat_protocol::{
     api::PushNotification,
     auth::mint_dev_token,
-    frames::{ClientFrame, ConvState, ErrorCode, MemberMarks, Message, Receipt, ServerFrame},
+    frames::{
+        ClientFrame, ConvState, ErrorCode, GroupEvent, GroupOp, MemberMarks, Message, Receipt,
+        ServerFrame,
+    },
     ids::UserId,
     jetstream::{Overrides, provision_all},
 };
@@ -249,6 +252,47 @@ impl Device {
             }
             other => panic!("expected history, got {other:?}"),
         }
+    }
+}
+
+impl Device {
+    /// Sends a `group` frame and waits for its `sent`.
+    async fn group(
+        &mut self,
+        op: GroupOp,
+        conv: &str,
+        id: &str,
+        name: Option<&str>,
+        members: &[&str],
+    ) {
+        self.send_frame(&ClientFrame::Group {
+            op,
+            conv: conv.into(),
+            id: id.into(),
+            name: name.map(Into::into),
+            members: members.iter().map(|m| (*m).into()).collect(),
+        })
+        .await;
+        match self.next().await {
+            ServerFrame::Sent { id: sent, .. } => assert_eq!(sent, id),
+            other => panic!("expected sent, got {other:?}"),
+        }
+    }
+
+    /// Sends one message and waits for its `sent`.
+    async fn send_acked(&mut self, conv: &str, id: &str, body: &str) {
+        self.send(conv, id, body).await;
+        match self.next().await {
+            ServerFrame::Sent { id: sent, .. } => assert_eq!(sent, id),
+            other => panic!("expected sent, got {other:?}"),
+        }
+    }
+
+    /// The (seq, event) of the next message, which must be in `conv`.
+    async fn next_in(&mut self, conv: &str) -> (u64, Option<GroupEvent>) {
+        let m = self.next_message().await;
+        assert_eq!(m.conv, conv, "unexpected message {m:?}");
+        (m.seq, m.event)
     }
 }
 
@@ -537,5 +581,213 @@ async fn receipts_and_read_state_move_across_devices_and_sync_catches_up() {
         (CONV, 9, "alice")
     );
     assert_eq!(raw.sequence, 1, "only the message nobody got is notified");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_members_get_exactly_their_window_and_outsiders_are_refused() {
+    const G: &str = "g~team";
+    let app = spawn_app().await;
+    let mut alice = app.connect("alice", "phone").await;
+    let mut bob = app.connect("bob", "phone").await;
+    let mut carol = app.connect("carol", "phone").await;
+    let mut dave = app.connect("dave", "phone").await;
+
+    alice
+        .group(GroupOp::Create, G, "op1", Some("Team"), &["bob"])
+        .await;
+    let created = Some(GroupEvent::Created {
+        name: "Team".into(),
+        members: vec!["bob".into()],
+    });
+    assert_eq!(alice.next_in(G).await, (1, created.clone()));
+    assert_eq!(bob.next_in(G).await, (1, created));
+
+    bob.send_acked(G, "b1", "hi all").await;
+    for d in [&mut alice, &mut bob] {
+        assert_eq!(d.next_in(G).await, (2, None));
+    }
+
+    // Carol, added at 3, gets the event and what follows, never seq 1 or 2.
+    alice.group(GroupOp::Add, G, "op2", None, &["carol"]).await;
+    let added = Some(GroupEvent::Added {
+        members: vec!["carol".into()],
+    });
+    for d in [&mut alice, &mut bob, &mut carol] {
+        assert_eq!(d.next_in(G).await, (3, added.clone()));
+    }
+    carol.send_acked(G, "c1", "thanks").await;
+    for d in [&mut alice, &mut bob, &mut carol] {
+        assert_eq!(d.next_in(G).await, (4, None));
+    }
+
+    // Bob, removed at 5, gets his removal and nothing after it.
+    alice.group(GroupOp::Remove, G, "op3", None, &["bob"]).await;
+    let removed = Some(GroupEvent::Removed {
+        members: vec!["bob".into()],
+    });
+    for d in [&mut alice, &mut bob, &mut carol] {
+        assert_eq!(d.next_in(G).await, (5, removed.clone()));
+    }
+    alice.send_acked(G, "a1", "bye bob").await;
+    for d in [&mut alice, &mut carol] {
+        assert_eq!(d.next_in(G).await, (6, None));
+    }
+    // The next thing Bob gets is a direct message sent after seq 6, not seq 6.
+    alice.send_acked(CONV, "dm1", "sorry").await;
+    assert_eq!(alice.next_in(CONV).await.0, 1);
+    assert_eq!(bob.next_in(CONV).await.0, 1);
+
+    // Bob cannot send any more; Dave never could: `sent`, then the sequencer's refusal.
+    for (device, id) in [(&mut bob, "b2"), (&mut dave, "d1")] {
+        device.send_acked(G, id, "let me in").await;
+        match device.next().await {
+            ServerFrame::Error(e) => {
+                assert_eq!((e.code, e.id.as_deref()), (ErrorCode::NotMember, Some(id)));
+            }
+            other => panic!("expected not_member, got {other:?}"),
+        }
+    }
+    // Carol is no admin.
+    carol.group(GroupOp::Add, G, "op4", None, &["dave"]).await;
+    match carol.next().await {
+        ServerFrame::Error(e) => assert_eq!(e.code, ErrorCode::NotAdmin),
+        other => panic!("expected not_admin, got {other:?}"),
+    }
+
+    // History: each member's window.
+    let seqs = |page: (Vec<Message>, bool)| page.0.iter().map(|m| m.seq).collect::<Vec<_>>();
+    assert_eq!(
+        seqs(carol.history(G, Some(0), None, 50).await),
+        vec![3, 4, 5, 6]
+    );
+    assert_eq!(
+        seqs(bob.history(G, None, None, 50).await),
+        vec![1, 2, 3, 4, 5]
+    );
+
+    // The conversation list: names, counts, unread, the window.
+    carol
+        .send_frame(&ClientFrame::Conversations {
+            req: "l1".into(),
+            after: None,
+            limit: None,
+        })
+        .await;
+    match carol.next().await {
+        ServerFrame::Conversations {
+            req, convs, more, ..
+        } => {
+            assert_eq!((req.as_str(), more), ("l1", false));
+            assert_eq!(convs.len(), 1);
+            let c = &convs[0];
+            assert_eq!(
+                (
+                    c.conv.as_str(),
+                    c.name.as_deref(),
+                    c.member_count,
+                    c.latest,
+                    c.joined
+                ),
+                (G, Some("Team"), 2, 6, 3)
+            );
+            assert_eq!(c.unread, 2, "seq 5 and 6 came after her own message 4");
+        }
+        other => panic!("expected conversations, got {other:?}"),
+    }
+    bob.send_frame(&ClientFrame::Conversations {
+        req: "l2".into(),
+        after: None,
+        limit: None,
+    })
+    .await;
+    match bob.next().await {
+        ServerFrame::Conversations { convs, .. } => {
+            let ids: Vec<(&str, u64, Option<u64>)> = convs
+                .iter()
+                .map(|c| (c.conv.as_str(), c.latest, c.left))
+                .collect();
+            assert_eq!(ids, vec![(CONV, 1, None), (G, 5, Some(5))]);
+        }
+        other => panic!("expected conversations, got {other:?}"),
+    }
+    carol
+        .send_frame(&ClientFrame::GroupInfo {
+            req: "i1".into(),
+            conv: G.into(),
+        })
+        .await;
+    match carol.next().await {
+        ServerFrame::GroupInfo { name, members, .. } => {
+            assert_eq!(name, "Team");
+            let who: Vec<(&str, bool)> =
+                members.iter().map(|m| (m.user.as_str(), m.admin)).collect();
+            assert_eq!(who, vec![("alice", true), ("carol", false)]);
+        }
+        other => panic!("expected group_info, got {other:?}"),
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_1024_member_group_reaches_every_online_member_in_order() {
+    const G: &str = "g~big";
+    const MEMBERS: usize = 1024;
+    const SENDERS: usize = 4;
+    const EACH: usize = 5;
+    let app = spawn_app().await;
+    let users: Vec<String> = (0..MEMBERS).map(|i| format!("m{i:04}")).collect();
+    let mut devices = Vec::with_capacity(MEMBERS);
+    for chunk in users.chunks(64) {
+        let connected =
+            futures::future::join_all(chunk.iter().map(|u| app.connect(u, "phone"))).await;
+        devices.extend(connected);
+    }
+    let others: Vec<&str> = users[1..].iter().map(String::as_str).collect();
+    devices[0]
+        .group(GroupOp::Create, G, "create", Some("Everyone"), &others)
+        .await;
+    // Every member gets the creation, then the senders' messages: seqs 2.. in order.
+    let last = (1 + SENDERS * EACH) as u64;
+    let readers: Vec<_> = devices
+        .drain(SENDERS..)
+        .map(|mut d| {
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                while seqs.last() != Some(&last) {
+                    seqs.push(d.next_in(G).await.0);
+                }
+                seqs
+            })
+        })
+        .collect();
+    let mut senders = devices;
+    for s in &mut senders {
+        assert_eq!(s.next_in(G).await.0, 1);
+    }
+    for round in 0..EACH {
+        for (i, s) in senders.iter_mut().enumerate() {
+            s.send(G, &format!("s{i}-{round}"), "hello everyone").await;
+        }
+    }
+    let want: Vec<u64> = (1..=last).collect();
+    for s in &mut senders {
+        let mut seqs = vec![1];
+        while seqs.len() < want.len() {
+            match s.next().await {
+                ServerFrame::Message(m) => seqs.push(m.seq),
+                ServerFrame::Sent { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert_eq!(seqs, want);
+    }
+    for (i, reader) in readers.into_iter().enumerate() {
+        let seqs = tokio::time::timeout(Duration::from_secs(60), reader)
+            .await
+            .expect("every member gets every message")
+            .unwrap();
+        assert_eq!(seqs, want, "member {} saw {seqs:?}", users[SENDERS + i]);
+    }
     app.shutdown().await;
 }
