@@ -17,7 +17,8 @@ command -v cargo >/dev/null 2>&1 || {
 }
 "${SCRIPT_DIR}/setup.sh"
 
-# The fault-injection suite (e2e/tests/faults.rs) runs the service binaries as processes.
+# The fault-injection suite (e2e/tests/faults.rs) and the bench smoke tests (bench/tests/smoke.rs)
+# run the service binaries as processes.
 echo "test.sh: cargo build --workspace --bins" >&2
 cargo build --workspace --bins
 summaries="target/fault-summaries.txt"

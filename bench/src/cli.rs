@@ -1,0 +1,183 @@
+//! Command line: one subcommand per mode, each with its own flags (`bench <mode> --help`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+const ABOUT: &str = "Load generator and benchmarks of the chat backend, measured against the \
+broker's own ceiling in the same run";
+
+const LONG_ABOUT: &str = "\
+Load generator and benchmarks of the chat backend, measured against the broker's own ceiling \
+in the same run.
+
+Every mode starts its own nats-server (random port, temp dir) and, except `baseline`, the real \
+service binaries (gateway, sequencer with its embedded store, fan-out worker) found next to this \
+executable: build them with `cargo build --release --workspace --bins` and run \
+`target/release/bench`. Load is open loop: sends are scheduled at a fixed offered rate and \
+every latency is measured from the intended send time, so a stall shows as latency. Latencies \
+are HDR histograms (p50/p90/p99/p99.9/max). CPU seconds and RSS of every process (this one \
+included) come from /proc.
+
+Each run prints a summary and the command line, and writes <out>/<mode>.json (and a \
+timestamped copy); `max` also writes <out>/max.csv. scripts/plot-bench.py turns max.json into \
+an SVG of latency percentiles against offered rate.";
+
+#[derive(Debug, Parser, Serialize)]
+#[command(name = "bench", about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub mode: Mode,
+}
+
+#[derive(Debug, Subcommand, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// The broker's ceiling: raw JetStream async publish + pull consume, and core NATS
+    /// pub/sub, through async-nats with the same payload size.
+    Baseline(BaselineArgs),
+    /// One-to-one conversations over real WebSockets through the whole pipeline (store on) at
+    /// a fixed offered rate: offered, acked, delivered, "sent" ack and delivery latency, CPU
+    /// per message, delivered/s over the same-run JetStream baseline.
+    Dm(DmArgs),
+    /// Search for the highest offered rate sustained for --duration seconds (>= 99.9%
+    /// delivered, backlog not growing, p99 < 500 ms), then a trial at half of it.
+    Max(MaxArgs),
+    /// N authenticated, subscribed idle connections: gateway memory per connection and idle
+    /// CPU. The open-file limit is raised to the hard limit (inherited by the gateway), which
+    /// bounds N: each side needs one descriptor per connection.
+    Idle(IdleArgs),
+    /// A device offline while K messages arrive, then reconnecting: time until it has all.
+    Catchup(CatchupArgs),
+}
+
+impl Mode {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Baseline(_) => "baseline",
+            Self::Dm(_) => "dm",
+            Self::Max(_) => "max",
+            Self::Idle(_) => "idle",
+            Self::Catchup(_) => "catchup",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct Output {
+    /// Directory for the JSON (and CSV) results [default: <target dir>/bench]
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct Load {
+    /// Message body size in bytes (the baseline's payload size too)
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    /// Messages in each baseline measurement (JetStream, core NATS)
+    #[arg(long, default_value_t = 100_000)]
+    pub baseline_msgs: u64,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct BaselineArgs {
+    #[command(flatten)]
+    pub load: Load,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct Pipeline {
+    /// One-to-one conversations: a sender and a recipient each, one WebSocket per user. The
+    /// offered rate is spread evenly, so each sender sends rate/pairs per second (it must stay
+    /// under 90% of the gateway's per-user limit the cluster sets, 1,000/s)
+    #[arg(long, default_value_t = 200)]
+    pub pairs: usize,
+    /// After the offered window, seconds to wait for every ack and delivery
+    #[arg(long, default_value_t = 30.0)]
+    pub drain: f64,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct DmArgs {
+    /// Offered messages per second (all conversations together)
+    #[arg(long, default_value_t = 2000.0)]
+    pub rate: f64,
+    /// Seconds of offered load
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    #[command(flatten)]
+    pub pipeline: Pipeline,
+    #[command(flatten)]
+    pub load: Load,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct MaxArgs {
+    /// Offered rate of the first trial, messages per second
+    #[arg(long, default_value_t = 2000.0)]
+    pub start_rate: f64,
+    /// Seconds each trial offers load (the rate must be sustained this long)
+    #[arg(long, default_value_t = 60.0)]
+    pub duration: f64,
+    /// Most trials in the search
+    #[arg(long, default_value_t = 8)]
+    pub steps: u32,
+    /// Rate multiplier while trials pass (and divisor while they fail) before bisecting
+    #[arg(long, default_value_t = 1.5)]
+    pub growth: f64,
+    /// Stop bisecting when (lowest failure - best pass) / best pass is at most this
+    #[arg(long, default_value_t = 0.1)]
+    pub precision: f64,
+    /// Skip the final trial at half the best rate
+    #[arg(long)]
+    pub no_half: bool,
+    #[command(flatten)]
+    pub pipeline: Pipeline,
+    #[command(flatten)]
+    pub load: Load,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct IdleArgs {
+    /// Idle connections to open (one user each)
+    #[arg(long, default_value_t = 10_000)]
+    pub connections: usize,
+    /// Connections per client source address (127.0.0.2, 127.0.0.3, ...)
+    #[arg(long, default_value_t = 10_000)]
+    pub per_ip: usize,
+    /// Handshakes in flight at once
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Seconds to hold them open while measuring idle CPU (heartbeats: every 15 s)
+    #[arg(long, default_value_t = 20.0)]
+    pub hold: f64,
+    /// Seconds between the gateway's start and the first connection (RSS at 0 is sampled at
+    /// the end of it): time to attach a profiler, e.g. `heaptrack -p <gateway pid>`
+    #[arg(long, default_value_t = 0.5)]
+    pub settle: f64,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct CatchupArgs {
+    /// Messages that arrive while the device is offline
+    #[arg(long, default_value_t = 10_000)]
+    pub messages: u64,
+    /// Users sending them, one conversation each with the offline user
+    #[arg(long, default_value_t = 10)]
+    pub senders: usize,
+    /// Message body size in bytes
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    #[command(flatten)]
+    pub output: Output,
+}

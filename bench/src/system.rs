@@ -1,0 +1,138 @@
+//! The system under test: one nats-server, one gateway, one sequencer (embedded store on) and one
+//! fan-out worker, the real binaries as child processes ([`chat_e2e::cluster::Cluster`]), found
+//! next to the `bench` executable (`cargo build --release --workspace --bins` builds them all).
+//!
+//! The cluster sets the gateway's per-user limits to 1,000 sends/s (burst 2,000); every mode
+//! spreads its load over enough users that no user comes near it (checked before a run).
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use chat_e2e::cluster::{Cluster, ClusterConfig, SECRET};
+use chat_protocol::{
+    jetstream::{fanout_consumer, sequencer_consumer},
+    subjects::{PARTITIONS, STREAM_INBOUND, STREAM_STAMPED},
+};
+use serde::Serialize;
+
+use crate::procstat::Proc;
+
+/// Sends per second per user the cluster's gateway allows (see the module doc).
+pub const USER_SEND_LIMIT: f64 = 1000.0;
+
+/// nats-server plus the services, started and ready.
+pub struct System {
+    pub cluster: Cluster,
+}
+
+/// Messages waiting in the pipeline's consumers at one moment.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Backlog {
+    /// Seconds since the trial started.
+    pub t_s: f64,
+    /// `CHAT_IN` (sequencer consumers): not yet delivered plus delivered but unacked.
+    pub inbound: u64,
+    /// `CHAT_MSGS` (fan-out consumers), the same.
+    pub stamped: u64,
+}
+
+impl Backlog {
+    pub fn total(&self) -> u64 {
+        self.inbound + self.stamped
+    }
+}
+
+impl System {
+    /// Starts nats-server, provisions it, and starts every service; with `services: false`
+    /// only nats-server runs (the baseline).
+    pub async fn start(services: bool) -> Result<Self> {
+        let n = usize::from(services);
+        let mut cluster = Cluster::new(ClusterConfig {
+            gateways: n,
+            sequencers: n,
+            fanouts: n,
+        })
+        .await;
+        if services {
+            for s in cluster.sequencers.iter_mut().chain(&mut cluster.fanouts) {
+                s.spawn();
+            }
+            cluster.spawn_gateways().await;
+        }
+        Ok(Self { cluster })
+    }
+
+    pub fn secret(&self) -> &'static [u8] {
+        SECRET.as_bytes()
+    }
+
+    /// `ws://127.0.0.1:<port>/ws` of the gateway.
+    pub fn gateway_url(&self) -> &str {
+        &self.cluster.gateway_urls[0]
+    }
+
+    pub fn nats_url(&self) -> String {
+        self.cluster.nats.url()
+    }
+
+    /// Every process of the run, the load generator first.
+    pub fn procs(&self) -> Vec<Proc> {
+        let mut procs = vec![
+            Proc {
+                name: "bench".into(),
+                pid: std::process::id(),
+            },
+            Proc {
+                name: "nats-server".into(),
+                pid: self.cluster.nats.pid(),
+            },
+        ];
+        let c = &self.cluster;
+        for s in c.gateways.iter().chain(&c.sequencers).chain(&c.fanouts) {
+            procs.push(Proc {
+                name: s.name().to_owned(),
+                pid: s.pid(),
+            });
+        }
+        procs
+    }
+
+    /// The pipeline's consumer backlog now (sum over partitions).
+    pub async fn backlog(&self) -> Result<Backlog> {
+        let js = self.cluster.js();
+        let mut b = Backlog::default();
+        for p in 0..PARTITIONS {
+            for (stream, name, slot) in [
+                (STREAM_INBOUND, sequencer_consumer(p), &mut b.inbound),
+                (STREAM_STAMPED, fanout_consumer(p), &mut b.stamped),
+            ] {
+                let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+                    .get_consumer_from_stream(&name, stream)
+                    .await
+                    .with_context(|| format!("consumer {name} of {stream}"))?;
+                let info = consumer.info().await.context("consumer info")?;
+                *slot += info.num_pending + info.num_ack_pending as u64;
+            }
+        }
+        Ok(b)
+    }
+
+    /// Waits until the backlog is empty, at most `limit`; `true` if it emptied.
+    pub async fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.backlog().await.is_ok_and(|b| b.total() == 0) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the services (SIGTERM, drain order), then nats-server on drop.
+    pub fn stop(mut self) -> Vec<String> {
+        self.cluster.stop_services(Duration::from_secs(10))
+    }
+}
