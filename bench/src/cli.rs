@@ -50,6 +50,10 @@ pub enum Mode {
     Idle(IdleArgs),
     /// A device offline while K messages arrive, then reconnecting: time until it has all.
     Catchup(CatchupArgs),
+    /// Group fan-out: a group of N members (one WebSocket each) gets messages at a fixed
+    /// offered rate; deliveries per second, delivery latency at every member, and one-to-one
+    /// latency under the same load.
+    Group(GroupArgs),
 }
 
 impl Mode {
@@ -60,6 +64,7 @@ impl Mode {
             Self::Max(_) => "max",
             Self::Idle(_) => "idle",
             Self::Catchup(_) => "catchup",
+            Self::Group(_) => "group",
         }
     }
 }
@@ -178,6 +183,43 @@ pub struct CatchupArgs {
     /// Message body size in bytes
     #[arg(long, default_value_t = 128)]
     pub size: usize,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct GroupArgs {
+    /// Group sizes to run, one trial each (comma separated)
+    #[arg(long, value_delimiter = ',', default_values_t = [256, 1024])]
+    pub members: Vec<usize>,
+    /// Group messages offered per second
+    #[arg(long, default_value_t = 50.0)]
+    pub rate: f64,
+    /// Seconds of offered load per group size
+    #[arg(long, default_value_t = 20.0)]
+    pub duration: f64,
+    /// Members that send, round robin
+    #[arg(long, default_value_t = 8)]
+    pub senders: usize,
+    /// One-to-one conversations loaded at the same time (0: none)
+    #[arg(long, default_value_t = 50)]
+    pub dm_pairs: usize,
+    /// One-to-one messages offered per second at the same time
+    #[arg(long, default_value_t = 100.0)]
+    pub dm_rate: f64,
+    /// The fan-out worker's per-group budget, deliveries/s (and burst); default: its own
+    /// default (2,000/s)
+    #[arg(long)]
+    pub conv_budget: Option<u32>,
+    /// The per-group burst with --conv-budget [default: the budget]
+    #[arg(long, requires = "conv_budget")]
+    pub conv_burst: Option<u32>,
+    /// Message body size in bytes
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    /// After the window, seconds to wait for every delivery
+    #[arg(long, default_value_t = 60.0)]
+    pub drain: f64,
     #[command(flatten)]
     pub output: Output,
 }

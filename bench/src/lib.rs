@@ -5,8 +5,8 @@
 //! Modes ([`cli::Mode`]): `baseline` (raw JetStream and core NATS through async-nats), `dm`
 //! (one-to-one traffic over real WebSockets, open loop, through gateway, `CHAT_IN`, sequencer
 //! with its store, `CHAT_MSGS`, fan-out worker and back), `max` (the highest sustained rate),
-//! `idle` (memory and CPU per idle connection) and `catchup` (a device that missed K messages
-//! reconnecting). Each mode is a module with a `run`-style entry and a result type that
+//! `idle` (memory and CPU per idle connection), `catchup` (a device that missed K messages
+//! reconnecting) and `group` (fan-out to large groups, with one-to-one load beside it). Each mode is a module with a `run`-style entry and a result type that
 //! serializes to the JSON the run writes.
 //!
 //! Consumes and produces what a client does (WebSocket frames, `docs/protocol.md`); the baseline
@@ -16,6 +16,7 @@ pub mod baseline;
 pub mod catchup;
 pub mod cli;
 pub mod dm;
+pub mod group;
 pub mod idle;
 pub mod max;
 pub mod procstat;
@@ -260,6 +261,52 @@ pub async fn run(cli: Cli) -> Result<()> {
             let _ = sys.stop();
             let o = out_dir(&a.output);
             (o.clone(), report::write(&o, mode, a, machine, &r)?)
+        }
+        Mode::Group(a) => {
+            let budget = a.conv_budget.map(|b| {
+                vec![
+                    (
+                        "CHAT_FANOUT_GROUP_CONV_DELIVERIES_PER_SECOND",
+                        b.to_string(),
+                    ),
+                    (
+                        "CHAT_FANOUT_GROUP_CONV_BURST",
+                        a.conv_burst.unwrap_or(b).to_string(),
+                    ),
+                ]
+            });
+            let sys = System::start_with(true, budget.as_deref().unwrap_or_default()).await?;
+            let label = match a.conv_budget {
+                Some(b) => format!(
+                    "per-group budget {b}/s, burst {}",
+                    a.conv_burst.unwrap_or(b)
+                ),
+                None => "default budgets".to_owned(),
+            };
+            let mut results = Vec::new();
+            for (g, members) in a.members.iter().enumerate() {
+                let spec = group::GroupSpec {
+                    members: *members,
+                    rate: a.rate,
+                    duration_s: a.duration,
+                    size: a.size,
+                    senders: a.senders.min(*members),
+                    dm_pairs: a.dm_pairs,
+                    dm_rate: a.dm_rate,
+                    drain_s: a.drain,
+                    label: label.clone(),
+                };
+                let r = group::run(&sys, spec, g as u32 + 1).await?;
+                print!("{}", r.summary());
+                println!(
+                    "accounting (every member got every message once, in order): {}",
+                    if r.accounting_ok() { "ok" } else { "FAILED" }
+                );
+                results.push(r);
+            }
+            let _ = sys.stop();
+            let o = out_dir(&a.output);
+            (o.clone(), report::write(&o, mode, a, machine, &results)?)
         }
         Mode::Catchup(a) => {
             let sys = System::start(true).await?;

@@ -46,6 +46,12 @@ impl System {
     /// Starts nats-server, provisions it, and starts every service; with `services: false`
     /// only nats-server runs (the baseline).
     pub async fn start(services: bool) -> Result<Self> {
+        Self::start_with(services, &[]).await
+    }
+
+    /// Like [`System::start`], with extra environment variables for the fan-out worker (its
+    /// group budgets, say).
+    pub async fn start_with(services: bool, fanout_env: &[(&str, String)]) -> Result<Self> {
         let n = usize::from(services);
         let mut cluster = Cluster::new(ClusterConfig {
             gateways: n,
@@ -53,6 +59,11 @@ impl System {
             fanouts: n,
         })
         .await;
+        for f in &mut cluster.fanouts {
+            for (k, v) in fanout_env {
+                f.set_env(k, v);
+            }
+        }
         if services {
             for s in cluster.sequencers.iter_mut().chain(&mut cluster.fanouts) {
                 s.spawn();

@@ -188,3 +188,41 @@ async fn catchup_brings_back_every_missed_message_once() {
     assert_eq!(n(&r["gaps"]), 0);
     assert!(n(&r["sync_pages"]) >= 2, "1,500 messages take two pages");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn group_delivers_every_message_to_every_member_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    // 8 members take the small-group path (one push each), 70 the large one (chat.grp).
+    let v = bench(
+        "group",
+        &[
+            "--members",
+            "8,70",
+            "--rate",
+            "20",
+            "--duration",
+            "2",
+            "--senders",
+            "4",
+            "--dm-pairs",
+            "5",
+            "--dm-rate",
+            "20",
+            "--drain",
+            "30",
+        ],
+        dir.path(),
+    );
+    let runs = v["result"].as_array().expect("one result per group size");
+    assert_eq!(runs.len(), 2);
+    for (r, members) in runs.iter().zip([8u64, 70]) {
+        assert_eq!(n(&r["offered"]), 40, "{r:#}");
+        assert_eq!(n(&r["acked"]), 40, "{r:#}");
+        assert_eq!(n(&r["expected_deliveries"]), 40 * members);
+        assert_eq!(n(&r["deliveries"]), 40 * members, "{r:#}");
+        assert_eq!(n(&r["members_complete"]), members);
+        assert_eq!(n(&r["repeats"]) + n(&r["gaps"]), 0, "{r:#}");
+        assert_eq!(n(&r["delivery_latency"]["count"]), 40 * members);
+        assert_accounting(&r["dm"], 40);
+    }
+}

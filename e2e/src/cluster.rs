@@ -96,6 +96,12 @@ impl Service {
         }
     }
 
+    /// Sets (or overrides) an environment variable for its next start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Its name in logs and summaries (`gateway-1`, `seq-a`, `fanout-a`, ...).
     pub fn name(&self) -> &str {
         &self.name
