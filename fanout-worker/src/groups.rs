@@ -105,16 +105,26 @@ impl GroupFanout {
             since: Instant::now(),
         };
         let mut queues = self.queues.lock().expect("queues lock");
-        metrics::gauge!("fanout_group_queued").increment(1.0);
         if let Some(queue) = queues.get_mut(&conv) {
+            // A redelivery of an event still here (it waited past `ack_wait`, or a pin moved
+            // back): the queued copy is delivered, this one would be a duplicate.
+            let seq = stream_seq(&queued.msg);
+            if seq.is_some() && queue.iter().any(|q| stream_seq(&q.msg) == seq) {
+                metrics::counter!("fanout_group_redeliveries_skipped_total").increment(1);
+                return;
+            }
+            metrics::gauge!("fanout_group_queued").increment(1.0);
             queue.push_back(queued);
             return;
         }
+        metrics::gauge!("fanout_group_queued").increment(1.0);
         queues.insert(conv.clone(), VecDeque::from([queued]));
         tokio::spawn(self.clone().drain(conv));
     }
 
-    /// Delivers `conv`'s queued events in order until its queue is empty.
+    /// Delivers `conv`'s queued events in order until its queue is empty. The event being
+    /// delivered stays at the front of the queue until it is done, so it keeps getting
+    /// in-progress acks while it waits for the budget.
     async fn drain(self: Arc<Self>, conv: String) {
         loop {
             let next = {
@@ -122,22 +132,33 @@ impl GroupFanout {
                 let Some(queue) = queues.get_mut(&conv) else {
                     return;
                 };
-                match queue.pop_front() {
-                    Some(q) => q,
+                match queue.front() {
+                    Some(q) => Queued {
+                        msg: q.msg.clone(),
+                        since: q.since,
+                    },
                     None => {
                         queues.remove(&conv);
                         return;
                     }
                 }
             };
-            metrics::gauge!("fanout_group_queued").decrement(1.0);
+            let done = || {
+                let mut queues = self.queues.lock().expect("queues lock");
+                if let Some(queue) = queues.get_mut(&conv) {
+                    queue.pop_front();
+                }
+                metrics::gauge!("fanout_group_queued").decrement(1.0);
+            };
             if self.stop.is_cancelled() {
                 // Not acked: redelivered to whichever worker owns the partition next.
+                done();
                 continue;
             }
             let since = next.since;
             let spend = Spend::new(&self.budget, &conv);
             self.deliver(&conv, next.msg, &spend).await;
+            done();
             let waited = spend.waited();
             if !waited.is_zero() {
                 metrics::counter!("fanout_group_deferred_total").increment(1);
@@ -325,6 +346,7 @@ impl GroupFanout {
 
     /// In-progress acks for events queued longer than [`PROGRESS_EVERY`], and budget pruning.
     async fn keep_alive(self: Arc<Self>) {
+        // (The front of each queue is the event being delivered: it is kept alive too.)
         let mut tick = tokio::time::interval(PROGRESS_EVERY);
         let mut prune = tokio::time::interval(Duration::from_secs(60));
         loop {
@@ -348,4 +370,9 @@ impl GroupFanout {
             }
         }
     }
+}
+
+/// The `CHAT_MSGS` stream sequence of a delivered event.
+fn stream_seq(msg: &jetstream::Message) -> Option<u64> {
+    msg.info().ok().map(|i| i.stream_sequence)
 }
