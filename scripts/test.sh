@@ -21,7 +21,7 @@ command -v cargo >/dev/null 2>&1 || {
 # run the service binaries as processes.
 echo "test.sh: cargo build --workspace --bins" >&2
 cargo build --workspace --bins
-summaries="target/fault-summaries.txt"
+summaries="${CARGO_TARGET_DIR:-target}/fault-summaries.txt"
 rm -f "${summaries}"
 echo "test.sh: cargo test --workspace $*" >&2
 status=0
