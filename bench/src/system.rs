@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use chat_e2e::cluster::{Cluster, ClusterConfig, SECRET};
 use chat_protocol::{
-    jetstream::{fanout_consumer, sequencer_consumer},
+    jetstream::{fanout_consumer, fanout_group_consumer, sequencer_consumer},
     subjects::{PARTITIONS, STREAM_INBOUND, STREAM_STAMPED},
 };
 use serde::Serialize;
@@ -70,7 +70,42 @@ impl System {
             }
             cluster.spawn_gateways().await;
         }
-        Ok(Self { cluster })
+        let sys = Self { cluster };
+        if services {
+            sys.wait_pinned(Duration::from_secs(60)).await?;
+        }
+        Ok(sys)
+    }
+
+    /// Waits until a process pulls every partition consumer (the sequencer's and the fan-out
+    /// worker's, one-to-one and group): a service that is up but not pulling yet (the fan-out
+    /// worker listens for its peers first) would otherwise show as latency in the first trial.
+    async fn wait_pinned(&self, limit: Duration) -> Result<()> {
+        let js = self.cluster.js();
+        let deadline = tokio::time::Instant::now() + limit;
+        let consumers: Vec<(&str, String)> = (0..PARTITIONS)
+            .flat_map(|p| {
+                [
+                    (STREAM_INBOUND, sequencer_consumer(p)),
+                    (STREAM_STAMPED, fanout_consumer(p)),
+                    (STREAM_STAMPED, fanout_group_consumer(p)),
+                ]
+            })
+            .collect();
+        for (stream, name) in consumers {
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+                .get_consumer_from_stream(&name, stream)
+                .await
+                .with_context(|| format!("consumer {name} of {stream}"))?;
+            // A pull request waiting on the consumer: some process pulls it.
+            while consumer.info().await.context("consumer info")?.num_waiting == 0 {
+                if tokio::time::Instant::now() >= deadline {
+                    anyhow::bail!("no service pulls {stream}/{name} after {limit:?}");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Ok(())
     }
 
     pub fn secret(&self) -> &'static [u8] {

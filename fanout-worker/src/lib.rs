@@ -182,6 +182,22 @@ pub async fn run(
             Balance::start(client, settings, stop).await.map(Some)
         }
     };
+    // Both kinds listen for their peers at the same time.
+    let (direct_balance, group_balance) = tokio::join!(
+        async {
+            match config.direct {
+                true => balance_for("direct").await,
+                false => Ok(None),
+            }
+        },
+        async {
+            match config.groups {
+                true => balance_for("groups").await,
+                false => Ok(None),
+            }
+        }
+    );
+    let (direct_balance, group_balance) = (direct_balance?, group_balance?);
     let mut consuming = tokio::task::JoinSet::new();
     if config.direct {
         let consumers = partitions
@@ -189,7 +205,7 @@ pub async fn run(
             .map(|p| (*p, fanout_consumer(*p)))
             .collect();
         let deliverer = deliverer.clone();
-        let balance = balance_for("direct").await?;
+        let balance = direct_balance;
         consuming.spawn(consume(
             js.clone(),
             consumers,
@@ -224,7 +240,7 @@ pub async fn run(
             .iter()
             .map(|p| (*p, fanout_group_consumer(*p)))
             .collect();
-        let balance = balance_for("groups").await?;
+        let balance = group_balance;
         consuming.spawn(consume(
             js,
             consumers,
