@@ -60,23 +60,42 @@ pub async fn run<H, Fut>(
         let settings = settings.clone();
         let shutdown = shutdown.clone();
         tasks.spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            while !shutdown.is_cancelled() {
-                match consume_partition(&js, stream, &name, partition, &settings, &*handle, &shutdown).await {
-                    Ok(()) => backoff = Duration::from_millis(100),
-                    Err(err) => {
-                        tracing::warn!(stream, consumer = %name, error = %err, "partition consumer failed, retrying");
-                        tokio::select! {
-                            _ = tokio::time::sleep(backoff) => {},
-                            _ = shutdown.cancelled() => {},
-                        }
-                        backoff = (backoff * 2).min(Duration::from_secs(5));
-                    }
-                }
-            }
+            consume_until(
+                &js, stream, &name, partition, &settings, &*handle, &shutdown,
+            )
+            .await;
         });
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// Consumes one partition until `stop`, retrying failures of the pull itself with backoff.
+async fn consume_until<H, Fut>(
+    js: &jetstream::Context,
+    stream: &str,
+    name: &str,
+    partition: u32,
+    settings: &PullSettings,
+    handle: &H,
+    stop: &CancellationToken,
+) where
+    H: Fn(u32, jetstream::Message) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let mut backoff = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        match consume_partition(js, stream, name, partition, settings, handle, stop).await {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(err) => {
+                tracing::warn!(stream, consumer = %name, error = %err, "partition consumer failed, retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {},
+                    _ = stop.cancelled() => {},
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
 }
 
 async fn consume_partition<H, Fut>(
@@ -146,20 +165,7 @@ pub async fn run_balanced<H, Fut>(
                         lost.cancel();
                     })
                 };
-                let mut backoff = Duration::from_millis(100);
-                while !lost.is_cancelled() {
-                    match consume_partition(&js, stream, &name, partition, &settings, &*handle, &lost).await {
-                        Ok(()) => backoff = Duration::from_millis(100),
-                        Err(err) => {
-                            tracing::warn!(stream, consumer = %name, error = %err, "partition consumer failed, retrying");
-                            tokio::select! {
-                                _ = tokio::time::sleep(backoff) => {},
-                                _ = lost.cancelled() => {},
-                            }
-                            backoff = (backoff * 2).min(Duration::from_secs(5));
-                        }
-                    }
-                }
+                consume_until(&js, stream, &name, partition, &settings, &*handle, &lost).await;
                 watcher.abort();
                 metrics::gauge!("partition_consumers_owned").decrement(1.0);
                 if !shutdown.is_cancelled() {

@@ -10,7 +10,8 @@
 //! `chat.grcpt.<N>.<conv>`), rate-limited per conversation and per worker, with a membership
 //! view per group kept from the stream and seeded from `chat.api.group_info`; large groups are
 //! published once on `chat.grp.<conv>` (see [`groups`]). `direct` and `groups` choose which of
-//! the two a worker runs, so they can be separate deployments.
+//! the two a worker runs, so they can be separate deployments. Several workers share the
+//! consumers: each pulls only those it owns among the live workers ([`chat_common::balance`]).
 //!
 //! Pushes are best effort by design: a device that was offline or dropped a push recovers with
 //! `sync` and its cursors. A recipient with no connected device gets an offline push

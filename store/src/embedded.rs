@@ -448,10 +448,7 @@ fn write_groups(
         match change {
             GroupChange::Join { users, admin } => {
                 for user in users {
-                    let current = members
-                        .get((conv, user.as_str()))
-                        .map_err(backend("read member"))?
-                        .map(|g| g.value());
+                    let current = member_row(&members, conv, user)?;
                     if current.is_some_and(|(_, left, _)| left == 0) {
                         continue;
                     }
@@ -466,10 +463,7 @@ fn write_groups(
             }
             GroupChange::Leave { users } => {
                 for user in users {
-                    let current = members
-                        .get((conv, user.as_str()))
-                        .map_err(backend("read member"))?
-                        .map(|g| g.value());
+                    let current = member_row(&members, conv, user)?;
                     let Some((joined, 0, _)) = current else {
                         continue;
                     };
@@ -484,10 +478,7 @@ fn write_groups(
             }
             GroupChange::Admin { users, admin } => {
                 for user in users {
-                    let current = members
-                        .get((conv, user.as_str()))
-                        .map_err(backend("read member"))?
-                        .map(|g| g.value());
+                    let current = member_row(&members, conv, user)?;
                     if let Some((joined, 0, _)) = current {
                         members
                             .insert((conv, user.as_str()), (joined, 0, *admin))
@@ -504,6 +495,18 @@ fn write_groups(
             .map_err(backend("update conversation"))?;
     }
     Ok(())
+}
+
+/// The `members` row of `(conv, user)`: `(joined, left or 0, admin)`.
+fn member_row(
+    members: &redb::Table<(&str, &str), (u64, u64, bool)>,
+    conv: &str,
+    user: &str,
+) -> Result<Option<(u64, u64, bool)>, StoreError> {
+    Ok(members
+        .get((conv, user))
+        .map_err(backend("read member"))?
+        .map(|g| g.value()))
 }
 
 /// Stores one message and its client id; a different message already at its
