@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use chat_e2e::cluster::{Cluster, ClusterConfig, SECRET};
 use chat_protocol::{
     jetstream::{fanout_consumer, fanout_group_consumer, sequencer_consumer},
-    subjects::{PARTITIONS, STREAM_INBOUND, STREAM_STAMPED},
+    subjects::{STREAM_INBOUND, STREAM_STAMPED},
 };
 use serde::Serialize;
 
@@ -83,7 +83,8 @@ impl System {
     async fn wait_pinned(&self, limit: Duration) -> Result<()> {
         let js = self.cluster.js();
         let deadline = tokio::time::Instant::now() + limit;
-        let consumers: Vec<(&str, String)> = (0..PARTITIONS)
+        let partitions = chat_protocol::jetstream::live_partitions(&js).await?;
+        let consumers: Vec<(&str, String)> = (0..partitions)
             .flat_map(|p| {
                 [
                     (STREAM_INBOUND, sequencer_consumer(p)),
@@ -143,21 +144,30 @@ impl System {
         procs
     }
 
-    /// The pipeline's consumer backlog now (sum over partitions).
+    /// The pipeline's consumer backlog now (sum over the partition consumers), read with one
+    /// consumer list request per stream.
     pub async fn backlog(&self) -> Result<Backlog> {
+        use futures::TryStreamExt;
         let js = self.cluster.js();
         let mut b = Backlog::default();
-        for p in 0..PARTITIONS {
-            for (stream, name, slot) in [
-                (STREAM_INBOUND, sequencer_consumer(p), &mut b.inbound),
-                (STREAM_STAMPED, fanout_consumer(p), &mut b.stamped),
-            ] {
-                let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
-                    .get_consumer_from_stream(&name, stream)
-                    .await
-                    .with_context(|| format!("consumer {name} of {stream}"))?;
-                let info = consumer.info().await.context("consumer info")?;
-                *slot += info.num_pending + info.num_ack_pending as u64;
+        for (stream, prefix) in [(STREAM_INBOUND, "seq-p"), (STREAM_STAMPED, "fanout-p")] {
+            let infos: Vec<_> = js
+                .get_stream(stream)
+                .await
+                .with_context(|| format!("stream {stream}"))?
+                .consumers()
+                .try_collect()
+                .await
+                .with_context(|| format!("consumers of {stream}"))?;
+            let sum: u64 = infos
+                .iter()
+                .filter(|i| i.name.starts_with(prefix))
+                .map(|i| i.num_pending + i.num_ack_pending as u64)
+                .sum();
+            if stream == STREAM_INBOUND {
+                b.inbound = sum;
+            } else {
+                b.stamped = sum;
             }
         }
         Ok(b)

@@ -234,6 +234,20 @@ pub enum AdminCommand {
         /// Override num_replicas of every stream and consumer (3 in production)
         #[arg(long, value_name = "N")]
         replicas: Option<u64>,
+        /// Number of conversation partitions (a deployment choice; see nats/README.md)
+        #[arg(long, value_name = "N", default_value_t = chat_protocol::subjects::DEFAULT_PARTITIONS,
+              value_parser = clap::value_parser!(u32).range(1..=chat_protocol::subjects::MAX_PARTITIONS as i64))]
+        partitions: u32,
+    },
+    /// Write the stream and consumer files for a partition count (for the nats CLI)
+    Render {
+        /// Directory to write streams/ and consumers/ into (e.g. nats)
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+        /// Number of conversation partitions
+        #[arg(long, value_name = "N", default_value_t = chat_protocol::subjects::DEFAULT_PARTITIONS,
+              value_parser = clap::value_parser!(u32).range(1..=chat_protocol::subjects::MAX_PARTITIONS as i64))]
+        partitions: u32,
     },
 }
 
@@ -349,9 +363,12 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             )
             .await
         }
-        Command::Admin(AdminCommand::Provision { nats, replicas }) => {
-            provision(&nats, replicas).await
-        }
+        Command::Admin(AdminCommand::Provision {
+            nats,
+            replicas,
+            partitions,
+        }) => provision(&nats, replicas, partitions).await,
+        Command::Admin(AdminCommand::Render { out, partitions }) => render(&out, partitions),
     }
 }
 
@@ -735,7 +752,45 @@ async fn history(g: &Global, with: &Target, query: HistoryQuery) -> anyhow::Resu
     Ok(())
 }
 
-async fn provision(nats: &str, replicas: Option<u64>) -> anyhow::Result<()> {
+/// Writes every definition for `partitions` under `out`, replacing the partition consumers of
+/// another count.
+fn render(out: &std::path::Path, partitions: u32) -> anyhow::Result<()> {
+    let defs: Vec<_> = jetstream::streams(partitions)
+        .into_iter()
+        .chain(jetstream::consumers(partitions))
+        .collect();
+    for dir in ["consumers/CHAT_IN", "consumers/CHAT_MSGS"] {
+        let dir = out.join(dir);
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".json")
+                    && (name.starts_with("seq-p") || name.starts_with("fanout-"))
+                {
+                    std::fs::remove_file(entry.path())
+                        .with_context(|| format!("cannot remove {}", entry.path().display()))?;
+                }
+            }
+        }
+    }
+    for def in &defs {
+        let path = out.join(&def.path);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        std::fs::write(&path, jetstream::render(def))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    println!(
+        "wrote {} definitions for {partitions} partitions under {}",
+        defs.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+async fn provision(nats: &str, replicas: Option<u64>, partitions: u32) -> anyhow::Result<()> {
     let client = async_nats::ConnectOptions::new()
         .name("chat-admin")
         .connection_timeout(Duration::from_secs(5))
@@ -744,6 +799,7 @@ async fn provision(nats: &str, replicas: Option<u64>) -> anyhow::Result<()> {
         .with_context(|| format!("cannot connect to NATS at {nats}"))?;
     let overrides = Overrides {
         num_replicas: replicas,
+        partitions: Some(partitions),
     };
     let report = match jetstream::provision_all(&client, &overrides).await {
         Ok(report) => report,
@@ -864,10 +920,15 @@ mod tests {
     fn admin_provision_has_defaults() {
         let cli = parse(&["admin", "provision"]).unwrap();
         match cli.command {
-            Command::Admin(AdminCommand::Provision { nats, replicas }) => {
+            Command::Admin(AdminCommand::Provision {
+                nats,
+                replicas,
+                partitions,
+            }) => {
                 // CHAT_NATS_URL may be set in the environment running the tests.
                 assert!(!nats.is_empty());
                 assert_eq!(replicas, None);
+                assert_eq!(partitions, chat_protocol::subjects::DEFAULT_PARTITIONS);
             }
             other => panic!("{other:?}"),
         }
@@ -882,7 +943,7 @@ mod tests {
         .unwrap();
         assert!(matches!(
             cli.command,
-            Command::Admin(AdminCommand::Provision { ref nats, replicas: Some(3) }) if nats == "nats://x:1"
+            Command::Admin(AdminCommand::Provision { ref nats, replicas: Some(3), .. }) if nats == "nats://x:1"
         ));
     }
 

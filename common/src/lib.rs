@@ -55,6 +55,24 @@ pub fn default_instance_id() -> String {
     format!("{}-{}", host.trim(), std::process::id())
 }
 
+/// The servers of a NATS URL setting: one URL, or several separated by commas (the nodes of a
+/// cluster, tried in turn).
+pub fn nats_servers(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
+    use anyhow::Context;
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(|u| {
+            u.parse::<async_nats::ServerAddr>()
+                .with_context(|| format!("invalid NATS server URL {u:?}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()
+        .and_then(|v| {
+            anyhow::ensure!(!v.is_empty(), "no NATS server URL given");
+            Ok(v)
+        })
+}
+
 /// Connects to NATS with a client name that shows in `nats server report connections`.
 pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
     use anyhow::Context;
@@ -62,7 +80,7 @@ pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::C
         .name(name)
         .retry_on_initial_connect()
         .connection_timeout(std::time::Duration::from_secs(5))
-        .connect(url)
+        .connect(nats_servers(url)?)
         .await
         .with_context(|| format!("cannot connect to NATS at {url}"))
 }

@@ -123,23 +123,22 @@ pub async fn latest_seqs(
     js: &jetstream::Context,
     convs: &[String],
 ) -> Result<BTreeMap<String, u64>, String> {
-    let stream = js
-        .get_stream(subjects::STREAM_STAMPED)
-        .await
-        .map_err(|e| format!("get stream: {e}"))?;
     let mut out = BTreeMap::new();
     for conv in convs {
         let id = ConvId::parse(conv).map_err(|e| format!("{conv}: {e}"))?;
-        let seq = match stream
-            .direct_get_last_for_subject(subjects::stamped(&id))
-            .await
-        {
-            Ok(raw) => match serde_json::from_slice::<ServerFrame>(&raw.payload) {
+        let last = chat_protocol::jetstream::last_message(
+            &js.client(),
+            subjects::STREAM_STAMPED,
+            &subjects::stamped_any(&id),
+        )
+        .await
+        .map_err(|e| format!("last of {conv}: {e}"))?;
+        let seq = match last {
+            Some(raw) => match serde_json::from_slice::<ServerFrame>(&raw.payload) {
                 Ok(ServerFrame::Message(m)) => m.seq,
                 _ => return Err(format!("last entry of {conv} is not a message")),
             },
-            Err(e) if e.kind() == DirectGetErrorKind::NotFound => 0,
-            Err(e) => return Err(format!("last of {conv}: {e}")),
+            None => 0,
         };
         out.insert(conv.clone(), seq);
     }

@@ -140,9 +140,10 @@ pub async fn run(
     admin_listener: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let partitions = partitions::select(config.partitions.as_deref(), subjects::PARTITIONS)?;
     let client = chat_common::connect_nats(&config.nats_url, "fanout-worker").await?;
     let js = async_nats::jetstream::new(client.clone());
+    let count = chat_protocol::jetstream::live_partitions(&js).await?;
+    let partitions = partitions::select(config.partitions.as_deref(), count)?;
     let ready = Readiness::default();
     let stop_admin = CancellationToken::new();
     let admin_task =
@@ -169,7 +170,7 @@ pub async fn run(
     };
     let balance_for = |kind: &'static str| {
         let settings = BalanceSettings {
-            subject: format!("chat.ctl.fanout.{kind}.live"),
+            subject: subjects::balance(&format!("fanout.{kind}")),
             instance: instance.clone(),
             heartbeat: Duration::from_millis(config.balance_heartbeat_ms),
             expire: Duration::from_millis(config.balance_expire_ms),

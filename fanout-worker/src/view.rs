@@ -17,6 +17,7 @@ use chat_protocol::{
     api::GroupInfoReply,
     frames::{GroupEvent, Message},
     ids::UserId,
+    membership,
 };
 
 /// One group's members as of seq `seq` (every membership event up to it applied).
@@ -135,27 +136,12 @@ impl View {
     }
 }
 
-/// The users a membership event is about.
+/// The users a membership event is about ([`membership::named`]), as ids.
 fn named(event: &GroupEvent, from: &str) -> Vec<UserId> {
-    let users: Vec<&str> = match event {
-        GroupEvent::Created { members, .. } => std::iter::once(from)
-            .chain(members.iter().map(String::as_str))
-            .collect(),
-        GroupEvent::Added { members } | GroupEvent::Removed { members } => {
-            members.iter().map(String::as_str).collect()
-        }
-        GroupEvent::Left { .. } => vec![from],
-        GroupEvent::Renamed { .. } | GroupEvent::Promoted { .. } | GroupEvent::Demoted { .. } => {
-            vec![]
-        }
-    };
-    let mut out: Vec<UserId> = users
+    membership::named(event, from)
         .into_iter()
         .filter_map(|u| UserId::parse(u).ok())
-        .collect();
-    out.sort_unstable();
-    out.dedup();
-    out
+        .collect()
 }
 
 /// The cached views, bounded by their total number of members.

@@ -14,6 +14,12 @@ use chat_testkit::NatsServer;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
+/// The partition of a conversation with the default partition count (what the test kit
+/// provisions).
+fn part(conv: &ConvId) -> u32 {
+    subjects::partition_of(conv, subjects::DEFAULT_PARTITIONS)
+}
+
 fn stamped(seq: u64) -> Vec<u8> {
     serde_json::to_vec(&ServerFrame::Message(Message {
         conv: "dm~alice~bob".into(),
@@ -94,10 +100,10 @@ async fn an_offline_recipient_gets_one_push_notification_per_message() {
     let _ = client.request("_CHECK.none", "".into()).await;
     let js = jetstream::new(client.clone());
     let conv = ConvId::parse("dm~alice~bob").unwrap();
-    publish(&js, &subjects::stamped(&conv), stamped(1)).await;
+    publish(&js, &subjects::stamped(&conv, part(&conv)), stamped(1)).await;
     // The same message again (as after a worker crash before its ack): no second notification.
-    publish(&js, &subjects::stamped(&conv), stamped(1)).await;
-    publish(&js, &subjects::stamped(&conv), stamped(2)).await;
+    publish(&js, &subjects::stamped(&conv, part(&conv)), stamped(1)).await;
+    publish(&js, &subjects::stamped(&conv, part(&conv)), stamped(2)).await;
     let (stop, worker) = start_worker(&nats).await;
 
     for seq in [1, 1, 2] {
@@ -159,7 +165,12 @@ async fn receipts_reach_every_member_without_notifications() {
         read: 3,
     }))
     .unwrap();
-    publish(&js, &subjects::receipts(&conv), receipt.clone()).await;
+    publish(
+        &js,
+        &subjects::receipts(&conv, part(&conv)),
+        receipt.clone(),
+    )
+    .await;
     let (stop, worker) = start_worker(&nats).await;
     for sub in [&mut alice, &mut bob] {
         let got = tokio::time::timeout(Duration::from_secs(15), sub.next())
@@ -186,7 +197,8 @@ async fn pushes_each_stamped_message_unchanged_to_both_members_and_skips_poison(
     let _ = client.request("_CHECK.none", "".into()).await;
 
     let js = jetstream::new(client.clone());
-    let subject = subjects::stamped(&ConvId::parse("dm~alice~bob").unwrap());
+    let conv = ConvId::parse("dm~alice~bob").unwrap();
+    let subject = subjects::stamped(&conv, part(&conv));
     js.publish(subject.clone(), stamped(1).into())
         .await
         .unwrap()
@@ -225,9 +237,8 @@ async fn pushes_each_stamped_message_unchanged_to_both_members_and_skips_poison(
         assert_eq!(got.payload.as_ref(), stamped(seq).as_slice());
     }
     // Everything was acked, the poison message included; the non-member got nothing.
-    let consumer_name = chat_protocol::jetstream::fanout_consumer(subjects::partition_of(
-        &ConvId::parse("dm~alice~bob").unwrap(),
-    ));
+    let consumer_name =
+        chat_protocol::jetstream::fanout_consumer(part(&ConvId::parse("dm~alice~bob").unwrap()));
     let mut consumer: jetstream::consumer::PullConsumer = js
         .get_stream(subjects::STREAM_STAMPED)
         .await

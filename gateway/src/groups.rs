@@ -26,8 +26,9 @@ use std::{
 
 use axum::extract::ws::Utf8Bytes;
 use chat_protocol::{
-    frames::{GroupEvent, ServerFrame},
+    frames::ServerFrame,
     ids::{ConvId, UserId},
+    membership::{self, Turn},
 };
 use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
@@ -193,7 +194,12 @@ fn decode(conv: &ConvId, payload: bytes::Bytes) -> Option<GroupPush> {
     let named = m
         .event
         .as_ref()
-        .map(|e| named(e, &m.from))
+        .map(|e| {
+            membership::named(e, &m.from)
+                .into_iter()
+                .map(str::to_owned)
+                .collect()
+        })
         .unwrap_or_default();
     Some(GroupPush {
         conv: m.conv,
@@ -201,20 +207,6 @@ fn decode(conv: &ConvId, payload: bytes::Bytes) -> Option<GroupPush> {
         text: Utf8Bytes::try_from(payload).ok()?,
         named,
     })
-}
-
-/// The users a membership event is about.
-fn named(event: &GroupEvent, from: &str) -> Vec<String> {
-    match event {
-        GroupEvent::Created { members, .. } => std::iter::once(from.to_owned())
-            .chain(members.iter().cloned())
-            .collect(),
-        GroupEvent::Added { members } | GroupEvent::Removed { members } => members.clone(),
-        GroupEvent::Left { .. } => vec![from.to_owned()],
-        GroupEvent::Renamed { .. } | GroupEvent::Promoted { .. } | GroupEvent::Demoted { .. } => {
-            vec![]
-        }
-    }
 }
 
 /// How a membership event on the user's own subject changes what the user may see.
@@ -235,15 +227,9 @@ pub(crate) fn own_change(user: &UserId, payload: &[u8]) -> Option<Change> {
     };
     let event = m.event.as_ref()?;
     let conv = ConvId::parse(&m.conv).ok().filter(ConvId::is_group)?;
-    if !named(event, &m.from).iter().any(|u| u == user.as_str()) {
-        return None;
-    }
-    match event {
-        GroupEvent::Created { .. } | GroupEvent::Added { .. } => {
-            Some(Change::Joined { conv, seq: m.seq })
-        }
-        GroupEvent::Removed { .. } | GroupEvent::Left { .. } => Some(Change::Left { conv }),
-        _ => None,
+    match membership::turn_of(event, &m.from, user.as_str())? {
+        Turn::Joined => Some(Change::Joined { conv, seq: m.seq }),
+        Turn::Left => Some(Change::Left { conv }),
     }
 }
 

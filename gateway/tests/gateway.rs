@@ -344,7 +344,10 @@ async fn send_is_acked_after_jetstream_stored_it_once() {
         api::dedupe_id("dm~alice~bob", "alice", "m1")
     );
     let conv = chat_protocol::ids::ConvId::parse("dm~alice~bob").unwrap();
-    let partition = subjects::inbound_partition_filter(subjects::partition_of(&conv));
+    let partition = subjects::inbound_partition_filter(subjects::partition_of(
+        &conv,
+        subjects::DEFAULT_PARTITIONS,
+    ));
     assert!(stored.subject.starts_with(partition.trim_end_matches('*')));
 
     // A retry with the same id, here from another device, is acked again but stored once.
@@ -798,7 +801,10 @@ async fn read_and_delivered_frames_land_in_chat_in_as_receipts() {
     ping_pong(&mut ws).await;
 
     let conv = chat_protocol::ids::ConvId::parse("dm~alice~bob").unwrap();
-    let partition = subjects::inbound_partition_filter(subjects::partition_of(&conv));
+    let partition = subjects::inbound_partition_filter(subjects::partition_of(
+        &conv,
+        subjects::DEFAULT_PARTITIONS,
+    ));
     let chat_in = gw.chat_in().await;
     for (seq, delivered, read) in [(1, 5, 5), (2, 8, 0)] {
         let msg = chat_in.get_raw_message(seq).await.unwrap();

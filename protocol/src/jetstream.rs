@@ -1,63 +1,41 @@
 //! The JetStream streams and consumers, as declared in `nats/` (the `nats` CLI's own JSON
 //! format), and idempotent provisioning of them through the JetStream API.
 //!
-//! The files are the single source: they are embedded here at build time, so services, tests
-//! and `chat admin provision` apply exactly what an admin would apply with
-//! `nats stream add --config` / `nats consumer add --config`.
+//! Streams are files: they are embedded here at build time, so services, tests and
+//! `chat admin provision` apply exactly what an admin would apply with `nats stream add --config`.
+//! Consumers come one per partition and kind, so they are generated here ([`consumers`]) for a
+//! partition count (a deployment choice, [`subjects::DEFAULT_PARTITIONS`] by default); the files in
+//! `nats/consumers/` are that output for the default count, and a test keeps them identical
+//! (`chat admin render --partitions N` writes the files for another count).
 
 use std::fmt;
 
-use serde_json::{Map, Value};
+use serde_json::{Map, Value, json};
 
-/// One stream or consumer definition file.
-#[derive(Debug, Clone, Copy)]
+use crate::subjects;
+
+/// One stream or consumer definition: its path relative to `nats/` and its config.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Definition {
-    /// Path relative to `nats/`.
-    pub path: &'static str,
-    pub json: &'static str,
+    pub path: String,
+    pub config: Map<String, Value>,
 }
 
-macro_rules! defs {
+macro_rules! files {
     ($($path:literal),* $(,)?) => {
-        &[$(Definition { path: $path, json: include_str!(concat!("../../nats/", $path)) }),*]
+        &[$(($path, include_str!(concat!("../../nats/", $path)))),*]
     };
 }
 
-/// Stream definitions.
-pub const STREAMS: &[Definition] = defs![
+/// Stream definition files (path relative to `nats/`, JSON text).
+pub const STREAM_FILES: &[(&str, &str)] = files![
     "streams/CHAT_IN.json",
     "streams/CHAT_MSGS.json",
     "streams/CHAT_PUSH.json",
 ];
 
-/// Consumer definitions; the stream is the file's parent directory.
-pub const CONSUMERS: &[Definition] = defs![
-    "consumers/CHAT_IN/seq-p0.json",
-    "consumers/CHAT_IN/seq-p1.json",
-    "consumers/CHAT_IN/seq-p2.json",
-    "consumers/CHAT_IN/seq-p3.json",
-    "consumers/CHAT_IN/seq-p4.json",
-    "consumers/CHAT_IN/seq-p5.json",
-    "consumers/CHAT_IN/seq-p6.json",
-    "consumers/CHAT_IN/seq-p7.json",
-    "consumers/CHAT_MSGS/fanout-p0.json",
-    "consumers/CHAT_MSGS/fanout-p1.json",
-    "consumers/CHAT_MSGS/fanout-p2.json",
-    "consumers/CHAT_MSGS/fanout-p3.json",
-    "consumers/CHAT_MSGS/fanout-p4.json",
-    "consumers/CHAT_MSGS/fanout-p5.json",
-    "consumers/CHAT_MSGS/fanout-p6.json",
-    "consumers/CHAT_MSGS/fanout-p7.json",
-    "consumers/CHAT_MSGS/fanout-g-p0.json",
-    "consumers/CHAT_MSGS/fanout-g-p1.json",
-    "consumers/CHAT_MSGS/fanout-g-p2.json",
-    "consumers/CHAT_MSGS/fanout-g-p3.json",
-    "consumers/CHAT_MSGS/fanout-g-p4.json",
-    "consumers/CHAT_MSGS/fanout-g-p5.json",
-    "consumers/CHAT_MSGS/fanout-g-p6.json",
-    "consumers/CHAT_MSGS/fanout-g-p7.json",
-    "consumers/CHAT_PUSH/push-adapter.json",
-];
+/// Consumer definitions that do not depend on the partition count.
+const FIXED_CONSUMER_FILES: &[(&str, &str)] = files!["consumers/CHAT_PUSH/push-adapter.json"];
 
 /// Name of the push adapter's durable consumer on `CHAT_PUSH`.
 pub const PUSH_CONSUMER: &str = "push-adapter";
@@ -77,16 +55,142 @@ pub fn fanout_group_consumer(partition: u32) -> String {
     format!("fanout-g-p{partition}")
 }
 
-impl Definition {
-    pub fn config(&self) -> Map<String, Value> {
-        match serde_json::from_str(self.json) {
-            Ok(Value::Object(map)) => map,
-            _ => panic!("nats/{} is not a JSON object", self.path),
-        }
-    }
+/// Unacknowledged messages a sequencer partition consumer hands out at once: the stamper works
+/// on that many messages of a partition together (different conversations in parallel).
+pub const SEQUENCER_MAX_ACK_PENDING: i64 = 1024;
+/// How long a sequencer partition consumer waits for an ack before redelivering (1.5 s), and
+/// how long a pinned sequencer may stop pulling before another one gets the partition (2.5 s).
+/// A pin moves only after every message the old owner could still receive has been handed back
+/// for redelivery (pull expiry + `ack_wait` < `priority_timeout`), so a new owner always gets
+/// the old owner's unacked messages before any newer one (`nats/README.md`, "Sequencer
+/// takeover").
+pub const SEQUENCER_ACK_WAIT_NS: u64 = 1_500_000_000;
+pub const SEQUENCER_PIN_TIMEOUT_NS: u64 = 2_500_000_000;
 
+fn parse(path: &str, json: &str) -> Map<String, Value> {
+    match serde_json::from_str(json) {
+        Ok(Value::Object(map)) => map,
+        _ => panic!("nats/{path} is not a JSON object"),
+    }
+}
+
+/// The stream definitions for `partitions` partitions (the `CHAT_IN` subject transform names
+/// the count).
+pub fn streams(partitions: u32) -> Vec<Definition> {
+    STREAM_FILES
+        .iter()
+        .map(|(path, json)| {
+            let mut config = parse(path, json);
+            if config["name"] == subjects::STREAM_INBOUND {
+                config["subject_transform"]["dest"] =
+                    subjects::inbound_transform_dest(partitions).into();
+            }
+            Definition {
+                path: (*path).to_owned(),
+                config,
+            }
+        })
+        .collect()
+}
+
+/// Every durable consumer for `partitions` partitions: per partition the sequencer's, the
+/// one-to-one fan-out's and the group fan-out's, then the fixed ones.
+pub fn consumers(partitions: u32) -> Vec<Definition> {
+    let mut defs = Vec::with_capacity(3 * partitions as usize + 1);
+    let def = |stream: &str, name: String, config: Value| Definition {
+        path: format!("consumers/{stream}/{name}.json"),
+        config: match config {
+            Value::Object(map) => map,
+            _ => unreachable!("consumer configs are objects"),
+        },
+    };
+    for p in 0..partitions {
+        defs.push(def(
+            subjects::STREAM_INBOUND,
+            sequencer_consumer(p),
+            json!({
+                "durable_name": sequencer_consumer(p),
+                "description": format!("Sequencer, partition {p}: one pinned owner stamps it"),
+                "deliver_policy": "all",
+                "ack_policy": "explicit",
+                "ack_wait": SEQUENCER_ACK_WAIT_NS,
+                "max_deliver": -1,
+                "filter_subject": subjects::inbound_partition_filter(p),
+                "replay_policy": "instant",
+                "max_waiting": 512,
+                "max_ack_pending": SEQUENCER_MAX_ACK_PENDING,
+                "priority_groups": [subjects::SEQUENCER_GROUP],
+                "priority_policy": "pinned_client",
+                "priority_timeout": SEQUENCER_PIN_TIMEOUT_NS,
+            }),
+        ));
+    }
+    for p in 0..partitions {
+        defs.push(def(
+            subjects::STREAM_STAMPED,
+            fanout_consumer(p),
+            json!({
+                "durable_name": fanout_consumer(p),
+                "description": format!(
+                    "Fan-out, partition {p}: one pinned worker pushes its messages and receipts to members"
+                ),
+                "deliver_policy": "all",
+                "ack_policy": "explicit",
+                "ack_wait": 30_000_000_000u64,
+                "max_deliver": -1,
+                "filter_subjects": subjects::stamped_partition_filters(p),
+                "replay_policy": "instant",
+                "max_waiting": 512,
+                "max_ack_pending": 1024,
+                "priority_groups": [subjects::FANOUT_GROUP],
+                "priority_policy": "pinned_client",
+                "priority_timeout": 5_000_000_000u64,
+            }),
+        ));
+    }
+    for p in 0..partitions {
+        defs.push(def(
+            subjects::STREAM_STAMPED,
+            fanout_group_consumer(p),
+            json!({
+                "durable_name": fanout_group_consumer(p),
+                "description": format!(
+                    "Group fan-out, partition {p}: one pinned worker delivers its groups' messages and receipts, rate-limited per group"
+                ),
+                "deliver_policy": "all",
+                "ack_policy": "explicit",
+                "ack_wait": 30_000_000_000u64,
+                "max_deliver": -1,
+                "filter_subjects": subjects::group_partition_filters(p),
+                "replay_policy": "instant",
+                "max_waiting": 512,
+                "max_ack_pending": 10000,
+                "priority_groups": [subjects::FANOUT_GROUP],
+                "priority_policy": "pinned_client",
+                "priority_timeout": 5_000_000_000u64,
+            }),
+        ));
+    }
+    for (path, json) in FIXED_CONSUMER_FILES {
+        defs.push(Definition {
+            path: (*path).to_owned(),
+            config: parse(path, json),
+        });
+    }
+    defs
+}
+
+/// Renders a definition as the JSON file the `nats` CLI takes.
+pub fn render(def: &Definition) -> String {
+    let mut text =
+        serde_json::to_string_pretty(&Value::Object(def.config.clone())).expect("JSON encodes");
+    text.push('\n');
+    text
+}
+
+impl Definition {
     /// The stream a consumer file belongs to (its directory), or the stream's own name.
-    pub fn stream(&self) -> &'static str {
+    pub fn stream(&self) -> &str {
         let mut parts = self.path.split('/');
         match (parts.next(), parts.next()) {
             (Some("consumers"), Some(stream)) => stream,
@@ -98,14 +202,89 @@ impl Definition {
     }
 
     fn name(&self) -> String {
-        let cfg = self.config();
         let key = if self.path.starts_with("consumers/") {
             "durable_name"
         } else {
             "name"
         };
-        cfg[key].as_str().unwrap_or_default().to_owned()
+        self.config[key].as_str().unwrap_or_default().to_owned()
     }
+}
+
+/// The partition count a live system runs with: read from the `CHAT_IN` subject transform.
+pub async fn live_partitions(js: &async_nats::jetstream::Context) -> Result<u32, LiveError> {
+    let mut stream = js
+        .get_stream(subjects::STREAM_INBOUND)
+        .await
+        .map_err(|e| LiveError::Stream(e.to_string()))?;
+    let info = stream
+        .info()
+        .await
+        .map_err(|e| LiveError::Stream(e.to_string()))?;
+    let dest = info
+        .config
+        .subject_transform
+        .as_ref()
+        .map(|t| t.destination.clone())
+        .unwrap_or_default();
+    subjects::partitions_of_transform(&dest).ok_or(LiveError::Transform(dest))
+}
+
+/// Why [`live_partitions`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveError {
+    #[error("cannot read stream CHAT_IN: {0}")]
+    Stream(String),
+    #[error(
+        "stream CHAT_IN has subject transform {0:?}, not chat.inp.{{{{partition(N,1)}}}}.{{{{wildcard(1)}}}}: provision it with `chat admin provision`"
+    )]
+    Transform(String),
+}
+
+/// The last message of a stream on `subject`, which may contain wildcards (the newest among
+/// every matching subject), by a direct get: its stream sequence, subject and payload, or
+/// `None` when no message matches.
+pub async fn last_message(
+    client: &async_nats::Client,
+    stream: &str,
+    subject: &str,
+) -> Result<Option<LastMessage>, async_nats::Error> {
+    let request = serde_json::to_vec(&json!({ "last_by_subj": subject }))?;
+    let reply = client
+        .request(format!("$JS.API.DIRECT.GET.{stream}"), request.into())
+        .await?;
+    if let Some(status) = reply.status {
+        if status == async_nats::StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        return Err(format!(
+            "direct get of {subject:?}: status {status} {}",
+            reply.description.unwrap_or_default()
+        )
+        .into());
+    }
+    let headers = reply.headers.ok_or("direct get reply without headers")?;
+    let sequence = headers
+        .get("Nats-Sequence")
+        .and_then(|v| v.as_str().parse().ok())
+        .ok_or("direct get reply without Nats-Sequence")?;
+    let subject = headers
+        .get("Nats-Subject")
+        .map(|v| v.as_str().to_owned())
+        .ok_or("direct get reply without Nats-Subject")?;
+    Ok(Some(LastMessage {
+        sequence,
+        subject,
+        payload: reply.payload,
+    }))
+}
+
+/// A message found by [`last_message`].
+#[derive(Debug, Clone)]
+pub struct LastMessage {
+    pub sequence: u64,
+    pub subject: String,
+    pub payload: bytes::Bytes,
 }
 
 /// What provisioning did with one definition.
@@ -166,6 +345,15 @@ impl fmt::Display for DisplayDiffs<'_> {
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     pub num_replicas: Option<u64>,
+    /// Partition count (default: [`subjects::DEFAULT_PARTITIONS`]).
+    pub partitions: Option<u32>,
+}
+
+impl Overrides {
+    /// The partition count to provision.
+    pub fn partitions(&self) -> u32 {
+        self.partitions.unwrap_or(subjects::DEFAULT_PARTITIONS)
+    }
 }
 
 async fn api(
@@ -238,7 +426,7 @@ pub async fn provision_stream(
     overrides: &Overrides,
 ) -> Result<Outcome, ProvisionError> {
     let name = def.name();
-    let mut cfg = def.config();
+    let mut cfg = def.config.clone();
     apply_overrides(&mut cfg, overrides);
     let info = api(client, format!("$JS.API.STREAM.INFO.{name}"), &Value::Null).await?;
     let current = match api_error(&info) {
@@ -316,7 +504,7 @@ pub async fn provision_consumer(
 ) -> Result<Outcome, ProvisionError> {
     let stream = def.stream();
     let name = def.name();
-    let mut cfg = def.config();
+    let mut cfg = def.config.clone();
     apply_overrides(&mut cfg, overrides);
     let info = api(
         client,
@@ -362,17 +550,21 @@ pub async fn provision_consumer(
     }
 }
 
-/// Provisions every stream, then every consumer. Returns one line per definition.
+/// Provisions every stream, then every consumer, for the partition count of `overrides`.
+/// Returns one line per definition.
 pub async fn provision_all(
     client: &async_nats::Client,
     overrides: &Overrides,
-) -> Result<Vec<(&'static str, Outcome)>, ProvisionError> {
+) -> Result<Vec<(String, Outcome)>, ProvisionError> {
+    let partitions = overrides.partitions();
     let mut report = Vec::new();
-    for def in STREAMS {
-        report.push((def.path, provision_stream(client, def, overrides).await?));
+    for def in streams(partitions) {
+        let outcome = provision_stream(client, &def, overrides).await?;
+        report.push((def.path, outcome));
     }
-    for def in CONSUMERS {
-        report.push((def.path, provision_consumer(client, def, overrides).await?));
+    for def in consumers(partitions) {
+        let outcome = provision_consumer(client, &def, overrides).await?;
+        report.push((def.path, outcome));
     }
     Ok(report)
 }
@@ -380,69 +572,109 @@ pub async fn provision_all(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::subjects;
+
+    fn nats_dir() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../nats")
+    }
+
+    #[test]
+    fn the_files_are_the_definitions_for_the_default_partition_count() {
+        let mut on_disk = std::collections::BTreeSet::new();
+        for entry in walk(&nats_dir().join("consumers")) {
+            let rel = entry
+                .strip_prefix(nats_dir())
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            on_disk.insert(rel);
+        }
+        let defs = consumers(subjects::DEFAULT_PARTITIONS);
+        let generated: std::collections::BTreeSet<String> =
+            defs.iter().map(|d| d.path.clone()).collect();
+        assert_eq!(
+            on_disk, generated,
+            "nats/consumers/ must hold exactly the generated consumers: run `chat admin render --out nats`"
+        );
+        for def in defs.iter().chain(&streams(subjects::DEFAULT_PARTITIONS)) {
+            let text = std::fs::read_to_string(nats_dir().join(&def.path)).unwrap();
+            let file: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                file,
+                Value::Object(def.config.clone()),
+                "nats/{} differs from its definition: run `chat admin render --out nats`",
+                def.path
+            );
+        }
+    }
+
+    fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path);
+            }
+        }
+        out
+    }
 
     #[test]
     fn definitions_match_the_code_that_uses_them() {
-        let inbound = STREAMS[0].config();
+        let n = 12;
+        let streams = streams(n);
+        let inbound = &streams[0].config;
         assert_eq!(inbound["name"], subjects::STREAM_INBOUND);
         let dest = inbound["subject_transform"]["dest"].as_str().unwrap();
-        assert_eq!(
-            dest,
-            format!(
-                "chat.inp.{{{{partition({},1)}}}}.{{{{wildcard(1)}}}}",
-                subjects::PARTITIONS
-            )
-        );
-        assert_eq!(STREAMS[1].config()["name"], subjects::STREAM_STAMPED);
-        for p in 0..subjects::PARTITIONS {
-            let seq = CONSUMERS
+        assert_eq!(subjects::partitions_of_transform(dest), Some(n));
+        assert_eq!(streams[1].config["name"], subjects::STREAM_STAMPED);
+        let consumers = consumers(n);
+        assert_eq!(consumers.len() as u32, 3 * n + 1);
+        let find = |stream: &str, name: &str| {
+            consumers
                 .iter()
-                .find(|d| {
-                    d.stream() == subjects::STREAM_INBOUND && d.name() == sequencer_consumer(p)
-                })
-                .expect("sequencer consumer per partition");
-            let cfg = seq.config();
+                .find(|d| d.stream() == stream && d.name() == name)
+                .unwrap_or_else(|| panic!("{stream}/{name}"))
+                .config
+                .clone()
+        };
+        for p in 0..n {
+            let cfg = find(subjects::STREAM_INBOUND, &sequencer_consumer(p));
             assert_eq!(cfg["filter_subject"], subjects::inbound_partition_filter(p));
             assert_eq!(cfg["priority_groups"][0], subjects::SEQUENCER_GROUP);
-            let fan = CONSUMERS
-                .iter()
-                .find(|d| d.stream() == subjects::STREAM_STAMPED && d.name() == fanout_consumer(p))
-                .expect("fan-out consumer per partition");
-            let cfg = fan.config();
+            // A pin moves only after the old owner's deliveries were handed back (pull expiry
+            // of at most 0.5 s, then ack_wait).
+            assert!(
+                cfg["ack_wait"].as_u64().unwrap() + 500_000_000
+                    < cfg["priority_timeout"].as_u64().unwrap()
+            );
+            let cfg = find(subjects::STREAM_STAMPED, &fanout_consumer(p));
             let filters: Vec<String> =
                 serde_json::from_value(cfg["filter_subjects"].clone()).unwrap();
             assert_eq!(filters, subjects::stamped_partition_filters(p));
             assert_eq!(cfg["priority_groups"][0], subjects::FANOUT_GROUP);
-            let group = CONSUMERS
-                .iter()
-                .find(|d| {
-                    d.stream() == subjects::STREAM_STAMPED && d.name() == fanout_group_consumer(p)
-                })
-                .expect("group fan-out consumer per partition");
-            let cfg = group.config();
+            let cfg = find(subjects::STREAM_STAMPED, &fanout_group_consumer(p));
             let filters: Vec<String> =
                 serde_json::from_value(cfg["filter_subjects"].clone()).unwrap();
             assert_eq!(filters, subjects::group_partition_filters(p));
-            assert_eq!(cfg["priority_groups"][0], subjects::FANOUT_GROUP);
         }
         let stamped: Vec<String> =
-            serde_json::from_value(STREAMS[1].config()["subjects"].clone()).unwrap();
+            serde_json::from_value(streams[1].config["subjects"].clone()).unwrap();
         for conv in ["dm~a~b", "g~team"] {
             let conv = crate::ids::ConvId::parse(conv).unwrap();
-            for subject in [subjects::stamped(&conv), subjects::receipts(&conv)] {
+            for subject in [subjects::stamped(&conv, 3), subjects::receipts(&conv, 3)] {
                 let prefix = subject.split('.').take(2).collect::<Vec<_>>().join(".");
                 assert!(stamped.contains(&format!("{prefix}.*.*")), "{subject}");
             }
         }
-        let push = STREAMS[2].config();
+        let push = &streams[2].config;
         assert_eq!(push["name"], subjects::STREAM_PUSH);
         let push_subject = subjects::push(&crate::ids::UserId::parse("u").unwrap());
         assert_eq!(push["subjects"][0], push_subject.replace(".u", ".*"));
-        let adapter = CONSUMERS.last().unwrap();
+        let adapter = consumers.last().unwrap();
         assert_eq!(adapter.stream(), subjects::STREAM_PUSH);
         assert_eq!(adapter.name(), PUSH_CONSUMER);
-        assert_eq!(CONSUMERS.len() as u32, 3 * subjects::PARTITIONS + 1);
     }
 
     #[test]

@@ -6,12 +6,14 @@
 //! - [`jetstream`]: stream and consumer definitions from `nats/`, and their provisioning.
 //! - [`api`]: service-to-service messages over NATS.
 //! - [`auth`]: access tokens.
+//! - [`membership`]: group membership rules shared by the sequencer, fan-out and gateway.
 
 pub mod api;
 pub mod auth;
 pub mod frames;
 pub mod ids;
 pub mod jetstream;
+pub mod membership;
 pub mod subjects;
 
 /// Milliseconds since the Unix epoch.

@@ -1,10 +1,21 @@
 //! Every NATS subject the system uses is built here and nowhere else. See `nats/README.md`.
+//!
+//! Conversations are spread over partitions: `CHAT_IN` maps `chat.in.<conv>` to
+//! `chat.inp.<p>.<conv>` on ingest, with `p = partition(n, 1)` (FNV-1a of the conversation id
+//! modulo the partition count `n`, a deployment choice, [`DEFAULT_PARTITIONS`] by default). Each
+//! partition has one owner at a time. The stamped subjects carry the partition their inbound
+//! message came from, and every lookup of a conversation's last stamped message matches any
+//! partition ([`stamped_any`]), so a conversation keeps its order when the partition count
+//! changes (`nats/README.md`, "Changing the partition count").
 
 use crate::ids::{ConvId, UserId};
 
-/// Number of conversation partitions. Fixed by the `CHAT_IN` subject transform
-/// (`partition(8,1)`) and by the per-partition consumers in `nats/consumers/`.
-pub const PARTITIONS: u32 = 8;
+/// The partition count the files in `nats/` are written for. The live count is read from the
+/// `CHAT_IN` subject transform ([`partitions_of_transform`]).
+pub const DEFAULT_PARTITIONS: u32 = 64;
+
+/// The largest partition count the services accept (a consumer per partition and kind).
+pub const MAX_PARTITIONS: u32 = 4096;
 
 /// Stream holding client sends and receipts until the sequencer handled them.
 pub const STREAM_INBOUND: &str = "CHAT_IN";
@@ -34,6 +45,13 @@ pub const CONVERSATIONS_API: &str = "chat.api.conversations";
 /// Request subject for a group's members (payload: [`crate::api::GroupInfoRequest`]).
 pub const GROUP_INFO_API: &str = "chat.api.group_info";
 
+/// Core NATS subject on which the processes of one kind (`sequencer`, `fanout.direct`,
+/// `fanout.groups`) announce themselves to share the partition consumers
+/// (`chat.ctl.<kind>.live`).
+pub fn balance(kind: &str) -> String {
+    format!("chat.ctl.{kind}.live")
+}
+
 /// Where a gateway publishes a client's send or receipt: `chat.in.<conv>`. `CHAT_IN` rewrites it to
 /// `chat.inp.<partition>.<conv>` on ingest.
 pub fn inbound(conv: &ConvId) -> String {
@@ -45,21 +63,51 @@ pub fn inbound_partition_filter(partition: u32) -> String {
     format!("chat.inp.{partition}.*")
 }
 
-/// The stamped subject of a conversation: `chat.msg.<partition>.<conv>` for one-to-one
-/// conversations, `chat.gmsg.<partition>.<conv>` for groups (so groups have fan-out consumers
-/// of their own, and a flooding group cannot hold up one-to-one delivery in JetStream). One
-/// subject per conversation, so `Nats-Expected-Last-Subject-Sequence` fences its stamper.
-pub fn stamped(conv: &ConvId) -> String {
-    let kind = if conv.is_group() { "gmsg" } else { "msg" };
-    format!("chat.{kind}.{}.{conv}", partition_of(conv))
+/// The `CHAT_IN` subject transform destination for `partitions` partitions.
+pub fn inbound_transform_dest(partitions: u32) -> String {
+    format!("chat.inp.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}")
 }
 
-/// The subject of a conversation's receipt events in `CHAT_MSGS`: `chat.rcpt.<partition>.<conv>`
+/// The partition count of a `CHAT_IN` subject transform destination, if it is one that
+/// [`inbound_transform_dest`] makes.
+pub fn partitions_of_transform(dest: &str) -> Option<u32> {
+    let n = dest
+        .strip_prefix("chat.inp.{{partition(")?
+        .strip_suffix(",1)}}.{{wildcard(1)}}")?
+        .parse()
+        .ok()?;
+    (1..=MAX_PARTITIONS).contains(&n).then_some(n)
+}
+
+fn kind(conv: &ConvId, direct: &'static str, group: &'static str) -> &'static str {
+    if conv.is_group() { group } else { direct }
+}
+
+/// The stamped subject of a conversation in partition `partition`: `chat.msg.<p>.<conv>` for
+/// one-to-one conversations, `chat.gmsg.<p>.<conv>` for groups (so groups have fan-out consumers
+/// of their own, and a flooding group cannot hold up one-to-one delivery in JetStream). The
+/// sequencer stamps on the partition its inbound message came from.
+pub fn stamped(conv: &ConvId, partition: u32) -> String {
+    format!("chat.{}.{partition}.{conv}", kind(conv, "msg", "gmsg"))
+}
+
+/// A conversation's stamped messages in every partition: `chat.msg.*.<conv>`. The stamper's
+/// fence (`Nats-Expected-Last-Subject-Sequence-Subject`) and every lookup of a conversation's
+/// head use it, so they hold across a change of the partition count.
+pub fn stamped_any(conv: &ConvId) -> String {
+    format!("chat.{}.*.{conv}", kind(conv, "msg", "gmsg"))
+}
+
+/// The subject of a conversation's receipt events in `CHAT_MSGS`: `chat.rcpt.<p>.<conv>`
 /// (`chat.grcpt.…` for groups). Separate from [`stamped`], so receipts never move the stamping
 /// fence.
-pub fn receipts(conv: &ConvId) -> String {
-    let kind = if conv.is_group() { "grcpt" } else { "rcpt" };
-    format!("chat.{kind}.{}.{conv}", partition_of(conv))
+pub fn receipts(conv: &ConvId, partition: u32) -> String {
+    format!("chat.{}.{partition}.{conv}", kind(conv, "rcpt", "grcpt"))
+}
+
+/// A conversation's receipt events in every partition: `chat.rcpt.*.<conv>`.
+pub fn receipts_any(conv: &ConvId) -> String {
+    format!("chat.{}.*.{conv}", kind(conv, "rcpt", "grcpt"))
 }
 
 /// The filters of the one-to-one fan-out consumer of one partition: its messages and receipts.
@@ -109,15 +157,16 @@ pub fn split_partitioned(subject: &str) -> Option<(u32, &str)> {
     Some((p, parts.next()?))
 }
 
-/// The partition of a conversation, computed exactly as nats-server's `partition(n, 1)` subject
-/// transform does (FNV-1a 32 of the token, modulo n), so services agree with the stream.
-pub fn partition_of(conv: &ConvId) -> u32 {
+/// The partition of a conversation among `partitions`, computed exactly as nats-server's
+/// `partition(n, 1)` subject transform does (FNV-1a 32 of the token, modulo n), so services
+/// agree with the stream.
+pub fn partition_of(conv: &ConvId, partitions: u32) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     for b in conv.as_str().bytes() {
         h ^= u32::from(b);
         h = h.wrapping_mul(0x0100_0193);
     }
-    h % PARTITIONS
+    h % partitions.max(1)
 }
 
 #[cfg(test)]
@@ -127,27 +176,58 @@ mod tests {
     #[test]
     fn builds_and_splits_subjects() {
         let conv = ConvId::parse("dm~alice~bob").unwrap();
-        let s = stamped(&conv);
-        let (p, c) = split_partitioned(&s).unwrap();
-        assert_eq!(c, "dm~alice~bob");
-        assert_eq!(p, partition_of(&conv));
-        assert!(p < PARTITIONS);
+        let p = partition_of(&conv, DEFAULT_PARTITIONS);
+        assert!(p < DEFAULT_PARTITIONS);
+        let s = stamped(&conv, p);
+        assert_eq!(split_partitioned(&s), Some((p, "dm~alice~bob")));
+        assert_eq!(stamped_any(&conv), "chat.msg.*.dm~alice~bob");
         assert_eq!(inbound(&conv), "chat.in.dm~alice~bob");
-        let r = receipts(&conv);
+        let r = receipts(&conv, p);
         assert!(is_receipt_subject(&r) && !is_receipt_subject(&s));
         assert_eq!(split_partitioned(&r), Some((p, "dm~alice~bob")));
         assert!(stamped_partition_filters(p).contains(&format!("chat.rcpt.{p}.*")));
         assert_eq!(push(&UserId::parse("bob").unwrap()), "chat.push.bob");
         assert_eq!(split_partitioned("chat.inp.3.dm~a~b"), Some((3, "dm~a~b")));
         let g = ConvId::parse("g~team").unwrap();
-        let (gm, gr) = (stamped(&g), receipts(&g));
-        assert!(gm.starts_with("chat.gmsg.") && gr.starts_with("chat.grcpt."));
+        let (gm, gr) = (stamped(&g, 5), receipts(&g, 5));
+        assert!(gm.starts_with("chat.gmsg.5.") && gr.starts_with("chat.grcpt.5."));
+        assert_eq!(stamped_any(&g), "chat.gmsg.*.g~team");
+        assert_eq!(receipts_any(&g), "chat.grcpt.*.g~team");
         assert!(is_receipt_subject(&gr) && !is_receipt_subject(&gm));
-        assert_eq!(split_partitioned(&gm), Some((partition_of(&g), "g~team")));
+        assert_eq!(split_partitioned(&gm), Some((5, "g~team")));
         assert_eq!(group(&g), "chat.grp.g~team");
-        let pg = partition_of(&g);
-        assert!(group_partition_filters(pg).contains(&format!("chat.gmsg.{pg}.*")));
+        assert!(group_partition_filters(5).contains(&"chat.gmsg.5.*".to_owned()));
         assert_eq!(split_partitioned("chat.inp.x.dm~a~b"), None);
         assert_eq!(split_partitioned("chat.inp"), None);
+        assert_eq!(balance("sequencer"), "chat.ctl.sequencer.live");
+    }
+
+    #[test]
+    fn the_partition_count_round_trips_through_the_transform() {
+        for n in [1, 8, 64, 4096] {
+            assert_eq!(partitions_of_transform(&inbound_transform_dest(n)), Some(n));
+        }
+        assert_eq!(
+            inbound_transform_dest(8),
+            "chat.inp.{{partition(8,1)}}.{{wildcard(1)}}"
+        );
+        for bad in [
+            "",
+            "chat.inp.{{partition(0,1)}}.{{wildcard(1)}}",
+            "chat.inp.{{partition(4097,1)}}.{{wildcard(1)}}",
+            "chat.inp.{{partition(8,2)}}.{{wildcard(1)}}",
+            "chat.in.{{partition(8,1)}}.{{wildcard(1)}}",
+        ] {
+            assert_eq!(partitions_of_transform(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn doubling_the_count_keeps_a_partition_or_moves_it_up_by_the_old_count() {
+        for i in 0..500 {
+            let conv = ConvId::parse(&format!("dm~u{i}~v{i}")).unwrap();
+            let (old, new) = (partition_of(&conv, 64), partition_of(&conv, 128));
+            assert!(new == old || new == old + 64, "{conv}: {old} -> {new}");
+        }
     }
 }

@@ -17,12 +17,28 @@ pub struct Config {
     /// Partitions this process competes for (default: all). Every partition needs at least one
     /// running sequencer.
     pub partitions: Option<Vec<u32>>,
+    /// Share the partitions with the other live sequencers (rendezvous hashing over
+    /// heartbeats on `chat.ctl.sequencer.live`); off: compete for every partition, and the
+    /// first process to pull owns it.
+    pub balance: bool,
+    /// How often a sequencer announces itself, and after how long without a heartbeat the
+    /// others take over its partitions.
+    pub balance_heartbeat_ms: u64,
+    pub balance_expire_ms: u64,
+    /// Messages asked for per pull request of a partition.
+    pub pull_batch: usize,
+    /// Payload held in memory (pulled, not yet stamped) above which partitions stop pulling.
+    pub max_held_mib: usize,
+    /// Conversations whose state (head, watermarks, members) is kept in memory, over all
+    /// partitions of this process.
+    pub conv_cache_max: usize,
     /// Follow `CHAT_MSGS` into the local store, so that with several sequencer processes every
     /// embedded store holds every conversation (any of them can answer the APIs).
     pub follow_stamped: bool,
     /// Answer history, sync and receipts requests from the local store (needs `follow_stamped`).
     pub serve_api: bool,
-    /// How long an API request waits for the local store to catch up with the stream.
+    /// How long an API request, or the stamper loading a conversation, waits for the local
+    /// store to catch up with the stream.
     pub api_catch_up_ms: u64,
     /// Grace period for in-flight work at shutdown.
     pub shutdown_grace_ms: u64,
@@ -40,6 +56,12 @@ impl Default for Config {
             admin_listen: "127.0.0.1:9091".into(),
             store_dir: PathBuf::from(".run/store"),
             partitions: None,
+            balance: true,
+            balance_heartbeat_ms: 500,
+            balance_expire_ms: 1500,
+            pull_batch: 256,
+            max_held_mib: 64,
+            conv_cache_max: 200_000,
             follow_stamped: true,
             serve_api: true,
             api_catch_up_ms: 2000,

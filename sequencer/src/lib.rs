@@ -1,112 +1,144 @@
 //! The sequencer: gives every message of a conversation its place.
 //!
-//! Consumes `CHAT_IN` through one pinned pull consumer per partition (`seq-p<N>`, subjects
-//! `chat.inp.<N>.<conv>`), so exactly one process stamps a partition at a time. For each
-//! message it checks membership, assigns the next dense seq of the conversation, publishes the
-//! stamped `message` frame to `chat.msg.<N>.<conv>` in `CHAT_MSGS` (fenced with
-//! `Nats-Expected-Last-Subject-Sequence`, deduplicated with `Nats-Msg-Id`), writes it to the
-//! message store, and only then acks the input. Refusals go to the sender on `chat.user.<user>`.
+//! **Per message** ([`per_message`]): consumes `CHAT_IN` through one pinned pull consumer per
+//! partition (`seq-p<N>`, subjects `chat.inp.<N>.<conv>`), so exactly one process owns a
+//! partition at a time; sequencers share the partitions among the live processes. The owner
+//! works on many messages at once (different conversations in parallel, one conversation's in
+//! stream order): for each it checks membership, assigns the conversation's next dense seq,
+//! publishes the stamped `message` frame to `chat.msg.<N>.<conv>` (`chat.gmsg` for groups) in
+//! `CHAT_MSGS` (fenced with `Nats-Expected-Last-Subject-Sequence` over the conversation's
+//! subjects, deduplicated with `Nats-Msg-Id`), and acks the input once JetStream has the stamp.
+//! Receipts come the same way; a run of them becomes at most one stamped `receipt` per member
+//! on `chat.rcpt.<N>.<conv>`. Refusals go to the sender on `chat.user.<user>`. The store
+//! writer follows `CHAT_MSGS` into the local store, one commit per batch: the stamped stream is
+//! the record, the store a view of it.
 //!
-//! Receipts from clients come the same way; moved watermarks go to `chat.rcpt.<N>.<conv>`.
-//!
-//! It also follows `CHAT_MSGS` (messages and receipts) into its store and answers
-//! `chat.api.history`, `chat.api.sync` and `chat.api.receipts` (queue group `api`).
+//! **Reads** ([`reads`]): answers `chat.api.history`, `chat.api.sync`, `chat.api.receipts`,
+//! `chat.api.conversations` and `chat.api.group_info` (queue group `api`) from the local store.
 
-mod api;
 pub mod config;
-mod follower;
-pub mod groups;
-pub mod stamper;
+pub mod per_message;
+mod reads;
+pub mod records;
 
-use std::time::Duration;
+use std::{
+    sync::{Arc, atomic::AtomicUsize},
+    time::Duration,
+};
 
 use anyhow::Context;
 use chat_common::{
     admin::{self, Readiness},
-    partitions::{self, PullSettings},
+    balance::{Balance, BalanceSettings},
+    partitions,
 };
-use chat_protocol::{jetstream::sequencer_consumer, subjects};
-use chat_store::EmbeddedStore;
+use chat_protocol::{jetstream::live_partitions, subjects};
+use chat_store::{EmbeddedStore, MessageStore};
 pub use config::Config;
+pub use per_message::STAMPER_HEADER;
+use per_message::{Applied, Ctx, PartitionSettings};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-/// Runs the sequencer until `shutdown`, then drains: stop pulling, finish the message in hand
-/// (its ack is sent), stop the follower and history, drain the NATS client.
+/// Runs the sequencer until `shutdown`, then drains: stop pulling (what is in flight is
+/// finished and acked, the rest handed back), stop the store writer and the API responders,
+/// drain the NATS client.
 pub async fn run(
     config: Config,
     admin_listener: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let partitions = partitions::select(config.partitions.as_deref(), subjects::PARTITIONS)?;
     anyhow::ensure!(
         config.follow_stamped || !config.serve_api,
         "serve_api needs follow_stamped: sync answers from a store that follows the stream"
+    );
+    anyhow::ensure!(
+        config.group_max_members >= 1,
+        "group_max_members must be at least 1"
     );
     let store_dir = config.store_dir.clone();
     let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(store_dir))
         .await?
         .with_context(|| format!("cannot open the store in {}", config.store_dir.display()))?;
     let client = chat_common::connect_nats(&config.nats_url, "sequencer").await?;
-    let js = async_nats::jetstream::new(client.clone());
+    let js = async_nats::jetstream::ContextBuilder::new()
+        .timeout(Duration::from_secs(5))
+        .backpressure_on_inflight(true)
+        .build(client.clone());
+    let count = live_partitions(&js).await?;
+    let partitions = partitions::select(config.partitions.as_deref(), count)?;
     let instance = if config.instance_id.is_empty() {
         chat_common::default_instance_id()
     } else {
         config.instance_id.clone()
     };
-    anyhow::ensure!(
-        config.group_max_members >= 1,
-        "group_max_members must be at least 1"
-    );
-    let stamper = stamper::Stamper::new(
-        client.clone(),
-        store.clone(),
-        instance,
-        config.group_max_members,
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("cannot open stream {}: {e}", subjects::STREAM_STAMPED))?;
+    let (applied_tx, applied) = Applied::new(store.applied_stream_seq().await?);
 
     let ready = Readiness::default();
     let tasks = TaskTracker::new();
-    // Consumers stop first; the follower and history stop after them.
+    // Consumers stop first; the store writer and the APIs stop after them.
     let stop_consuming = shutdown.child_token();
     let stop_rest = CancellationToken::new();
     if let Some(listener) = admin_listener {
         tasks.spawn(admin::serve(listener, ready.clone(), stop_rest.clone()));
     }
     if config.follow_stamped {
-        tasks.spawn(follower::run(js.clone(), store.clone(), stop_rest.clone()));
+        tasks.spawn(per_message::store_writer::run(
+            js.clone(),
+            store.clone(),
+            applied_tx,
+            stop_rest.clone(),
+        ));
     }
     if config.serve_api {
-        let (client, store, stop) = (client.clone(), store.clone(), stop_rest.clone());
+        let (client, store, applied, stop) = (
+            client.clone(),
+            store.clone(),
+            applied.clone(),
+            stop_rest.clone(),
+        );
         let catch_up = Duration::from_millis(config.api_catch_up_ms);
         tasks.spawn(async move {
-            if let Err(err) = api::serve(client, store, catch_up, stop).await {
+            if let Err(err) = reads::serve(client, store, applied, catch_up, stop).await {
                 tracing::error!(error = %err, "api responder stopped");
             }
         });
     }
-    let consumers = partitions
-        .iter()
-        .map(|p| (*p, sequencer_consumer(*p)))
-        .collect();
-    let consuming = tokio::spawn(partitions::run(
+    let balance = if config.balance {
+        let settings = BalanceSettings {
+            subject: subjects::balance("sequencer"),
+            instance: instance.clone(),
+            heartbeat: Duration::from_millis(config.balance_heartbeat_ms),
+            expire: Duration::from_millis(config.balance_expire_ms),
+        };
+        Some(Balance::start(client.clone(), settings, stop_rest.clone()).await?)
+    } else {
+        None
+    };
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
         js,
-        subjects::STREAM_INBOUND,
-        consumers,
-        PullSettings {
-            group: subjects::SEQUENCER_GROUP,
-            batch: 64,
-            expires: Duration::from_secs(1),
-        },
-        move |p, msg| {
-            let stamper = stamper.clone();
-            async move { stamper.handle(p, msg).await }
-        },
+        store,
+        applied,
+        instance,
+        group_max_members: config.group_max_members,
+        catch_up: Duration::from_millis(config.api_catch_up_ms),
+        held_bytes: AtomicUsize::new(0),
+        max_held_bytes: config.max_held_mib.max(1) * 1024 * 1024,
+    });
+    let settings = PartitionSettings {
+        pull_batch: config.pull_batch.max(1),
+        pull_expires: Duration::from_millis(500),
+        conv_cache_max: (config.conv_cache_max / partitions.len().max(1)).max(16),
+    };
+    let consuming = tokio::spawn(per_message::run(
+        ctx,
+        partitions.clone(),
+        settings,
+        balance,
         stop_consuming,
     ));
     ready.set(true);
-    tracing::info!(partitions = ?partitions, "sequencer running");
+    tracing::info!(partitions = ?partitions, of = count, "sequencer running");
 
     shutdown.cancelled().await;
     ready.set(false);
@@ -114,7 +146,7 @@ pub async fn run(
     chat_common::within_grace("stop consumers", grace, consuming).await;
     stop_rest.cancel();
     tasks.close();
-    chat_common::within_grace("stop follower and api", grace, tasks.wait()).await;
+    chat_common::within_grace("stop store writer and api", grace, tasks.wait()).await;
     client.drain().await.ok();
     Ok(())
 }

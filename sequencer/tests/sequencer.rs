@@ -14,7 +14,7 @@ use chat_protocol::{
     jetstream::{Overrides, provision_all},
     subjects,
 };
-use chat_sequencer::{Config, stamper::STAMPER_HEADER};
+use chat_sequencer::{Config, STAMPER_HEADER};
 use chat_testkit::NatsServer;
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
@@ -89,6 +89,70 @@ async fn send(js: &jetstream::Context, conv: &str, from: &str, id: &str, body: &
     .unwrap();
 }
 
+fn inbound_send(conv: &str, from: &str, id: &str) -> (String, HeaderMap, bytes::Bytes) {
+    let msg = Inbound::Send(InboundMessage {
+        conv: conv.into(),
+        from: from.into(),
+        device: "d1".into(),
+        id: id.into(),
+        body: format!("body of {id}"),
+        ts: 0,
+    });
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", dedupe_id(conv, from, id).as_str());
+    (
+        subjects::inbound(&ConvId::parse(conv).unwrap()),
+        headers,
+        serde_json::to_vec(&msg).unwrap().into(),
+    )
+}
+
+/// Publishes every `(conv, from, id)` send pipelined (all published, then every ack awaited),
+/// in the order given: the order JetStream stores them in, as a gateway's would be.
+async fn send_pipelined(js: &jetstream::Context, sends: &[(String, String, String)]) {
+    let mut acks = Vec::with_capacity(sends.len());
+    for (conv, from, id) in sends {
+        let (subject, headers, payload) = inbound_send(conv, from, id);
+        acks.push(
+            js.publish_with_headers(subject, headers, payload)
+                .await
+                .unwrap(),
+        );
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+}
+
+/// Asserts what every conversation's stamped messages must be: each send stamped exactly once,
+/// seqs dense from 1, in the order the sends were stored.
+fn assert_dense_in_send_order(
+    all: &[(chat_protocol::frames::Message, String)],
+    sends: &[(String, String, String)],
+) {
+    let mut by_conv: HashMap<&str, Vec<(u64, &str)>> = HashMap::new();
+    for (m, _) in all {
+        by_conv.entry(&m.conv).or_default().push((m.seq, &m.id));
+    }
+    let mut sent: HashMap<&str, Vec<&str>> = HashMap::new();
+    for (conv, _, id) in sends {
+        sent.entry(conv).or_default().push(id);
+    }
+    assert_eq!(by_conv.len(), sent.len(), "every conversation stamped");
+    for (conv, msgs) in &mut by_conv {
+        msgs.sort();
+        let seqs: Vec<u64> = msgs.iter().map(|m| m.0).collect();
+        let want = sent[conv].len() as u64;
+        assert_eq!(
+            seqs,
+            (1..=want).collect::<Vec<_>>(),
+            "{conv}: dense, once each"
+        );
+        let ids: Vec<&str> = msgs.iter().map(|m| m.1).collect();
+        assert_eq!(ids, sent[conv], "{conv}: send order kept");
+    }
+}
+
 /// Every stamped message in CHAT_MSGS, with the instance that stamped it.
 async fn stamped(
     js: &jetstream::Context,
@@ -101,7 +165,10 @@ async fn stamped(
         let n = stream.get_info().await.unwrap().state.last_sequence;
         for seq in 1..=n {
             let raw = stream.get_raw_message(seq).await.unwrap();
-            if subjects::is_receipt_subject(&raw.subject) {
+            // Receipts, and what tests publish by hand (no stamper), are not stamps.
+            if subjects::is_receipt_subject(&raw.subject)
+                || raw.headers.get(STAMPER_HEADER).is_none()
+            {
                 continue;
             }
             let ServerFrame::Message(m) = serde_json::from_slice(&raw.payload).unwrap() else {
@@ -324,14 +391,29 @@ async fn receipts_only_raise_watermarks_and_say_who_read_a_message() {
     receipt(&js, conv, "bob", 5, 2).await;
     // Not a member: refused by the sequencer even if a gateway let it through.
     receipt(&js, conv, "carol", 5, 5).await;
-    let events = receipt_events(&js, 3).await;
-    let expect = |delivered, read| Receipt {
-        conv: conv.into(),
-        user: "bob".into(),
-        delivered,
-        read,
-    };
-    assert_eq!(events, vec![expect(3, 0), expect(3, 2), expect(5, 2)]);
+    // Receipts come in order with the conversation's messages: once this send is stamped,
+    // everything before it was handled.
+    send(&js, conv, "alice", "marker", "x").await;
+    assert_eq!(stamped(&js, 6).await.len(), 6);
+    let events = receipt_events(&js, 1).await;
+    // Bursts may be coalesced: every event moves bob's marks up, never beyond the newest
+    // message, and the last is where the receipts lead.
+    assert!(!events.is_empty() && events.len() <= 3, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|r| r.user == "bob" && r.delivered <= 5 && r.read <= r.delivered)
+    );
+    assert!(
+        events.windows(2).all(
+            |w| (w[1].delivered, w[1].read) > (w[0].delivered, w[0].read)
+                && w[1].delivered >= w[0].delivered
+                && w[1].read >= w[0].read
+        ),
+        "{events:?}"
+    );
+    let last = events.last().unwrap();
+    assert_eq!((last.delivered, last.read), (5, 2));
 
     let req = |user: &str, seq| ReceiptsRequest {
         user: user.into(),
@@ -342,8 +424,8 @@ async fn receipts_only_raise_watermarks_and_say_who_read_a_message() {
     assert_eq!(
         reply,
         ReceiptsReply::Marks {
-            // Alice's own messages moved her watermarks.
-            members: vec![marks("alice", 5, 5), marks("bob", 5, 2)],
+            // Alice's own messages (the marker too) moved her watermarks.
+            members: vec![marks("alice", 6, 6), marks("bob", 5, 2)],
             delivered_to: Some(vec!["alice".into(), "bob".into()]),
             read_by: Some(vec!["alice".into()]),
         }
@@ -358,9 +440,10 @@ async fn receipts_only_raise_watermarks_and_say_who_read_a_message() {
         matches!(&reply, ReceiptsReply::Error(e) if e.code == ErrorCode::NotMember),
         "{reply:?}"
     );
-    // No further receipt event was published after the expected three.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(receipt_events(&js, 0).await.len(), 3);
+    // Nothing moved after the marker, so nothing more was stamped.
+    send(&js, conv, "alice", "marker2", "x").await;
+    assert_eq!(stamped(&js, 7).await.len(), 7);
+    assert_eq!(receipt_events(&js, 0).await.len(), events.len());
     seq.stop().await;
 }
 
@@ -517,57 +600,48 @@ async fn partitions_match_the_servers_subject_transform() {
         let conv = ConvId::parse(&conv).unwrap();
         assert_eq!(
             raw.subject.as_str(),
-            format!("chat.inp.{}.{conv}", subjects::partition_of(&conv))
+            format!(
+                "chat.inp.{}.{conv}",
+                subjects::partition_of(&conv, subjects::DEFAULT_PARTITIONS)
+            )
         );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_sequencer_processes_never_stamp_the_same_conversation() {
+async fn two_balanced_sequencer_processes_share_the_partitions_and_keep_every_order() {
     let (nats, client, js) = setup().await;
     let dir = tempfile::tempdir().unwrap();
-    // Overlapping partition sets: both processes are active, and partitions 2..=5 are contested.
-    let process = |name: &str, partitions: &str| {
+    let process = |name: &str| {
         chat_testkit::ChildProcess::spawn(
             std::process::Command::new(env!("CARGO_BIN_EXE_sequencer"))
                 .env("CHAT_SEQUENCER_NATS_URL", nats.url())
                 .env("CHAT_SEQUENCER_ADMIN_LISTEN", "")
                 .env("CHAT_SEQUENCER_STORE_DIR", dir.path().join(name))
                 .env("CHAT_SEQUENCER_INSTANCE_ID", name)
-                .env("CHAT_SEQUENCER_PARTITIONS", partitions)
                 .env("RUST_LOG", "warn"),
         )
         .expect("sequencer binary starts")
     };
-    let mut a = process("a", "[0,1,2,3,4,5]");
-    let mut b = process("b", "[2,3,4,5,6,7]");
+    let mut a = process("a");
+    let mut b = process("b");
     let convs: Vec<String> = (0..24).map(|i| format!("dm~p{i}~q{i}")).collect();
-    let rounds = 10;
-    for r in 0..rounds {
-        for (i, conv) in convs.iter().enumerate() {
-            send(&js, conv, &format!("p{i}"), &format!("r{r}"), "x").await;
-        }
-    }
-    let total = convs.len() * rounds;
+    let rounds = 20;
+    // Pipelined: many messages of each conversation are in CHAT_IN, and so in the owners'
+    // hands, at once; sends start while the two are still dividing the partitions.
+    let sends: Vec<(String, String, String)> = (0..rounds)
+        .flat_map(|r| {
+            convs
+                .iter()
+                .enumerate()
+                .map(move |(i, conv)| (conv.clone(), format!("p{i}"), format!("r{r}")))
+        })
+        .collect();
+    send_pipelined(&js, &sends).await;
+    let total = sends.len();
     let all = stamped(&js, total).await;
     assert_eq!(all.len(), total, "every message stamped exactly once");
-    let mut by_conv: HashMap<&str, Vec<(u64, &str, &str)>> = HashMap::new();
-    for (m, by) in &all {
-        by_conv.entry(&m.conv).or_default().push((m.seq, &m.id, by));
-    }
-    for (conv, msgs) in &by_conv {
-        let seqs: Vec<u64> = msgs.iter().map(|m| m.0).collect();
-        assert_eq!(
-            seqs,
-            (1..=rounds as u64).collect::<Vec<_>>(),
-            "{conv}: dense and in order"
-        );
-        let ids: Vec<&str> = msgs.iter().map(|m| m.1).collect();
-        let sent: Vec<String> = (0..rounds).map(|r| format!("r{r}")).collect();
-        assert_eq!(ids, sent, "{conv}: send order kept");
-        let owners: std::collections::HashSet<&str> = msgs.iter().map(|m| m.2).collect();
-        assert_eq!(owners.len(), 1, "{conv} stamped by {owners:?}");
-    }
+    assert_dense_in_send_order(&all, &sends);
     // Both stores can answer for every conversation (each follows the stamped stream).
     for (i, conv) in convs.iter().enumerate() {
         let user = format!("q{i}");
@@ -576,10 +650,33 @@ async fn two_sequencer_processes_never_stamp_the_same_conversation() {
         };
         assert_eq!(messages.len(), rounds);
     }
-    let stampers: std::collections::BTreeSet<&str> =
-        all.iter().map(|(_, by)| by.as_str()).collect();
-    assert_eq!(stampers.len(), 2, "both processes stamped: {stampers:?}");
-    // Both processes are alive and competing the whole time.
+    // Once both have heard each other, each owns a share of the partitions.
+    let more: Vec<(String, String, String)> = (0..64)
+        .map(|i| (format!("dm~x{i}~y{i}"), format!("x{i}"), "m".to_owned()))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut round = 0;
+    loop {
+        let batch: Vec<(String, String, String)> = more
+            .iter()
+            .map(|(c, f, _)| (c.clone(), f.clone(), format!("m{round}")))
+            .collect();
+        send_pipelined(&js, &batch).await;
+        round += 1;
+        let recent = stamped(&js, total + 64 * round).await;
+        let stampers: std::collections::BTreeSet<&str> = recent[recent.len() - 64..]
+            .iter()
+            .map(|(_, by)| by.as_str())
+            .collect();
+        if stampers.len() == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the two processes never shared the partitions: {stampers:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     assert!(a.is_running() && b.is_running());
     a.sigterm().unwrap();
     b.sigterm().unwrap();
@@ -592,42 +689,163 @@ async fn two_sequencer_processes_never_stamp_the_same_conversation() {
     }
 }
 
-/// The fence the stamper relies on: a publish that expects a stale head of the conversation's
-/// subject is refused, including "expects no message yet" (0) once one exists.
+/// Receipts published while no sequencer runs are in the owner's hands at once when it starts:
+/// a burst of one member's `delivered` and `read` frames costs one stamped receipt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stale_head_cannot_stamp() {
+async fn a_burst_of_receipts_is_stamped_once() {
+    let (nats, _client, js) = setup().await;
+    let conv = "dm~alice~bob";
+    let seq = Sequencer::spawn(&nats, "s1");
+    for i in 1..=5 {
+        send(&js, conv, "alice", &format!("m{i}"), "x").await;
+    }
+    assert_eq!(stamped(&js, 5).await.len(), 5);
+    seq.stop().await;
+    for s in 1..=5 {
+        receipt(&js, conv, "bob", s, 0).await;
+        receipt(&js, conv, "bob", 0, s.min(4)).await;
+    }
+    let seq = Sequencer::spawn(&nats, "s2");
+    let events = receipt_events(&js, 1).await;
+    // Give a second (wrong) receipt every chance to show up before looking.
+    send(&js, conv, "alice", "after", "x").await;
+    assert_eq!(stamped(&js, 6).await.len(), 6);
+    let events = if events.len() == 1 {
+        receipt_events(&js, 2).await
+    } else {
+        events
+    };
+    let bob: Vec<&Receipt> = events.iter().filter(|r| r.user == "bob").collect();
+    assert_eq!(
+        bob.len(),
+        1,
+        "one stamped receipt for the burst: {events:?}"
+    );
+    assert_eq!((bob[0].delivered, bob[0].read), (5, 4));
+    seq.stop().await;
+}
+
+/// The stamper against a 3-node cluster with R3 streams: there JetStream refuses a second
+/// in-flight publish with a check on the same subject, so the stamper keeps one per
+/// conversation while many conversations are in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_three_node_cluster_with_r3_streams_stamps_stay_dense_and_in_order() {
+    let cluster = chat_testkit::NatsCluster::start(3).await;
+    let client = cluster.client().await;
+    provision_all(
+        &client,
+        &Overrides {
+            num_replicas: Some(3),
+            ..Overrides::default()
+        },
+    )
+    .await
+    .unwrap();
+    let js = jetstream::new(client.clone());
+    check_fence(&js).await;
+    let dir = tempfile::tempdir().unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(chat_sequencer::run(
+        Config {
+            nats_url: cluster.url(),
+            admin_listen: String::new(),
+            store_dir: dir.path().join("store"),
+            instance_id: "r3".into(),
+            ..Config::default()
+        },
+        None,
+        stop.clone(),
+    ));
+    // A few hot conversations (many messages each in flight) and many quiet ones.
+    let mut sends = Vec::new();
+    for r in 0..30 {
+        for i in 0..4 {
+            sends.push((format!("dm~h{i}~k{i}"), format!("h{i}"), format!("r{r}")));
+        }
+        sends.push((format!("dm~q{r}~w{r}"), format!("q{r}"), "only".to_owned()));
+    }
+    send_pipelined(&js, &sends).await;
+    let all = stamped(&js, sends.len()).await;
+    assert_eq!(all.len(), sends.len(), "every message stamped exactly once");
+    assert_dense_in_send_order(&all, &sends);
+    let HistoryReply::Page { messages, .. } = history(&client, "k0", "dm~h0~k0", 0).await else {
+        panic!("expected a page")
+    };
+    assert_eq!(messages.len(), 30, "history answers from the store");
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(15), task)
+        .await
+        .expect("sequencer stops")
+        .unwrap()
+        .unwrap();
+}
+
+/// The fence the stamper relies on: a publish that expects a stale head of the conversation
+/// is refused, including "expects no message yet" (0) once one exists, and the head is the
+/// conversation's last message in any partition (so the fence holds when the partition count
+/// changes and a conversation's stamps move to another partition's subject).
+async fn check_fence(js: &jetstream::Context) {
     use async_nats::jetstream::context::PublishErrorKind;
-    let (_nats, _client, js) = setup().await;
     let conv = ConvId::parse("dm~alice~bob").unwrap();
-    let publish = |expected: u64| {
+    let publish = |partition: u32, expected: u64| {
         let js = js.clone();
-        let subject = subjects::stamped(&conv);
+        let subject = subjects::stamped(&conv, partition);
+        let any = subjects::stamped_any(&conv);
         async move {
             let mut headers = HeaderMap::new();
             headers.insert(
                 "Nats-Expected-Last-Subject-Sequence",
                 expected.to_string().as_str(),
             );
+            headers.insert("Nats-Expected-Last-Subject-Sequence-Subject", any.as_str());
             match js.publish_with_headers(subject, headers, "x".into()).await {
                 Ok(ack) => ack.await,
                 Err(e) => Err(e),
             }
         }
     };
-    let first = publish(0)
+    let first = publish(3, 0)
         .await
-        .expect("first stamp expects an empty subject");
-    let err = publish(0)
+        .expect("first stamp expects an empty conversation");
+    let err = publish(3, 0)
         .await
         .expect_err("a second 'first' stamp is fenced");
     assert_eq!(err.kind(), PublishErrorKind::WrongLastSequence);
-    publish(first.sequence)
+    let err = publish(40, 0)
         .await
-        .expect("the current head may stamp");
-    let err = publish(first.sequence)
-        .await
-        .expect_err("the old head is fenced");
+        .expect_err("a 'first' stamp in another partition is fenced too");
     assert_eq!(err.kind(), PublishErrorKind::WrongLastSequence);
+    let second = publish(40, first.sequence)
+        .await
+        .expect("the current head may stamp, in another partition too");
+    let err = publish(3, first.sequence)
+        .await
+        .expect_err("the old head is fenced in every partition");
+    assert_eq!(err.kind(), PublishErrorKind::WrongLastSequence);
+    let last = chat_protocol::jetstream::last_message(
+        &js.client(),
+        subjects::STREAM_STAMPED,
+        &subjects::stamped_any(&conv),
+    )
+    .await
+    .unwrap()
+    .expect("the conversation has a last message");
+    assert_eq!(last.sequence, second.sequence);
+    assert_eq!(last.subject, subjects::stamped(&conv, 40));
+    let none = chat_protocol::jetstream::last_message(
+        &js.client(),
+        subjects::STREAM_STAMPED,
+        &subjects::stamped_any(&ConvId::parse("dm~else~nobody").unwrap()),
+    )
+    .await
+    .unwrap();
+    assert!(none.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_head_cannot_stamp() {
+    let (_nats, _client, js) = setup().await;
+    check_fence(&js).await;
 }
 
 async fn group_op(

@@ -524,6 +524,25 @@ pub async fn seq_for_client_id<S: MessageStore>(store: S) {
         store.seq_for_client_id("c3", "alice", "m1").await.unwrap(),
         None
     );
+    let key = |conv: &str, from: &str, id: &str| crate::ClientKey {
+        conv: conv.into(),
+        from: from.into(),
+        client_id: id.into(),
+    };
+    // Many at once, in the order asked, misses included.
+    assert_eq!(
+        store
+            .seqs_for_client_ids(vec![
+                key("c1", "alice", "m2"),
+                key("c3", "alice", "m1"),
+                key("c1", "bob", "m1"),
+                key("c1", "alice", "m2"),
+            ])
+            .await
+            .unwrap(),
+        vec![Some(3), None, Some(2), Some(3)]
+    );
+    assert_eq!(store.seqs_for_client_ids(vec![]).await.unwrap(), vec![]);
 }
 
 /// If a client id shows up again at another seq, the first seq is kept.

@@ -33,8 +33,8 @@ use redb::{
 };
 
 use crate::{
-    Change, ConvMeta, ConvSummary, Event, GroupChange, MAX_PAGE_LIMIT, Marks, Member, MessageStore,
-    Page, PageQuery, StoreError, StoredMessage, StoredReceipt, UserConversations,
+    Change, ClientKey, ConvMeta, ConvSummary, Event, GroupChange, MAX_PAGE_LIMIT, Marks, Member,
+    MessageStore, Page, PageQuery, StoreError, StoredMessage, StoredReceipt, UserConversations,
 };
 
 const MESSAGES: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("messages");
@@ -832,23 +832,26 @@ impl MessageStore for EmbeddedStore {
         .await
     }
 
-    async fn seq_for_client_id(
+    async fn seqs_for_client_ids(
         &self,
-        conv: &str,
-        from: &str,
-        client_id: &str,
-    ) -> Result<Option<u64>, StoreError> {
-        let (conv, from, client_id) = (conv.to_owned(), from.to_owned(), client_id.to_owned());
-        self.blocking("read client id", move |db| {
+        keys: Vec<ClientKey>,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.blocking("read client ids", move |db| {
             let txn = begin_read(db)?;
             let table = txn
                 .open_table(CLIENT_IDS)
                 .map_err(backend("open client id table"))?;
-            let seq = table
-                .get((conv.as_str(), from.as_str(), client_id.as_str()))
-                .map_err(backend("read client id"))?
-                .map(|g| g.value());
-            Ok(seq)
+            keys.iter()
+                .map(|k| {
+                    Ok(table
+                        .get((k.conv.as_str(), k.from.as_str(), k.client_id.as_str()))
+                        .map_err(backend("read client id"))?
+                        .map(|g| g.value()))
+                })
+                .collect()
         })
         .await
     }

@@ -203,6 +203,15 @@ impl Change {
     }
 }
 
+/// A sender's client message id in one conversation (see
+/// [`MessageStore::seqs_for_client_ids`]).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub conv: String,
+    pub from: String,
+    pub client_id: String,
+}
+
 /// A member's watermarks in one conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Marks {
@@ -430,11 +439,11 @@ pub trait MessageStore: Send + Sync + 'static {
     ///
     /// `through`: if `Some(n)`, raises the applied watermark to `n` in the
     /// same transaction (never lowered): every `CHAT_MSGS` message up to
-    /// stream seq `n` is now stored. The follower, which reads `CHAT_MSGS` in
-    /// order, passes it; the stamper passes `None`, because it writes out of
-    /// stream order and must not make a follower skip what it has not applied
-    /// yet. Empty `changes` with `Some` still raises the watermark; empty with
-    /// `None` is a no-op.
+    /// stream seq `n` is now stored. The store writer, which reads
+    /// `CHAT_MSGS` in order, passes it; a writer that writes out of stream
+    /// order passes `None`, so that the watermark never claims what was not
+    /// applied. Empty `changes` with `Some` still raises the watermark; empty
+    /// with `None` is a no-op.
     fn apply(
         &self,
         changes: Vec<Change>,
@@ -507,7 +516,21 @@ pub trait MessageStore: Send + Sync + 'static {
         conv: &str,
         from: &str,
         client_id: &str,
-    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send;
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send {
+        let key = ClientKey {
+            conv: conv.to_owned(),
+            from: from.to_owned(),
+            client_id: client_id.to_owned(),
+        };
+        async move { Ok(self.seqs_for_client_ids(vec![key]).await?.pop().flatten()) }
+    }
+
+    /// [`MessageStore::seq_for_client_id`] of many keys at once (one read
+    /// for a batch of inbound messages), in the order given.
+    fn seqs_for_client_ids(
+        &self,
+        keys: Vec<ClientKey>,
+    ) -> impl Future<Output = Result<Vec<Option<u64>>, StoreError>> + Send;
 
     /// Highest `CHAT_MSGS` stream sequence applied to this store (0 if none):
     /// a follower resumes after it.

@@ -22,16 +22,21 @@
 //! # }
 //! ```
 //!
+//! [`NatsCluster`] runs several of them routed together (a 3-node JetStream cluster for R3
+//! streams).
+//!
 //! [`ChildProcess`] wraps any other child process (e.g. one of our own
 //! binaries) so it is killed on drop and can be sent `SIGKILL`, `SIGSTOP` and
 //! `SIGCONT` for fault tests.
 
+mod cluster;
 mod nats;
 mod process;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
+pub use cluster::NatsCluster;
 pub use nats::{NatsServer, nats_server_bin};
 pub use process::ChildProcess;
 

@@ -84,6 +84,9 @@ pub struct NatsServer {
     pid: u32,
     /// Extra config appended to the generated config file (if any).
     extra_config: Option<String>,
+    /// Everything in the config file, no command-line flags (cluster nodes: nats-server
+    /// refuses a JetStream store dir given twice in clustered mode).
+    config_only: bool,
     bin: PathBuf,
     dir: TempDir,
 }
@@ -119,20 +122,50 @@ impl NatsServer {
     }
 
     fn launch(extra_config: Option<String>) -> Self {
+        let mut server = Self::unstarted(extra_config);
+        server.spawn_and_wait(None);
+        server
+    }
+
+    fn unstarted(extra_config: Option<String>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("chat-testkit-nats-")
             .tempdir()
             .expect("create temp dir for nats-server");
-        let mut server = Self {
+        Self {
             process: None,
             port: 0,
             pid: 0,
             extra_config,
+            config_only: false,
             bin: nats_server_bin(),
             dir,
-        };
-        server.spawn_and_wait(None);
+        }
+    }
+
+    /// Like [`start_with_config`](Self::start_with_config) on a given client `port`, without
+    /// waiting: a cluster node only accepts connections once it can reach its routes, so
+    /// [`crate::NatsCluster`] starts every node first and then waits for each.
+    pub(crate) fn spawn_on(port: u16, extra: &str) -> Self {
+        let mut server = Self::unstarted(Some(extra.to_owned()));
+        server.config_only = true;
+        server.port = port;
+        let (process, _) = server.spawn(Some(port));
+        server.pid = process.pid();
+        server.process = Some(process);
         server
+    }
+
+    /// Waits until a server started with [`spawn_on`](Self::spawn_on) accepts connections.
+    pub(crate) fn wait_started(&mut self) {
+        let process = self.process.take().expect("spawned");
+        match self.wait_ready(process, Instant::now() + START_TIMEOUT) {
+            Ok((process, _)) => self.process = Some(process),
+            Err(_) => {
+                let log = self.log_tail(0);
+                self.fail("was not ready in time", &[], &log)
+            }
+        }
     }
 
     /// `nats://127.0.0.1:<port>`.
@@ -316,17 +349,21 @@ impl NatsServer {
             args.push("-c".to_owned());
             args.push(config_path.display().to_string());
         }
-        args.extend([
-            "-js".to_owned(),
-            "-a".to_owned(),
-            "127.0.0.1".to_owned(),
-            "-p".to_owned(),
-            port_arg,
-            "-sd".to_owned(),
-            store_dir.display().to_string(),
-            "--ports_file_dir".to_owned(),
-            dir.display().to_string(),
-        ]);
+        if self.config_only {
+            args.push("-js".to_owned());
+        } else {
+            args.extend([
+                "-js".to_owned(),
+                "-a".to_owned(),
+                "127.0.0.1".to_owned(),
+                "-p".to_owned(),
+                port_arg,
+                "-sd".to_owned(),
+                store_dir.display().to_string(),
+                "--ports_file_dir".to_owned(),
+                dir.display().to_string(),
+            ]);
+        }
 
         let log = OpenOptions::new()
             .create(true)

@@ -1,20 +1,30 @@
-//! Group rules: who may change a group and how, what each stamped group event does to the
-//! store, and which part of a conversation a user may read.
+//! Group membership rules, in one place for every service: who may change a group and how
+//! ([`plan`], used by the sequencer that decides), what a stamped group event does ([`effects`],
+//! [`named`], [`Roster::apply`], replayed by the sequencers' stores, the fan-out workers' views
+//! and the gateways), and which part of a conversation a user may see ([`Window`]).
 //!
-//! The sequencer owning a group's partition is the only one that decides ([`plan`]); everything
-//! downstream (its own store, every other sequencer's follower, the fan-out workers) replays the
-//! stamped events ([`changes`]), which carry everything needed to do so deterministically.
+//! The sequencer owning a group's partition is the only one that decides; everything
+//! downstream replays the stamped events, which carry everything needed to do so
+//! deterministically.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
-use chat_protocol::{
+use crate::{
     api::{GROUP_NAME_MAX_BYTES, InboundGroup},
-    frames::{ErrorCode, GroupEvent, GroupOp, Message},
-    ids::{ConvId, UserId},
+    frames::{ErrorCode, GroupEvent, GroupOp},
+    ids::UserId,
 };
-use chat_store::{Change, GroupChange, Member, MessageStore, StoreError};
 
-use crate::stamper::stored;
+/// A member of a group, current (`left` is `None`) or former.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub user: String,
+    /// Seq of the event that made it a member (its latest joining).
+    pub joined: u64,
+    /// Seq of the event that removed it, if it is no longer a member.
+    pub left: Option<u64>,
+    pub admin: bool,
+}
 
 /// A group operation refused for good, with the error the client gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,67 +209,175 @@ fn valid_name(name: Option<&str>) -> Result<String, Refused> {
     }
 }
 
-/// What a stamped group event made by `from` does to the store.
-pub fn changes(from: &str, event: &GroupEvent) -> Vec<GroupChange> {
+/// One effect of a stamped group event, applied at the event's seq.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// These users become members from the event's seq on (a current member stays as it is).
+    /// `admin`: they join as admins.
+    Join { users: Vec<String>, admin: bool },
+    /// These members leave: the event is the last message they see.
+    Leave { users: Vec<String> },
+    /// These current members get (`true`) or lose the admin role.
+    Admin { users: Vec<String>, admin: bool },
+    /// The group's name becomes `name`.
+    Rename { name: String },
+}
+
+/// What a stamped group event made by `from` does, in order.
+pub fn effects(from: &str, event: &GroupEvent) -> Vec<Effect> {
     match event {
         GroupEvent::Created { name, members } => vec![
-            GroupChange::Join {
+            Effect::Join {
                 users: vec![from.to_owned()],
                 admin: true,
             },
-            GroupChange::Join {
+            Effect::Join {
                 users: members.clone(),
                 admin: false,
             },
-            GroupChange::Rename { name: name.clone() },
+            Effect::Rename { name: name.clone() },
         ],
-        GroupEvent::Added { members } => vec![GroupChange::Join {
+        GroupEvent::Added { members } => vec![Effect::Join {
             users: members.clone(),
             admin: false,
         }],
-        GroupEvent::Removed { members } => vec![GroupChange::Leave {
+        GroupEvent::Removed { members } => vec![Effect::Leave {
             users: members.clone(),
         }],
         GroupEvent::Left { admin } => {
-            let mut changes = vec![GroupChange::Leave {
+            let mut effects = vec![Effect::Leave {
                 users: vec![from.to_owned()],
             }];
             if let Some(admin) = admin {
-                changes.push(GroupChange::Admin {
+                effects.push(Effect::Admin {
                     users: vec![admin.clone()],
                     admin: true,
                 });
             }
-            changes
+            effects
         }
-        GroupEvent::Renamed { name } => vec![GroupChange::Rename { name: name.clone() }],
-        GroupEvent::Promoted { members } => vec![GroupChange::Admin {
+        GroupEvent::Renamed { name } => vec![Effect::Rename { name: name.clone() }],
+        GroupEvent::Promoted { members } => vec![Effect::Admin {
             users: members.clone(),
             admin: true,
         }],
-        GroupEvent::Demoted { members } => vec![GroupChange::Admin {
+        GroupEvent::Demoted { members } => vec![Effect::Admin {
             users: members.clone(),
             admin: false,
         }],
     }
 }
 
-/// The store change of a stamped message: a one-to-one conversation's two members' index
-/// entries, or a group's membership changes.
-pub fn change_for(conv: &ConvId, m: Message, stream_seq: u64) -> Change {
-    match conv.direct_members() {
-        Some(members) => Change::message(
-            stored(m, stream_seq),
-            members.iter().map(|u| u.to_string()).collect(),
-        ),
-        None => {
-            let group = m
-                .event
-                .as_ref()
-                .map(|e| changes(&m.from, e))
-                .unwrap_or_default();
-            Change::group_message(stored(m, stream_seq), group)
+/// The users a membership event is about (created: the creator and the founding members;
+/// added, removed: its members; left: who left), sorted and deduplicated. Empty for renames and
+/// role changes.
+pub fn named<'a>(event: &'a GroupEvent, from: &'a str) -> Vec<&'a str> {
+    let mut users: Vec<&str> = match event {
+        GroupEvent::Created { members, .. } => std::iter::once(from)
+            .chain(members.iter().map(String::as_str))
+            .collect(),
+        GroupEvent::Added { members } | GroupEvent::Removed { members } => {
+            members.iter().map(String::as_str).collect()
         }
+        GroupEvent::Left { .. } => vec![from],
+        GroupEvent::Renamed { .. } | GroupEvent::Promoted { .. } | GroupEvent::Demoted { .. } => {
+            vec![]
+        }
+    };
+    users.sort_unstable();
+    users.dedup();
+    users
+}
+
+/// How an event changes one user's membership.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// The user sees the group from this event on.
+    Joined,
+    /// This event is the last the user sees.
+    Left,
+}
+
+/// Whether `event` (made by `from`) makes `user` join or leave.
+pub fn turn_of(event: &GroupEvent, from: &str, user: &str) -> Option<Turn> {
+    if !named(event, from).contains(&user) {
+        return None;
+    }
+    match event {
+        GroupEvent::Created { .. } | GroupEvent::Added { .. } => Some(Turn::Joined),
+        GroupEvent::Removed { .. } | GroupEvent::Left { .. } => Some(Turn::Left),
+        _ => None,
+    }
+}
+
+/// A group's current members, kept by applying its events in seq order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Roster {
+    /// Member -> (seq it joined at, admin).
+    members: BTreeMap<String, (u64, bool)>,
+}
+
+impl Roster {
+    /// The roster of these members (former members are skipped).
+    pub fn from_members(members: impl IntoIterator<Item = Member>) -> Self {
+        Self {
+            members: members
+                .into_iter()
+                .filter(|m| m.left.is_none())
+                .map(|m| (m.user, (m.joined, m.admin)))
+                .collect(),
+        }
+    }
+
+    /// Applies the event stamped at `seq` by `from`.
+    pub fn apply(&mut self, seq: u64, from: &str, event: &GroupEvent) {
+        for effect in effects(from, event) {
+            match effect {
+                Effect::Join { users, admin } => {
+                    for u in users {
+                        self.members.entry(u).or_insert((seq, admin));
+                    }
+                }
+                Effect::Leave { users } => {
+                    for u in users {
+                        self.members.remove(&u);
+                    }
+                }
+                Effect::Admin { users, admin } => {
+                    for u in users {
+                        if let Some(m) = self.members.get_mut(&u) {
+                            m.1 = admin;
+                        }
+                    }
+                }
+                Effect::Rename { .. } => {}
+            }
+        }
+    }
+
+    pub fn contains(&self, user: &str) -> bool {
+        self.members.contains_key(user)
+    }
+
+    pub fn len(&self) -> usize {
+        self.members.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.members.is_empty()
+    }
+
+    /// The current members, sorted by id.
+    pub fn members(&self) -> Vec<Member> {
+        self.members
+            .iter()
+            .map(|(user, (joined, admin))| Member {
+                user: user.clone(),
+                joined: *joined,
+                left: None,
+                admin: *admin,
+            })
+            .collect()
     }
 }
 
@@ -272,40 +390,20 @@ pub struct Window {
 }
 
 impl Window {
+    /// All of a conversation (one-to-one conversations, for their two members).
+    pub const ALL: Window = Window { from: 1, to: None };
+
+    /// The window of a group member.
+    pub fn of(member: &Member) -> Self {
+        Window {
+            from: member.joined,
+            to: member.left,
+        }
+    }
+
     pub fn contains(&self, seq: u64) -> bool {
         seq >= self.from && self.to.is_none_or(|to| seq <= to)
     }
-}
-
-/// What `user` may see of `conv`: all of a one-to-one conversation it is in, the part of a
-/// group from its joining to its leaving; `None` if it never was a member.
-pub async fn window<S: MessageStore>(
-    store: &S,
-    conv: &ConvId,
-    user: &UserId,
-) -> Result<Option<Window>, StoreError> {
-    if !conv.is_group() {
-        return Ok(conv
-            .is_direct_member(user)
-            .then_some(Window { from: 1, to: None }));
-    }
-    Ok(store
-        .member(conv.as_str(), user.as_str())
-        .await?
-        .map(|m| Window {
-            from: m.joined,
-            to: m.left,
-        }))
-}
-
-/// The current members of a group.
-pub async fn current_members<S: MessageStore>(
-    store: &S,
-    conv: &ConvId,
-) -> Result<Vec<Member>, StoreError> {
-    let mut members = store.members(conv.as_str()).await?;
-    members.retain(|m| m.left.is_none());
-    Ok(members)
 }
 
 #[cfg(test)]
@@ -440,19 +538,72 @@ mod tests {
     }
 
     #[test]
-    fn events_replay_into_store_changes() {
+    fn a_roster_replays_events_as_plan_sees_them() {
+        let mut roster = Roster::default();
+        let created = GroupEvent::Created {
+            name: "T".into(),
+            members: vec!["bo".into(), "cy".into()],
+        };
+        roster.apply(1, "al", &created);
+        assert_eq!(roster.len(), 3);
+        assert!(roster.members().iter().any(|m| m.user == "al" && m.admin));
+        roster.apply(
+            2,
+            "al",
+            &GroupEvent::Left {
+                admin: Some("bo".into()),
+            },
+        );
+        roster.apply(
+            3,
+            "bo",
+            &GroupEvent::Added {
+                members: vec!["cy".into(), "dee".into()],
+            },
+        );
+        let members = roster.members();
         assert_eq!(
-            changes(
+            members,
+            vec![
+                member("bo", 1, true),
+                member("cy", 1, false),
+                member("dee", 3, false)
+            ]
+        );
+        let leave = op(GroupOp::Leave, "bo", &[], None);
+        assert_eq!(
+            plan(&leave, true, &members, 9),
+            Ok(GroupEvent::Left {
+                admin: Some("cy".into())
+            })
+        );
+        assert_eq!(Roster::from_members(members.clone()), roster);
+    }
+
+    #[test]
+    fn events_name_their_users_and_turns() {
+        let removed = GroupEvent::Removed {
+            members: vec!["bo".into(), "al".into(), "bo".into()],
+        };
+        assert_eq!(named(&removed, "x"), vec!["al", "bo"]);
+        assert_eq!(turn_of(&removed, "x", "bo"), Some(Turn::Left));
+        assert_eq!(turn_of(&removed, "x", "x"), None);
+        let left = GroupEvent::Left { admin: None };
+        assert_eq!(turn_of(&left, "x", "x"), Some(Turn::Left));
+        let renamed = GroupEvent::Renamed { name: "n".into() };
+        assert!(named(&renamed, "x").is_empty());
+        assert_eq!(
+            effects(
                 "al",
                 &GroupEvent::Left {
                     admin: Some("bo".into())
                 }
             ),
             vec![
-                GroupChange::Leave {
+                Effect::Leave {
                     users: vec!["al".into()]
                 },
-                GroupChange::Admin {
+                Effect::Admin {
                     users: vec!["bo".into()],
                     admin: true
                 }
@@ -463,5 +614,6 @@ mod tests {
             to: Some(5),
         };
         assert!(!w.contains(2) && w.contains(3) && w.contains(5) && !w.contains(6));
+        assert!(Window::ALL.contains(1));
     }
 }

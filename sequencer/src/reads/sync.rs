@@ -1,0 +1,189 @@
+//! `chat.api.sync`: what changed for a user since a sync token, with the missed messages.
+
+use chat_store::MessageStore;
+
+use super::*;
+
+/// Sync tokens and continuations are opaque to clients: `v1.<stream seq>` and
+/// `v1.<stream seq>.<conv>` (the snapshot a paged sync ends with, and where it goes on).
+mod token {
+    pub fn encode(snapshot: u64) -> String {
+        format!("v1.{snapshot}")
+    }
+
+    pub fn encode_next(snapshot: u64, from_conv: &str) -> String {
+        format!("v1.{snapshot}.{from_conv}")
+    }
+
+    /// The stream seq of a token.
+    pub fn decode(token: &str) -> Option<u64> {
+        token.strip_prefix("v1.")?.parse().ok()
+    }
+
+    /// The snapshot and the conversation a continuation resumes at.
+    pub fn decode_next(next: &str) -> Option<(u64, &str)> {
+        let (snapshot, conv) = next.strip_prefix("v1.")?.split_once('.')?;
+        Some((snapshot.parse().ok()?, conv))
+    }
+}
+
+impl<S: MessageStore> Responder<S> {
+    pub(super) async fn sync(&self, payload: &[u8]) -> SyncReply {
+        match self.sync_page(payload).await {
+            Ok(reply) => reply,
+            Err(e) => SyncReply::Error(e),
+        }
+    }
+
+    async fn sync_page(&self, payload: &[u8]) -> Result<SyncReply, Refusal> {
+        let req: SyncRequest = serde_json::from_slice(payload)
+            .map_err(|_| error_frame(ErrorCode::InvalidFrame, "undecodable sync request"))?;
+        let user = UserId::parse(&req.user)
+            .map_err(|_| error_frame(ErrorCode::InvalidId, "invalid user id"))?;
+        let bad_token = || {
+            error_frame(
+                ErrorCode::InvalidToken,
+                "unusable sync token or continuation: sync again without it",
+            )
+        };
+        let since = match &req.since {
+            None => 0,
+            Some(t) => token::decode(t).ok_or_else(bad_token)?,
+        };
+        let resume = match &req.next {
+            None => None,
+            Some(n) => Some(token::decode_next(n).ok_or_else(bad_token)?),
+        };
+        // A continuation's snapshot is at least its since; the store must have applied both.
+        let floor = resume.map_or(since, |(snapshot, _)| snapshot.max(since));
+        match self.wait_for_stream(Some(floor)).await {
+            Ok(()) => {}
+            // A position the stream never reached: a token from another deployment or a reset.
+            Err(CatchUpError::Future { .. }) => return Err(bad_token()),
+            Err(err) => {
+                tracing::warn!(user = %user, error = %err, "sync catch-up check failed");
+                return Err(unavailable());
+            }
+        }
+        let limit = req.limit.clamp(1, SYNC_PAGE_MAX) as usize;
+        let from_conv = resume.map(|(_, conv)| conv);
+        let listed = self
+            .store
+            .user_conversations(user.as_str(), since, from_conv, SYNC_CONVS_PER_PAGE + 1)
+            .await
+            .map_err(store_failed)?;
+        let snapshot = resume.map_or(listed.applied, |(snapshot, _)| snapshot);
+        let mut convs = Vec::new();
+        let mut messages = Vec::new();
+        let mut budget = 0usize;
+        let mut next_conv = None;
+        for (i, summary) in listed.convs.into_iter().enumerate() {
+            if i == SYNC_CONVS_PER_PAGE as usize {
+                next_conv = Some(summary.conv);
+                break;
+            }
+            let Ok(conv) = ConvId::parse(&summary.conv) else {
+                tracing::error!(conv = %summary.conv, "skipping invalid conversation id in the index");
+                continue;
+            };
+            if messages.len() >= limit || budget >= PAGE_MAX_BODY_BYTES {
+                next_conv = Some(summary.conv);
+                break;
+            }
+            let stored = self
+                .store
+                .watermarks(conv.as_str())
+                .await
+                .map_err(store_failed)?;
+            let count = member_count(&conv, &summary);
+            let members = if count <= SYNC_MARKS_MAX_MEMBERS && summary.left.is_none() {
+                let users = self.member_ids(&conv).await?;
+                marks_of(users.iter().map(String::as_str), &stored)
+            } else {
+                marks_of([user.as_str()], &stored)
+            };
+            let read = members
+                .iter()
+                .find(|m| m.user == user.as_str())
+                .map_or(0, |m| m.read);
+            convs.push(ConvState {
+                conv: summary.conv.clone(),
+                name: (!summary.name.is_empty()).then(|| summary.name.clone()),
+                member_count: count,
+                latest: summary.latest,
+                unread: unread(&summary, read),
+                members,
+                left: summary.left,
+            });
+            // Nothing before the user joined, nothing after it left (`latest` stops there).
+            let cursor = req
+                .cursors
+                .get(&summary.conv)
+                .copied()
+                .unwrap_or(0)
+                .max(summary.joined.saturating_sub(1));
+            if summary.latest <= cursor {
+                continue;
+            }
+            let want = u32::try_from(limit - messages.len()).unwrap_or(u32::MAX);
+            let page = self
+                .store
+                .page(
+                    conv.as_str(),
+                    PageQuery::After {
+                        after: cursor,
+                        limit: want,
+                    },
+                )
+                .await
+                .map_err(store_failed)?;
+            let mut cut = page.more;
+            for m in page.messages {
+                if m.seq > summary.latest {
+                    // Stamped after the user left (or after the index was read).
+                    cut = false;
+                    break;
+                }
+                if budget + weight(&m) > PAGE_MAX_BODY_BYTES && !messages.is_empty() {
+                    cut = true;
+                    break;
+                }
+                budget += weight(&m);
+                messages.push(to_frame(m));
+            }
+            if cut {
+                // The client resumes this conversation from its updated cursor.
+                next_conv = Some(summary.conv);
+                break;
+            }
+        }
+        let more = next_conv.is_some();
+        Ok(SyncReply::Page {
+            convs,
+            messages,
+            more,
+            next: next_conv.map(|c| token::encode_next(snapshot, &c)),
+            token: (!more).then(|| token::encode(snapshot)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::token;
+
+    #[test]
+    fn tokens_round_trip_and_refuse_garbage() {
+        assert_eq!(token::decode(&token::encode(42)), Some(42));
+        assert_eq!(
+            token::decode_next(&token::encode_next(7, "dm~a~b")),
+            Some((7, "dm~a~b"))
+        );
+        for bad in ["", "42", "v2.1", "v1.x", "v1.-1"] {
+            assert_eq!(token::decode(bad), None, "{bad}");
+        }
+        for bad in ["v1.7", "v1.x.dm~a~b", "x.7.dm~a~b"] {
+            assert_eq!(token::decode_next(bad), None, "{bad}");
+        }
+    }
+}
