@@ -49,6 +49,7 @@ use crate::{
     backend::{Backend, BackendError, Push, Pushes},
     groups::{ConnGroups, GroupHub, own_change},
     metrics,
+    order::SentOrder,
 };
 
 /// History page size when the client does not ask for one.
@@ -242,12 +243,14 @@ pub(crate) async fn serve<B, W, R>(
     tracing::info!("connection opened");
 
     let confirmer = backend.clone();
+    let order = SentOrder::default();
     let mut reader = Reader {
         backend,
         shared: &shared,
         session: &session,
         out: out_tx.clone(),
         closer: &closer,
+        order: &order,
         inflight: FuturesUnordered::new(),
     };
     tokio::join!(
@@ -260,7 +263,8 @@ pub(crate) async fn serve<B, W, R>(
             groups,
             pushes,
             out_tx,
-            &closer
+            &closer,
+            &order,
         ),
     );
     drop(reader);
@@ -302,6 +306,8 @@ struct Reader<'a, B> {
     session: &'a Session,
     out: mpsc::Sender<Outbound>,
     closer: &'a Closer,
+    /// Holds back pushes answering a send until its `sent` is queued.
+    order: &'a SentOrder,
     /// Acks and API replies in flight, each resolving to the frame that answers it (a stored
     /// receipt is answered by none).
     inflight: FuturesUnordered<BoxFuture<'static, Option<ServerFrame>>>,
@@ -343,7 +349,7 @@ impl<B: Backend> Reader<'_, B> {
                         last_seen = Instant::now();
                     }
                     if let Some(frame) = frame {
-                        self.enqueue(frame).await?;
+                        self.answer(frame).await?;
                     }
                 }
                 msg = stream.next(), if reading => {
@@ -362,13 +368,7 @@ impl<B: Backend> Reader<'_, B> {
         let drained = timeout_at(deadline, async {
             while let Some(frame) = self.inflight.next().await {
                 let Some(frame) = frame else { continue };
-                count_error(&frame);
-                if self
-                    .out
-                    .send(Outbound::Frame(encode(&frame)))
-                    .await
-                    .is_err()
-                {
+                if self.answer(frame).await.is_err() {
                     return false;
                 }
             }
@@ -579,6 +579,8 @@ impl<B: Backend> Reader<'_, B> {
         let msg_id = api::dedupe_id(conv_id.as_str(), user.as_str(), &id);
         let payload = serde_json::to_vec(&inbound).expect("inbound messages always serialize");
         let (ack_id, ack_conv) = (id.clone(), conv.clone());
+        // From now on the sequencer may answer this send: its answer waits for the `sent`.
+        self.order.expect(&conv, &id);
         let published = self
             .publish(&conv_id, Some(msg_id), payload, move |stored| {
                 let (id, conv) = (ack_id, ack_conv);
@@ -596,9 +598,39 @@ impl<B: Backend> Reader<'_, B> {
             .await;
         if let Err(err) = published {
             tracing::warn!(conv = %conv_id, error = %err, "publish failed");
-            return self
-                .send_failed(ErrorCode::Unavailable, UNAVAILABLE.into(), id, conv, None)
-                .await;
+            let (c, i) = (conv.clone(), id.clone());
+            self.send_failed(ErrorCode::Unavailable, UNAVAILABLE.into(), id, conv, None)
+                .await?;
+            return self.release(&c, &i).await;
+        }
+        Ok(())
+    }
+
+    /// Queues the answer to something in flight; when it answers a send (`sent`, or its
+    /// failure), the pushes held back for that send follow it.
+    async fn answer(&mut self, frame: ServerFrame) -> Result<(), CloseReason> {
+        let send = match &frame {
+            ServerFrame::Sent { id, conv, .. } => Some((conv.clone(), id.clone())),
+            ServerFrame::Error(ErrorFrame {
+                id: Some(id),
+                conv: Some(conv),
+                ..
+            }) => Some((conv.clone(), id.clone())),
+            _ => None,
+        };
+        self.enqueue(frame).await?;
+        match send {
+            Some((conv, id)) => self.release(&conv, &id).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The send `(conv, id)` is answered: queues what was held back for it.
+    async fn release(&mut self, conv: &str, id: &str) -> Result<(), CloseReason> {
+        self.order.answered(conv, id);
+        while let Some(text) = self.order.next_releasable(conv) {
+            push_frame(&self.out, text).await?;
+            self.order.released(conv);
         }
         Ok(())
     }
@@ -1100,6 +1132,7 @@ async fn forward<B: Backend>(
     mut pushes: Pushes,
     out: mpsc::Sender<Outbound>,
     closer: &Closer,
+    order: &SentOrder,
 ) {
     let shutdown = &shared.shutdown;
     loop {
@@ -1118,7 +1151,9 @@ async fn forward<B: Backend>(
                 return;
             }
             text = next_group(&mut groups) => {
-                if let Err(reason) = push_frame(&out, text).await {
+                if let Some(text) = order.admit(user, text)
+                    && let Err(reason) = push_frame(&out, text).await
+                {
                     closer.close(reason);
                     return;
                 }
@@ -1135,7 +1170,10 @@ async fn forward<B: Backend>(
             tracing::warn!("dropping a push that is not utf-8");
             continue;
         };
-        if let Err(reason) = push_frame(&out, text).await {
+        // A push answering a send still waiting for its `sent` is queued right after it.
+        if let Some(text) = order.admit(user, text)
+            && let Err(reason) = push_frame(&out, text).await
+        {
             closer.close(reason);
             return;
         }
@@ -1845,6 +1883,60 @@ mod tests {
         }
         assert!(matches!(c.frame().await, ServerFrame::Sent { id, .. } if id == "m1"));
         assert!(matches!(c.frame().await, ServerFrame::Sent { id, .. } if id == "m2"));
+    }
+
+    /// The sequencer's answer to a send (the sender's own stamped message, or a refusal) can
+    /// overtake the send's JetStream ack: the client still gets `sent` first, and the
+    /// conversation's later pushes keep their place behind the held answer.
+    #[tokio::test(start_paused = true)]
+    async fn sent_comes_before_what_answers_the_send() {
+        let mut c = connect(config(), 16, HOUR);
+        c.frame().await;
+        c.send(&send_json("m1")).await;
+        c.send(&send_json("m2")).await;
+        let m1 = c.published().await;
+        let m2 = c.published().await;
+        let own = r#"{"type":"message","conv":"dm~alice~bob","seq":1,"from":"alice","id":"m1","ts":1,"body":"hi m1"}"#;
+        let reply = r#"{"type":"message","conv":"dm~alice~bob","seq":2,"from":"bob","id":"b1","ts":2,"body":"hey"}"#;
+        let refusal = r#"{"type":"error","code":"not_member","message":"no","id":"m2","conv":"dm~alice~bob"}"#;
+        let other = r#"{"type":"message","conv":"dm~alice~carol","seq":7,"from":"carol","id":"c1","ts":3,"body":"yo"}"#;
+        c.push(own, None).await;
+        c.push(reply, None).await;
+        c.push(refusal, None).await;
+        c.push(other, None).await;
+        // Another conversation is not held up.
+        assert!(matches!(c.frame().await, ServerFrame::Message(m) if m.conv == "dm~alice~carol"));
+        m2.ack.send(Ok(())).unwrap();
+        // m2's `sent` may go, but its refusal waits behind m1's message, which waits for m1.
+        assert!(matches!(c.frame().await, ServerFrame::Sent { id, .. } if id == "m2"));
+        c.ping_pong().await;
+        m1.ack.send(Ok(())).unwrap();
+        assert!(matches!(c.frame().await, ServerFrame::Sent { id, .. } if id == "m1"));
+        assert!(matches!(c.frame().await, ServerFrame::Message(m) if m.id == "m1"));
+        assert!(matches!(c.frame().await, ServerFrame::Message(m) if m.id == "b1"));
+        assert!(matches!(c.frame().await, ServerFrame::Error(e) if e.id.as_deref() == Some("m2")));
+        // Nothing awaits any more: pushes go straight through.
+        c.push(reply, None).await;
+        assert!(matches!(c.frame().await, ServerFrame::Message(m) if m.id == "b1"));
+    }
+
+    /// A send whose publish fails releases what was held for it, after its error.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_send_releases_its_held_answer_after_the_error() {
+        let mut c = connect(config(), 16, HOUR);
+        c.frame().await;
+        c.send(&send_json("m1")).await;
+        let m1 = c.published().await;
+        let own = r#"{"type":"message","conv":"dm~alice~bob","seq":1,"from":"alice","id":"m1","ts":1,"body":"hi m1"}"#;
+        c.push(own, None).await;
+        c.ping_pong().await;
+        m1.ack.send(Err(BackendError::NoResponders)).unwrap();
+        let e = c.error().await;
+        assert_eq!(
+            (e.code, e.id.as_deref()),
+            (ErrorCode::Unavailable, Some("m1"))
+        );
+        assert!(matches!(c.frame().await, ServerFrame::Message(m) if m.id == "m1"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -52,6 +52,7 @@ mod connection;
 pub mod error;
 mod groups;
 pub mod metrics;
+mod order;
 mod registry;
 
 use std::{sync::Arc, time::Duration};
