@@ -262,9 +262,11 @@ pub(crate) async fn serve<B, W, R>(
             &session.user,
             groups,
             pushes,
-            out_tx,
-            &closer,
-            &order,
+            Outlet {
+                out: out_tx,
+                closer: &closer,
+                order: &order,
+            },
         ),
     );
     drop(reader);
@@ -1116,6 +1118,14 @@ async fn next_group<B: Backend>(groups: &mut Option<ConnGroups<B>>) -> Utf8Bytes
     }
 }
 
+/// Where the forwarder puts what it forwards: the outgoing queue, the close decision, and the
+/// pushes held back until a send's `sent`.
+struct Outlet<'a> {
+    out: mpsc::Sender<Outbound>,
+    closer: &'a Closer,
+    order: &'a SentOrder,
+}
+
 /// Pushes the user's subject into the queue, unchanged: those payloads are complete frames
 /// (`message`, `receipt`, `error`). A push that asks for a delivery confirmation (it has a reply
 /// subject) is confirmed once it is queued: a device of the user is there to take it. A push
@@ -1130,10 +1140,9 @@ async fn forward<B: Backend>(
     user: &UserId,
     mut groups: Option<ConnGroups<B>>,
     mut pushes: Pushes,
-    out: mpsc::Sender<Outbound>,
-    closer: &Closer,
-    order: &SentOrder,
+    outlet: Outlet<'_>,
 ) {
+    let Outlet { out, closer, order } = outlet;
     let shutdown = &shared.shutdown;
     loop {
         let slow = groups.as_ref().map(ConnGroups::slow_token);
