@@ -239,6 +239,25 @@ pub enum AdminCommand {
               value_parser = clap::value_parser!(u32).range(1..=chat_protocol::subjects::MAX_PARTITIONS as i64))]
         partitions: u32,
     },
+    /// Grow the partition count of a live system to a whole multiple of the current one,
+    /// keeping every conversation's order (see nats/README.md)
+    Repartition {
+        /// NATS server URL
+        #[arg(
+            long,
+            env = "CHAT_NATS_URL",
+            default_value = DEFAULT_NATS_URL,
+            hide_env_values = true
+        )]
+        nats: String,
+        /// The new partition count
+        #[arg(long, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..=chat_protocol::subjects::MAX_PARTITIONS as i64))]
+        partitions: u32,
+        /// num_replicas of the new consumers (as the streams')
+        #[arg(long, value_name = "N")]
+        replicas: Option<u64>,
+    },
     /// Write the stream and consumer files for a partition count (for the nats CLI)
     Render {
         /// Directory to write streams/ and consumers/ into (e.g. nats)
@@ -369,6 +388,11 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             partitions,
         }) => provision(&nats, replicas, partitions).await,
         Command::Admin(AdminCommand::Render { out, partitions }) => render(&out, partitions),
+        Command::Admin(AdminCommand::Repartition {
+            nats,
+            partitions,
+            replicas,
+        }) => repartition(&nats, partitions, replicas).await,
     }
 }
 
@@ -790,13 +814,30 @@ fn render(out: &std::path::Path, partitions: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn provision(nats: &str, replicas: Option<u64>, partitions: u32) -> anyhow::Result<()> {
-    let client = async_nats::ConnectOptions::new()
+async fn admin_client(nats: &str) -> anyhow::Result<async_nats::Client> {
+    async_nats::ConnectOptions::new()
         .name("chat-admin")
         .connection_timeout(Duration::from_secs(5))
-        .connect(nats)
+        .connect(chat_common::nats_servers(nats)?)
         .await
-        .with_context(|| format!("cannot connect to NATS at {nats}"))?;
+        .with_context(|| format!("cannot connect to NATS at {nats}"))
+}
+
+async fn repartition(nats: &str, partitions: u32, replicas: Option<u64>) -> anyhow::Result<()> {
+    let client = admin_client(nats).await?;
+    let overrides = Overrides {
+        num_replicas: replicas,
+        partitions: Some(partitions),
+    };
+    jetstream::repartition(&client, partitions, &overrides, |step| println!("{step}"))
+        .await
+        .context("repartitioning failed")?;
+    client.flush().await.ok();
+    Ok(())
+}
+
+async fn provision(nats: &str, replicas: Option<u64>, partitions: u32) -> anyhow::Result<()> {
+    let client = admin_client(nats).await?;
     let overrides = Overrides {
         num_replicas: replicas,
         partitions: Some(partitions),

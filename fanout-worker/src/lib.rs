@@ -201,66 +201,101 @@ pub async fn run(
     );
     let (direct_balance, group_balance) = (direct_balance?, group_balance?);
     let mut consuming = tokio::task::JoinSet::new();
-    if config.direct {
-        let consumers = partitions
-            .iter()
-            .map(|p| (*p, fanout_consumer(*p)))
-            .collect();
+    // Starts delivering `partitions` (each kind this worker runs).
+    let start = {
+        let (js, settings, shutdown) = (js.clone(), settings.clone(), shutdown.clone());
         let deliverer = deliverer.clone();
-        let balance = direct_balance;
-        consuming.spawn(consume(
-            js.clone(),
-            consumers,
-            settings.clone(),
-            balance,
-            move |_p, msg| {
+        let mut group_fanout: Option<std::sync::Arc<groups::GroupFanout>> = None;
+        if config.groups {
+            group_fanout = Some(groups::GroupFanout::start(
+                deliverer.clone(),
+                client.clone(),
+                budget::Budget::new(
+                    config.group_conv_deliveries_per_second,
+                    config.group_conv_burst,
+                    config.group_deliveries_per_second,
+                    config.group_burst,
+                ),
+                groups::GroupSettings {
+                    small_group_max_members: config.small_group_max_members as usize,
+                    view_max_members: config.group_view_max_members,
+                    group_info_timeout: Duration::from_millis(config.group_info_timeout_ms),
+                    retry_delay: Duration::from_millis(config.group_retry_delay_ms),
+                },
+                stop_delivery.clone(),
+            ));
+        }
+        let direct = config.direct;
+        move |consuming: &mut tokio::task::JoinSet<()>, partitions: &[u32]| {
+            if direct {
+                let consumers = partitions
+                    .iter()
+                    .map(|p| (*p, fanout_consumer(*p)))
+                    .collect();
                 let deliverer = deliverer.clone();
-                async move { deliverer.deliver(msg).await }
-            },
-            shutdown.child_token(),
-        ));
-    }
-    if config.groups {
-        let groups = groups::GroupFanout::start(
-            deliverer.clone(),
-            client.clone(),
-            budget::Budget::new(
-                config.group_conv_deliveries_per_second,
-                config.group_conv_burst,
-                config.group_deliveries_per_second,
-                config.group_burst,
-            ),
-            groups::GroupSettings {
-                small_group_max_members: config.small_group_max_members as usize,
-                view_max_members: config.group_view_max_members,
-                group_info_timeout: Duration::from_millis(config.group_info_timeout_ms),
-                retry_delay: Duration::from_millis(config.group_retry_delay_ms),
-            },
-            stop_delivery.clone(),
-        );
-        let consumers = partitions
-            .iter()
-            .map(|p| (*p, fanout_group_consumer(*p)))
-            .collect();
-        let balance = group_balance;
-        consuming.spawn(consume(
-            js,
-            consumers,
-            settings,
-            balance,
-            // Only sorts the event into its conversation's queue: the pull loop never waits
-            // for a group's budget.
-            move |_p, msg| {
-                groups.enqueue(msg);
-                std::future::ready(())
-            },
-            shutdown.child_token(),
-        ));
-    }
-    let consuming = async move { while consuming.join_next().await.is_some() {} };
+                consuming.spawn(consume(
+                    js.clone(),
+                    consumers,
+                    settings.clone(),
+                    direct_balance.clone(),
+                    move |_p, msg| {
+                        let deliverer = deliverer.clone();
+                        async move { deliverer.deliver(msg).await }
+                    },
+                    shutdown.child_token(),
+                ));
+            }
+            if let Some(groups) = &group_fanout {
+                let consumers = partitions
+                    .iter()
+                    .map(|p| (*p, fanout_group_consumer(*p)))
+                    .collect();
+                let groups = groups.clone();
+                consuming.spawn(consume(
+                    js.clone(),
+                    consumers,
+                    settings.clone(),
+                    group_balance.clone(),
+                    // Only sorts the event into its conversation's queue: the pull loop never
+                    // waits for a group's budget.
+                    move |_p, msg| {
+                        groups.enqueue(msg);
+                        std::future::ready(())
+                    },
+                    shutdown.child_token(),
+                ));
+            }
+        }
+    };
+    start(&mut consuming, &partitions);
     ready.set(true);
     tracing::info!(partitions = ?partitions, direct = config.direct, groups = config.groups, "fan-out worker running");
-    shutdown.cancelled().await;
+    // Every partition, those added when the count grows too (`nats/README.md`).
+    let mut count = if config.partitions.is_none() {
+        Some(count)
+    } else {
+        None
+    };
+    let mut every = tokio::time::interval(Duration::from_secs(5));
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = every.tick(), if count.is_some() => {}
+        }
+        let Some(have) = count else { continue };
+        match chat_protocol::jetstream::live_partitions(&js).await {
+            Ok(now) if now > have => {
+                tracing::info!(from = have, to = now, "the partition count grew");
+                let new: Vec<u32> = (have..now).collect();
+                start(&mut consuming, &new);
+                count = Some(now);
+            }
+            Ok(_) => {}
+            Err(err) => tracing::debug!(error = %err, "reading the partition count failed"),
+        }
+    }
+    let consuming = async move { while consuming.join_next().await.is_some() {} };
     ready.set(false);
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     chat_common::within_grace("stop consumers", grace, consuming).await;

@@ -569,6 +569,151 @@ pub async fn provision_all(
     Ok(report)
 }
 
+/// Why [`repartition`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RepartitionError {
+    #[error(transparent)]
+    Live(#[from] LiveError),
+    #[error(
+        "{to} partitions is not a multiple of the current {from}: only growth by a whole multiple keeps every conversation's order (nats/README.md, \"Changing the partition count\")"
+    )]
+    NotAMultiple { from: u32, to: u32 },
+    #[error(transparent)]
+    Provision(#[from] ProvisionError),
+    #[error("{0}")]
+    Nats(String),
+}
+
+/// The partition of a per-partition consumer name (`seq-p7`, `fanout-p7`, `fanout-g-p7`).
+fn partition_of_consumer(name: &str) -> Option<u32> {
+    ["seq-p", "fanout-g-p", "fanout-p"]
+        .iter()
+        .find_map(|prefix| name.strip_prefix(prefix)?.parse().ok())
+}
+
+/// Grows the partition count of a live system to `to`, a whole multiple of the current count,
+/// without breaking any conversation's order (`nats/README.md`, "Changing the partition
+/// count"): the new partitions' consumers are created paused, the `CHAT_IN` transform is
+/// switched, and they are resumed once every old partition has stamped everything stored
+/// before the switch. `step` hears what is being done.
+pub async fn repartition(
+    client: &async_nats::Client,
+    to: u32,
+    overrides: &Overrides,
+    mut step: impl FnMut(String),
+) -> Result<(), RepartitionError> {
+    let js = async_nats::jetstream::new(client.clone());
+    let from = live_partitions(&js).await?;
+    if to == from {
+        step(format!("already {to} partitions: nothing to do"));
+        return Ok(());
+    }
+    if to < from || !to.is_multiple_of(from) || to > subjects::MAX_PARTITIONS {
+        return Err(RepartitionError::NotAMultiple { from, to });
+    }
+    let overrides = Overrides {
+        partitions: Some(to),
+        ..overrides.clone()
+    };
+    let new: Vec<Definition> = consumers(to)
+        .into_iter()
+        .filter(|d| partition_of_consumer(&d.name()).is_some_and(|p| p >= from))
+        .collect();
+    step(format!(
+        "1. creating {} consumers of partitions {from}..{to}, paused",
+        new.len()
+    ));
+    for def in &new {
+        let mut paused = def.clone();
+        paused
+            .config
+            .insert("pause_until".into(), "2099-01-01T00:00:00Z".into());
+        provision_consumer(client, &paused, &overrides).await?;
+    }
+    step(format!(
+        "2. switching the {} subject transform to partition({to},1)",
+        subjects::STREAM_INBOUND
+    ));
+    let inbound = streams(to)
+        .into_iter()
+        .find(|d| d.name() == subjects::STREAM_INBOUND)
+        .expect("CHAT_IN is defined");
+    provision_stream(client, &inbound, &overrides).await?;
+    let mut stream = js
+        .get_stream(subjects::STREAM_INBOUND)
+        .await
+        .map_err(|e| RepartitionError::Nats(e.to_string()))?;
+    let switched_at = stream
+        .info()
+        .await
+        .map_err(|e| RepartitionError::Nats(e.to_string()))?
+        .state
+        .last_sequence;
+    step(format!(
+        "3. waiting until partitions 0..{from} stamped everything up to stream sequence {switched_at}"
+    ));
+    for p in 0..from {
+        loop {
+            let first = first_message(client, &subjects::inbound_partition_filter(p)).await?;
+            if first.is_none_or(|seq| seq > switched_at) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+    step(format!(
+        "4. resuming the consumers of partitions {from}..{to}"
+    ));
+    for def in &new {
+        let subject = format!("$JS.API.CONSUMER.PAUSE.{}.{}", def.stream(), def.name());
+        let reply = api(client, subject, &json!({})).await?;
+        if let Some((code, _, description)) = api_error(&reply) {
+            return Err(RepartitionError::Provision(ProvisionError::Api {
+                what: "consumer",
+                name: format!("{}/{}", def.stream(), def.name()),
+                code,
+                description,
+            }));
+        }
+    }
+    step(format!(
+        "done: {to} partitions; sequencers and fan-out workers pick the new ones up within 5 s"
+    ));
+    Ok(())
+}
+
+/// The stream sequence of the first `CHAT_IN` message on `filter`, if any.
+async fn first_message(
+    client: &async_nats::Client,
+    filter: &str,
+) -> Result<Option<u64>, RepartitionError> {
+    let request =
+        serde_json::to_vec(&json!({ "seq": 1, "next_by_subj": filter })).expect("JSON encodes");
+    let reply = client
+        .request(
+            format!("$JS.API.DIRECT.GET.{}", subjects::STREAM_INBOUND),
+            request.into(),
+        )
+        .await
+        .map_err(|e| RepartitionError::Nats(e.to_string()))?;
+    if reply.status == Some(async_nats::StatusCode::NOT_FOUND) {
+        return Ok(None);
+    }
+    reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Sequence"))
+        .and_then(|v| v.as_str().parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            RepartitionError::Nats(format!(
+                "direct get of {filter}: {:?} {}",
+                reply.status,
+                reply.description.unwrap_or_default()
+            ))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -675,6 +820,17 @@ mod tests {
         let adapter = consumers.last().unwrap();
         assert_eq!(adapter.stream(), subjects::STREAM_PUSH);
         assert_eq!(adapter.name(), PUSH_CONSUMER);
+    }
+
+    #[test]
+    fn per_partition_consumers_name_their_partition() {
+        for def in consumers(5) {
+            let name = def.name();
+            match partition_of_consumer(&name) {
+                Some(p) => assert!(name.ends_with(&format!("-p{p}")) && p < 5, "{name}"),
+                None => assert_eq!(name, PUSH_CONSUMER),
+            }
+        }
     }
 
     #[test]

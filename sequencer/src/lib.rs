@@ -65,7 +65,10 @@ pub async fn run(
         .backpressure_on_inflight(true)
         .build(client.clone());
     let count = live_partitions(&js).await?;
-    let partitions = partitions::select(config.partitions.as_deref(), count)?;
+    let partitions = match config.partitions.as_deref() {
+        Some(list) => per_message::Partitions::Fixed(partitions::select(Some(list), count)?),
+        None => per_message::Partitions::All(count),
+    };
     let instance = if config.instance_id.is_empty() {
         chat_common::default_instance_id()
     } else {
@@ -128,7 +131,7 @@ pub async fn run(
     let settings = PartitionSettings {
         pull_batch: config.pull_batch.max(1),
         pull_expires: Duration::from_millis(500),
-        conv_cache_max: (config.conv_cache_max / partitions.len().max(1)).max(16),
+        conv_cache_max: (config.conv_cache_max / count.max(1) as usize).max(16),
     };
     let consuming = tokio::spawn(per_message::run(
         ctx,

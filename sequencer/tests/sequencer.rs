@@ -780,6 +780,104 @@ async fn on_a_three_node_cluster_with_r3_streams_stamps_stay_dense_and_in_order(
         .unwrap();
 }
 
+/// Growing the partition count under traffic: conversations that move to a new partition
+/// keep their dense seqs and their senders' order, and the running sequencer picks the new
+/// partitions up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_partition_count_grows_under_traffic_without_breaking_any_order() {
+    let nats = NatsServer::start();
+    let client = nats.client().await;
+    provision_all(
+        &client,
+        &Overrides {
+            partitions: Some(4),
+            ..Overrides::default()
+        },
+    )
+    .await
+    .unwrap();
+    let js = jetstream::new(client.clone());
+    let seq = Sequencer::spawn(&nats, "s1");
+    let convs: Vec<String> = (0..16).map(|i| format!("dm~a{i}~b{i}")).collect();
+    let round = |r: usize| -> Vec<(String, String, String)> {
+        convs
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.clone(), format!("a{i}"), format!("r{r}")))
+            .collect()
+    };
+    let mut sends = Vec::new();
+    for r in 0..10 {
+        let batch = round(r);
+        send_pipelined(&js, &batch).await;
+        sends.extend(batch);
+    }
+    // The sequencer runs with 4 partitions (it has stamped them).
+    assert_eq!(stamped(&js, sends.len()).await.len(), sends.len());
+    // Traffic goes on while the count grows from 4 to 8.
+    let traffic = {
+        let (js, more) = (js.clone(), (10..40).map(round).collect::<Vec<_>>());
+        tokio::spawn(async move {
+            for batch in more {
+                send_pipelined(&js, &batch).await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    let mut steps = Vec::new();
+    chat_protocol::jetstream::repartition(&client, 8, &Overrides::default(), |s| steps.push(s))
+        .await
+        .unwrap();
+    traffic.await.unwrap();
+    sends.extend((10..40).flat_map(round));
+    assert_eq!(
+        chat_protocol::jetstream::live_partitions(&js)
+            .await
+            .unwrap(),
+        8
+    );
+    let all = stamped(&js, sends.len()).await;
+    assert_eq!(
+        all.len(),
+        sends.len(),
+        "every message stamped exactly once: {steps:?}"
+    );
+    assert_dense_in_send_order(&all, &sends);
+    // Some conversations moved: their later stamps are on the new partitions' subjects.
+    let moved = convs.iter().any(|c| {
+        let conv = ConvId::parse(c).unwrap();
+        subjects::partition_of(&conv, 8) >= 4
+    });
+    assert!(moved, "the test's conversations cover the new partitions");
+    for c in &convs {
+        let conv = ConvId::parse(c).unwrap();
+        let last = chat_protocol::jetstream::last_message(
+            &client,
+            subjects::STREAM_STAMPED,
+            &subjects::stamped_any(&conv),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            last.subject,
+            subjects::stamped(&conv, subjects::partition_of(&conv, 8))
+        );
+    }
+    // Not a multiple: refused, nothing changed.
+    let err = chat_protocol::jetstream::repartition(&client, 12, &Overrides::default(), |_| {})
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("multiple"), "{err}");
+    assert_eq!(
+        chat_protocol::jetstream::live_partitions(&js)
+            .await
+            .unwrap(),
+        8
+    );
+    seq.stop().await;
+}
+
 /// The fence the stamper relies on: a publish that expects a stale head of the conversation
 /// is refused, including "expects no message yet" (0) once one exists, and the head is the
 /// conversation's last message in any partition (so the fence holds when the partition count

@@ -48,17 +48,30 @@ pub struct Ctx<S> {
     pub max_held_bytes: usize,
 }
 
-/// Owns and stamps `partitions` until `shutdown`: all of them, or with `balance` those this
+/// How often a process that competes for every partition looks for new ones (the partition
+/// count grew, `nats/README.md`).
+const NEW_PARTITIONS_EVERY: Duration = Duration::from_secs(5);
+
+/// Which partitions a process competes for.
+#[derive(Debug, Clone)]
+pub enum Partitions {
+    /// These, whatever the count.
+    Fixed(Vec<u32>),
+    /// Every partition: `0..count` now, and those added when the count grows.
+    All(u32),
+}
+
+/// Owns and stamps its partitions until `shutdown`: all of them, or with `balance` those this
 /// process owns among the live sequencers, as ownership moves.
 pub async fn run<S: MessageStore>(
     ctx: Arc<Ctx<S>>,
-    partitions: Vec<u32>,
+    partitions: Partitions,
     settings: PartitionSettings,
     balance: Option<Balance>,
     shutdown: CancellationToken,
 ) {
     let mut tasks = tokio::task::JoinSet::new();
-    for p in partitions {
+    let spawn = |tasks: &mut tokio::task::JoinSet<()>, p: u32| {
         let (ctx, settings, balance, shutdown) = (
             ctx.clone(),
             settings.clone(),
@@ -66,6 +79,38 @@ pub async fn run<S: MessageStore>(
             shutdown.clone(),
         );
         tasks.spawn(async move { own(ctx, p, settings, balance, shutdown).await });
+    };
+    let mut count = match &partitions {
+        Partitions::Fixed(list) => {
+            for p in list {
+                spawn(&mut tasks, *p);
+            }
+            while tasks.join_next().await.is_some() {}
+            return;
+        }
+        Partitions::All(count) => *count,
+    };
+    for p in 0..count {
+        spawn(&mut tasks, p);
+    }
+    let mut every = tokio::time::interval(NEW_PARTITIONS_EVERY);
+    every.tick().await;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = every.tick() => {}
+        }
+        match chat_protocol::jetstream::live_partitions(&ctx.js).await {
+            Ok(now) if now > count => {
+                tracing::info!(from = count, to = now, "the partition count grew");
+                for p in count..now {
+                    spawn(&mut tasks, p);
+                }
+                count = now;
+            }
+            Ok(_) => {}
+            Err(err) => tracing::debug!(error = %err, "reading the partition count failed"),
+        }
     }
     while tasks.join_next().await.is_some() {}
 }
