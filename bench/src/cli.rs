@@ -104,6 +104,9 @@ pub struct Pipeline {
     /// After the offered window, seconds to wait for every ack and delivery
     #[arg(long, default_value_t = 30.0)]
     pub drain: f64,
+    /// Conversation partitions to provision (default: the deployment default, 64)
+    #[arg(long, value_name = "N")]
+    pub partitions: Option<u32>,
 }
 
 #[derive(Debug, Clone, Args, Serialize)]

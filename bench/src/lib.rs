@@ -126,7 +126,7 @@ async fn pipeline(
     if p.pairs == 0 {
         bail!("--pairs must be at least 1");
     }
-    let sys = System::start(true).await?;
+    let sys = System::start_partitioned(true, &[], p.partitions).await?;
     let b = baseline_on(&sys, load).await?;
     let pop = Population::connect(&sys, p.pairs, 1).await?;
     println!("{} pairs connected ({} sockets)", p.pairs, p.pairs * 2);

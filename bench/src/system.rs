@@ -52,12 +52,24 @@ impl System {
     /// Like [`System::start`], with extra environment variables for the fan-out worker (its
     /// group budgets, say).
     pub async fn start_with(services: bool, fanout_env: &[(&str, String)]) -> Result<Self> {
+        Self::start_partitioned(services, fanout_env, None).await
+    }
+
+    /// Like [`System::start_with`], with `partitions` conversation partitions.
+    pub async fn start_partitioned(
+        services: bool,
+        fanout_env: &[(&str, String)],
+        partitions: Option<u32>,
+    ) -> Result<Self> {
         let n = usize::from(services);
-        let mut cluster = Cluster::new(ClusterConfig {
-            gateways: n,
-            sequencers: n,
-            fanouts: n,
-        })
+        let mut cluster = Cluster::with_partitions(
+            ClusterConfig {
+                gateways: n,
+                sequencers: n,
+                fanouts: n,
+            },
+            partitions,
+        )
         .await;
         for f in &mut cluster.fanouts {
             for (k, v) in fanout_env {

@@ -270,6 +270,11 @@ impl Cluster {
     /// Outside a multi-thread tokio runtime (starting nats-server blocks), if a service binary
     /// is missing, or if nats-server cannot start or be provisioned.
     pub async fn new(config: ClusterConfig) -> Self {
+        Self::with_partitions(config, None).await
+    }
+
+    /// [`Cluster::new`] with `partitions` conversation partitions (default: the default count).
+    pub async fn with_partitions(config: ClusterConfig, partitions: Option<u32>) -> Self {
         let mut dir = tempfile::Builder::new()
             .prefix("chat-faults-")
             .tempdir()
@@ -281,9 +286,15 @@ impl Cluster {
         fs::create_dir_all(dir.path().join("logs")).expect("logs dir");
         let nats = tokio::task::block_in_place(NatsServer::start);
         let client = nats.client().await;
-        provision_all(&client, &Overrides::default())
-            .await
-            .expect("provision streams and consumers");
+        provision_all(
+            &client,
+            &Overrides {
+                partitions,
+                ..Overrides::default()
+            },
+        )
+        .await
+        .expect("provision streams and consumers");
         let url = nats.url();
         let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
             pairs

@@ -12,7 +12,7 @@ use crate::ids::{ConvId, UserId};
 
 /// The partition count the files in `nats/` are written for. The live count is read from the
 /// `CHAT_IN` subject transform ([`partitions_of_transform`]).
-pub const DEFAULT_PARTITIONS: u32 = 64;
+pub const DEFAULT_PARTITIONS: u32 = 16;
 
 /// The largest partition count the services accept (a consumer per partition and kind).
 pub const MAX_PARTITIONS: u32 = 4096;

@@ -58,7 +58,7 @@ pub const HOLD_BACK: Duration = Duration::from_millis(2000);
 /// redeliver them (`ack_wait` is 1.5 s).
 const PROGRESS_EVERY: Duration = Duration::from_millis(600);
 /// How often the loop looks at the clock (freeze detection, progress acks, cache bound).
-const TICK: Duration = Duration::from_millis(100);
+const TICK: Duration = Duration::from_millis(250);
 /// Delay before a conversation whose load or publish failed is tried again.
 const RETRY_DELAY: Duration = Duration::from_millis(200);
 /// Delay before a publish refused with "in process" (R3: the server is still applying an
@@ -103,6 +103,8 @@ struct Conv {
     busy: Busy,
     queue: VecDeque<Queued>,
     last_used: Instant,
+    /// Stream sequence of the newest input stamped in this conversation by this owner.
+    stamped_sseq: u64,
 }
 
 impl Conv {
@@ -219,7 +221,7 @@ impl<S: MessageStore> Partition<S> {
             .group(subjects::SEQUENCER_GROUP)
             .max_messages_per_batch(self.settings.pull_batch)
             .expires(expires)
-            .heartbeat(expires / 3)
+            .heartbeat(expires / 2)
             .messages()
             .await?;
         let mut messages = messages.ready_chunks(self.settings.pull_batch.max(1));
@@ -386,6 +388,7 @@ impl<S: MessageStore> Partition<S> {
                 busy: Busy::Idle,
                 queue: VecDeque::new(),
                 last_used: now,
+                stamped_sseq: 0,
             });
             entry.last_used = now;
             entry.enqueue(Queued { sseq, valid });
@@ -635,7 +638,23 @@ impl<S: MessageStore> Partition<S> {
         c.busy = Busy::Idle;
         match result {
             Ok(ack) => {
-                c.queue.pop_front();
+                // Normally the front; an older message redelivered meanwhile sorts before it.
+                if let Some(at) = c.queue.iter().position(|q| q.sseq == sseq) {
+                    c.queue.remove(at);
+                }
+                if !ack.duplicate && sseq < c.stamped_sseq {
+                    // Stamped after a newer input of its conversation: the fencing rules should
+                    // make this impossible; count it, so an operator sees it if they ever fail.
+                    tracing::error!(
+                        partition = self.partition,
+                        conv = %conv,
+                        sseq,
+                        newer = c.stamped_sseq,
+                        "an input was stamped after a newer one of its conversation"
+                    );
+                    metrics::counter!("sequencer_late_inputs_total").increment(1);
+                }
+                c.stamped_sseq = c.stamped_sseq.max(sseq);
                 if ack.duplicate {
                     // Stamped before (a redelivery, or a retry within the dedupe window): the
                     // original stands and the head is unchanged.

@@ -26,6 +26,12 @@ use crate::records::{decode_receipt, decode_stamped, index_members, message_chan
 /// Largest batch written in one store transaction.
 const BATCH: usize = 2048;
 
+/// After the first message of a batch, how long the writer waits for more before it commits:
+/// at low rates this turns one commit (and fsync) per message into one per few milliseconds;
+/// at high rates batches fill up while the previous commit runs anyway. Only readers wait for
+/// the store, never the stamper.
+const GATHER: Duration = Duration::from_millis(5);
+
 /// How long the stream may stay silent (no message, no heartbeat) before the follow is
 /// recreated: after a nats-server restart the ordered consumer is gone, and readers wait on
 /// this writer.
@@ -117,17 +123,25 @@ async fn follow<S: MessageStore>(
             ..Default::default()
         })
         .await?;
-    let mut messages = consumer.messages().await?.ready_chunks(BATCH);
+    let mut messages = consumer.messages().await?;
     tracing::info!(
         from_stream_seq = start,
         "following stamped messages into the store"
     );
     loop {
-        let chunk = tokio::select! {
-            chunk = messages.next() => chunk,
+        let first = tokio::select! {
+            first = messages.next() => first,
             _ = shutdown.cancelled() => return Ok(()),
         };
-        let Some(chunk) = chunk else { return Ok(()) };
+        let Some(first) = first else { return Ok(()) };
+        let mut chunk = vec![first];
+        let deadline = tokio::time::Instant::now() + GATHER;
+        while chunk.len() < BATCH {
+            match tokio::time::timeout_at(deadline, messages.next()).await {
+                Ok(Some(msg)) => chunk.push(msg),
+                Ok(None) | Err(_) => break,
+            }
+        }
         let mut batch = Vec::with_capacity(chunk.len());
         let mut through = 0;
         for msg in chunk {
