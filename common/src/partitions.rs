@@ -119,10 +119,12 @@ where
         .expires(settings.expires)
         .messages()
         .await?;
+    let stopped = shutdown.cancelled();
+    tokio::pin!(stopped);
     loop {
         let next = tokio::select! {
             next = messages.next() => next,
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = &mut stopped => return Ok(()),
         };
         match next {
             Some(Ok(msg)) => handle(partition, msg).await,

@@ -269,18 +269,35 @@ impl Deliverer {
         mut replies: async_nats::Subscriber,
         shutdown: CancellationToken,
     ) {
+        let stopped = shutdown.cancelled();
+        tokio::pin!(stopped);
         loop {
             let reply = tokio::select! {
                 r = replies.next() => r,
-                _ = shutdown.cancelled() => return,
+                _ = &mut stopped => return,
             };
             let Some(reply) = reply else { return };
-            let Some(token) = reply
-                .subject
-                .rsplit('.')
-                .next()
-                .and_then(|t| t.parse::<u64>().ok())
-            else {
+            let Some((_, last)) = subjects::split_reply(&reply.subject) else {
+                continue;
+            };
+            if last == subjects::CONFIRM_BATCH_TOKEN {
+                // A gateway confirming several pushes at once.
+                let tokens: Vec<u64> = std::str::from_utf8(&reply.payload)
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter_map(|t| t.parse().ok())
+                    .collect();
+                let resolved: Vec<Waiting> = {
+                    let mut waiting = self.waiting.lock().expect("waiting lock");
+                    tokens.iter().filter_map(|t| waiting.remove(t)).collect()
+                };
+                metrics::counter!("fanout_online_total").increment(resolved.len() as u64);
+                for w in resolved {
+                    w.outstanding.resolve_one().await;
+                }
+                continue;
+            }
+            let Ok(token) = last.parse::<u64>() else {
                 continue;
             };
             let Some(waiting) = self.waiting.lock().expect("waiting lock").remove(&token) else {

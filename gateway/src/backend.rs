@@ -96,8 +96,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
         conv: &ConvId,
     ) -> impl Future<Output = Result<Pushes, BackendError>> + Send;
 
-    /// Answers a delivery confirmation request with an empty message: this device took the push.
-    /// Core NATS, not flushed: confirmations ride along with the client's other traffic.
+    /// Answers a delivery confirmation request: this device took the push. Core NATS, not
+    /// flushed; confirmations to the same requester within 2 ms go as one message.
     fn confirm(&self, reply: Subject) -> impl Future<Output = Result<(), BackendError>> + Send;
 }
 
@@ -108,6 +108,54 @@ pub struct NatsBackend {
     js: jetstream::Context,
     /// Deadline of history, sync and receipts requests.
     request_timeout: Duration,
+    /// Delivery confirmations, batched per requester by [`confirm_batches`].
+    confirms: tokio::sync::mpsc::Sender<Subject>,
+}
+
+/// Confirmations waiting to be batched, gateway-wide; beyond it they are sent one by one.
+const CONFIRM_QUEUE: usize = 65_536;
+/// How long a confirmation may wait for others of the same requester.
+const CONFIRM_GATHER: Duration = Duration::from_millis(2);
+/// Most confirmations in one batch message.
+const CONFIRM_BATCH: usize = 512;
+
+/// Sends queued delivery confirmations: those whose reply subjects share a prefix (one fan-out
+/// worker's inbox) as one message to `<prefix>.c` listing their tokens, instead of one empty
+/// reply each (`chat_protocol::subjects::confirm_batch`).
+async fn confirm_batches(client: async_nats::Client, mut rx: tokio::sync::mpsc::Receiver<Subject>) {
+    use std::collections::HashMap;
+    let mut batch = Vec::with_capacity(CONFIRM_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + CONFIRM_GATHER;
+        while batch.len() < CONFIRM_BATCH {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(reply)) => batch.push(reply),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        let mut by_prefix: HashMap<&str, String> = HashMap::new();
+        for reply in &batch {
+            match subjects::split_reply(reply) {
+                Some((prefix, token)) => {
+                    let tokens = by_prefix.entry(prefix).or_default();
+                    if !tokens.is_empty() {
+                        tokens.push(',');
+                    }
+                    tokens.push_str(token);
+                }
+                None => {
+                    let _ = client.publish(reply.clone(), Bytes::new()).await;
+                }
+            }
+        }
+        for (prefix, tokens) in by_prefix {
+            let _ = client
+                .publish(subjects::confirm_batch(prefix), tokens.into())
+                .await;
+        }
+        batch.clear();
+    }
 }
 
 impl NatsBackend {
@@ -122,10 +170,13 @@ impl NatsBackend {
             // each connection bounds its own share (`max_inflight_sends`) and its deadline.
             .backpressure_on_inflight(true)
             .build(client.clone());
+        let (confirms, rx) = tokio::sync::mpsc::channel(CONFIRM_QUEUE);
+        tokio::spawn(confirm_batches(client.clone(), rx));
         Self {
             client,
             js,
             request_timeout,
+            confirms,
         }
     }
 
@@ -252,9 +303,16 @@ impl Backend for NatsBackend {
     }
 
     async fn confirm(&self, reply: Subject) -> Result<(), BackendError> {
-        self.client
-            .publish(reply, Bytes::new())
-            .await
-            .map_err(|e| BackendError::Nats(e.to_string()))
+        match self.confirms.try_send(reply) {
+            Ok(()) => Ok(()),
+            Err(tokio::sync::mpsc::error::TrySendError::Full(reply)) => self
+                .client
+                .publish(reply, Bytes::new())
+                .await
+                .map_err(|e| BackendError::Nats(e.to_string())),
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                Err(BackendError::Nats("the confirmation sender stopped".into()))
+            }
+        }
     }
 }

@@ -40,7 +40,7 @@ use futures::{
 use governor::{DefaultKeyedRateLimiter, Quota, clock::Clock};
 use tokio::{
     sync::mpsc::{self, error::TrySendError},
-    time::{Instant, MissedTickBehavior, sleep_until, timeout, timeout_at},
+    time::{Instant, MissedTickBehavior, timeout, timeout_at},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -54,6 +54,9 @@ use crate::{
 
 /// History page size when the client does not ask for one.
 pub(crate) const DEFAULT_HISTORY_LIMIT: u32 = 50;
+
+/// Most frames written to a socket before one flush.
+const WRITE_BATCH: u64 = 64;
 
 /// After a frame that was too large, the rest of it is still unread in the kernel; closing the
 /// socket right away would answer with a reset that can destroy our close frame in flight.
@@ -334,17 +337,38 @@ impl<B: Backend> Reader<'_, B> {
         let (shared, session, closer) = (self.shared, self.session, self.closer);
         let settings = &shared.settings;
         let mut last_seen = Instant::now();
+        // Created once: a cancellation future or a timer made anew on every pass would register
+        // and deregister itself each time (locks, timer wheel), for every frame.
+        let stop = closer.stop.cancelled();
+        let shutdown = shared.shutdown.cancelled();
+        // One timer for both deadlines (token expiry, client silence), re-armed only when it
+        // fires early: frames move `last_seen`, not the timer.
+        let deadline = |last_seen: Instant| {
+            session
+                .expires_at
+                .min(last_seen + settings.heartbeat_timeout)
+        };
+        let timer = tokio::time::sleep_until(deadline(last_seen));
+        tokio::pin!(stop, shutdown, timer);
         loop {
             // At `max_inflight` the socket is not read (backpressure), and the client's silence
             // meanwhile is ours: the heartbeat deadline is off and restarts when reading resumes.
             let reading = self.inflight.len() < settings.max_inflight;
             tokio::select! {
                 biased;
-                _ = closer.stop.cancelled() => return Err(closer.reason()),
-                _ = shared.shutdown.cancelled() => return Ok(()),
-                _ = sleep_until(session.expires_at) => return Err(CloseReason::TokenExpired),
-                _ = sleep_until(last_seen + settings.heartbeat_timeout), if reading => {
-                    return Err(CloseReason::HeartbeatTimeout);
+                _ = &mut stop => return Err(closer.reason()),
+                _ = &mut shutdown => return Ok(()),
+                _ = &mut timer => {
+                    let now = Instant::now();
+                    if now >= session.expires_at {
+                        return Err(CloseReason::TokenExpired);
+                    }
+                    if !reading {
+                        last_seen = now;
+                    } else if now >= last_seen + settings.heartbeat_timeout {
+                        return Err(CloseReason::HeartbeatTimeout);
+                    }
+                    timer.as_mut().reset(deadline(last_seen));
                 }
                 Some(frame) = self.inflight.next(), if !self.inflight.is_empty() => {
                     if !reading {
@@ -1143,13 +1167,15 @@ async fn forward<B: Backend>(
     outlet: Outlet<'_>,
 ) {
     let Outlet { out, closer, order } = outlet;
-    let shutdown = &shared.shutdown;
+    let stop = closer.stop.cancelled();
+    let shutdown = shared.shutdown.cancelled();
+    tokio::pin!(stop, shutdown);
     loop {
         let slow = groups.as_ref().map(ConnGroups::slow_token);
         let payload = tokio::select! {
             biased;
-            _ = closer.stop.cancelled() => return,
-            _ = shutdown.cancelled() => return,
+            _ = &mut stop => return,
+            _ = &mut shutdown => return,
             payload = pushes.next() => payload,
             _ = async { match &slow {
                 Some(slow) => slow.cancelled().await,
@@ -1229,10 +1255,12 @@ async fn write_loop<W>(
     let every = settings.heartbeat_interval;
     let mut ping = tokio::time::interval_at(Instant::now() + every, every);
     ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let stop = closer.stop.cancelled();
+    tokio::pin!(stop);
     let reason = loop {
         let msg = tokio::select! {
             biased;
-            _ = closer.stop.cancelled() => break closer.reason(),
+            _ = &mut stop => break closer.reason(),
             // Before the queue, so a busy connection still pings (at most once an interval).
             _ = ping.tick() => Message::Ping(Bytes::new()),
             item = queue.recv() => match item {
@@ -1241,27 +1269,42 @@ async fn write_loop<W>(
                 None => break closer.reason(),
             },
         };
-        let is_frame = matches!(msg, Message::Text(_));
-        // Flush only when nothing else is queued, so bursts share writes.
+        // Everything queued meanwhile goes into the same write: one flush (one syscall) for a
+        // burst of frames.
+        let mut frames = u64::from(matches!(msg, Message::Text(_)));
+        let mut close = None;
         let write = async {
             sink.feed(msg).await?;
-            if queue.is_empty() {
-                sink.flush().await?;
+            while frames < WRITE_BATCH {
+                match queue.try_recv() {
+                    Ok(Outbound::Frame(text)) => {
+                        frames += 1;
+                        sink.feed(Message::Text(text)).await?;
+                    }
+                    Ok(Outbound::Close(reason)) => {
+                        close = Some(reason);
+                        break;
+                    }
+                    Err(_) => break,
+                }
             }
+            sink.flush().await?;
             Ok::<_, W::Error>(())
         };
         tokio::select! {
             biased;
             // A blocked write is abandoned when the connection must close now.
-            _ = closer.stop.cancelled() => break closer.reason(),
+            _ = &mut stop => break closer.reason(),
             res = write => match res {
-                Ok(()) if is_frame => ::metrics::counter!(metrics::FRAMES_OUT).increment(1),
-                Ok(()) => {}
+                Ok(()) => ::metrics::counter!(metrics::FRAMES_OUT).increment(frames),
                 Err(err) => {
                     tracing::debug!(error = %err, "websocket write failed");
                     break CloseReason::Gone;
                 }
             },
+        }
+        if let Some(reason) = close {
+            break reason;
         }
     };
     closer.close(reason);

@@ -148,6 +148,21 @@ pub fn user(user: &UserId) -> String {
     format!("chat.user.{user}")
 }
 
+/// The last token of a delivery confirmation request's reply subject `<prefix>.<token>` names the
+/// push; a gateway confirms several pushes of one requester at once with one message to
+/// `<prefix>.c` ([`confirm_batch`]) whose payload lists their tokens, comma-separated.
+pub const CONFIRM_BATCH_TOKEN: &str = "c";
+
+/// `(prefix, token)` of a reply subject `<prefix>.<token>`.
+pub fn split_reply(reply: &str) -> Option<(&str, &str)> {
+    reply.rsplit_once('.')
+}
+
+/// Where the confirmations of several pushes whose reply subjects share `prefix` go.
+pub fn confirm_batch(prefix: &str) -> String {
+    format!("{prefix}.{CONFIRM_BATCH_TOKEN}")
+}
+
 /// The conversation id and partition token of a subject `chat.inp.<p>.<conv>`,
 /// `chat.msg.<p>.<conv>` or `chat.rcpt.<p>.<conv>`.
 pub fn split_partitioned(subject: &str) -> Option<(u32, &str)> {
@@ -200,6 +215,8 @@ mod tests {
         assert_eq!(split_partitioned("chat.inp.x.dm~a~b"), None);
         assert_eq!(split_partitioned("chat.inp"), None);
         assert_eq!(balance("sequencer"), "chat.ctl.sequencer.live");
+        assert_eq!(split_reply("_INBOX.abc.17"), Some(("_INBOX.abc", "17")));
+        assert_eq!(confirm_batch("_INBOX.abc"), "_INBOX.abc.c");
     }
 
     #[test]

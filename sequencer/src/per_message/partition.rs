@@ -231,11 +231,13 @@ impl<S: MessageStore> Partition<S> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.last_tick = Instant::now();
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
         let result = loop {
             let full = self.ctx.held_bytes.load(Ordering::Relaxed) >= self.ctx.max_held_bytes;
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => break Ok(()),
+                _ = &mut stopped => break Ok(()),
                 _ = tick.tick() => self.on_tick().await,
                 Some((epoch, done)) = self.work.next(), if !self.work.is_empty() => {
                     if epoch == self.epoch {

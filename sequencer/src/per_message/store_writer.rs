@@ -128,10 +128,12 @@ async fn follow<S: MessageStore>(
         from_stream_seq = start,
         "following stamped messages into the store"
     );
+    let stopped = shutdown.cancelled();
+    tokio::pin!(stopped);
     loop {
         let first = tokio::select! {
             first = messages.next() => first,
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = &mut stopped => return Ok(()),
         };
         let Some(first) = first else { return Ok(()) };
         let mut chunk = vec![first];
