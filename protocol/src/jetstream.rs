@@ -28,6 +28,7 @@ pub const STREAMS: &[Definition] = defs![
     "streams/CHAT_IN.json",
     "streams/CHAT_MSGS.json",
     "streams/CHAT_PUSH.json",
+    "streams/KV_CHAT_MEDIA.json",
 ];
 
 /// Consumer definitions; the stream is the file's parent directory.
@@ -443,6 +444,15 @@ mod tests {
         assert_eq!(adapter.stream(), subjects::STREAM_PUSH);
         assert_eq!(adapter.name(), PUSH_CONSUMER);
         assert_eq!(CONSUMERS.len() as u32, 3 * subjects::PARTITIONS + 1);
+        // A key-value bucket is the stream `KV_<bucket>` over `$KV.<bucket>.>`, one value per key.
+        let media = STREAMS[3].config();
+        assert_eq!(media["name"], format!("KV_{}", subjects::MEDIA_BUCKET));
+        assert_eq!(
+            media["subjects"][0],
+            format!("$KV.{}.>", subjects::MEDIA_BUCKET)
+        );
+        assert_eq!(media["max_msgs_per_subject"], 1);
+        assert_eq!(media["allow_rollup_hdrs"], true);
     }
 
     #[test]

@@ -227,6 +227,7 @@ fn to_frame(m: StoredMessage) -> Message {
         ts: m.ts_ms,
         body: m.body,
         event: m.event.and_then(|e| serde_json::from_str(&e).ok()),
+        media: m.media.and_then(|e| serde_json::from_str(&e).ok()),
     }
 }
 

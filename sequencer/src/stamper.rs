@@ -24,7 +24,7 @@ use async_nats::{
 };
 use chat_protocol::{
     api::{Inbound, InboundGroup, InboundMessage, InboundReceipt, dedupe_id},
-    frames::{ErrorCode, ErrorFrame, GroupEvent, Message, Receipt, ServerFrame},
+    frames::{ErrorCode, ErrorFrame, GroupEvent, MediaRef, Message, Receipt, ServerFrame},
     ids::{ClientMsgId, ConvId, UserId},
     subjects,
 };
@@ -306,7 +306,7 @@ impl<S: MessageStore> Stamper<S> {
         let event =
             groups::plan(op, exists, &current, self.group_max_members).map_err(Failure::Refused)?;
         let seq = self
-            .publish(conv, &op.from, &op.id, String::new(), Some(event))
+            .publish(conv, &op.from, &op.id, String::new(), Some(event), None)
             .await?;
         metrics::counter!("sequencer_group_events_total").increment(1);
         Ok(seq)
@@ -323,8 +323,9 @@ impl<S: MessageStore> Stamper<S> {
         }
         self.head(conv, &subjects::stamped(conv)).await?;
         self.check_member(conv, &inbound.from).await?;
+        let (body, media) = (inbound.body.clone(), inbound.media.clone());
         let seq = self
-            .publish(conv, &inbound.from, &inbound.id, inbound.body.clone(), None)
+            .publish(conv, &inbound.from, &inbound.id, body, None, media)
             .await?;
         Ok(seq)
     }
@@ -338,6 +339,7 @@ impl<S: MessageStore> Stamper<S> {
         id: &str,
         body: String,
         event: Option<GroupEvent>,
+        media: Option<MediaRef>,
     ) -> Result<u64, StampError> {
         let subject = subjects::stamped(conv);
         for _ in 0..MAX_FENCE_RETRIES {
@@ -350,6 +352,7 @@ impl<S: MessageStore> Stamper<S> {
                 ts: chat_protocol::now_ms(),
                 body: body.clone(),
                 event: event.clone(),
+                media: media.clone().map(Box::new),
             };
             let payload =
                 serde_json::to_vec(&ServerFrame::Message(message.clone())).expect("frame encodes");
@@ -577,5 +580,8 @@ pub fn stored(m: Message, stream_seq: u64) -> StoredMessage {
         event: m
             .event
             .map(|e| serde_json::to_string(&e).expect("event encodes")),
+        media: m
+            .media
+            .map(|e| serde_json::to_string(&e).expect("media encodes")),
     }
 }
