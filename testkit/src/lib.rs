@@ -22,18 +22,24 @@
 //! # }
 //! ```
 //!
+//! [`SeaweedFs`] is a real SeaweedFS (`weed mini`, its S3 gateway on a random loopback port,
+//! with credentials and a bucket of its own) for tests of the media service; `weed` comes from
+//! `SETUP_SEAWEEDFS=1 scripts/setup.sh` (the test script always installs it).
+//!
 //! [`ChildProcess`] wraps any other child process (e.g. one of our own
 //! binaries) so it is killed on drop and can be sent `SIGKILL`, `SIGSTOP` and
 //! `SIGCONT` for fault tests.
 
 mod nats;
 mod process;
+mod seaweed;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
 pub use nats::{NatsServer, nats_server_bin};
 pub use process::ChildProcess;
+pub use seaweed::{SeaweedFs, weed_bin};
 
 /// Root of the cargo workspace (parent of this crate's manifest directory).
 pub fn workspace_root() -> PathBuf {
