@@ -123,7 +123,7 @@ async fn every_documented_status_is_reachable() {
             template,
             path,
             Some("alice"),
-            upload(u64::MAX / 2, "image/png"),
+            upload(1 << 40, "image/png"),
         )
         .await;
         r.expect(
