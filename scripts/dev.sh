@@ -342,7 +342,7 @@ if [[ "${CHECK}" == "1" ]]; then
 for k in sys.argv[1].split("."): v=v[k]
 print(v)' "$1"; }
     media_id="$(field media_id <<<"${ticket}")"
-    curl -fsS -X PUT --upload-file "${sample}" -H 'Content-Type: application/octet-stream' \
+    curl -fsS -X PUT --upload-file "${sample}" -H 'Content-Type: application/octet-stream' -H 'If-None-Match: *' \
         "$(field upload.url <<<"${ticket}")" >/dev/null || { show_log seaweedfs; die "check: upload to SeaweedFS failed"; }
     download="$(curl -fsS "${MEDIA_URL}/v1/media/${media_id}" -H "Authorization: Bearer ${token}")" \
         || die "check: download request failed"

@@ -128,7 +128,9 @@ impl ObjectStore {
             .map_err(s3_error("head bucket"))
     }
 
-    /// A PUT of exactly `size` bytes of `content_type` to `key`: both headers are signed.
+    /// A PUT of exactly `size` bytes of `content_type` to `key`: both headers are signed, and
+    /// so is `If-None-Match: *`, so the URL creates the object once and cannot overwrite it
+    /// (no swapping the bytes after a message referenced them).
     pub async fn presign_put(
         &self,
         key: &str,
@@ -142,6 +144,7 @@ impl ObjectStore {
             .key(key)
             .content_length(size as i64)
             .content_type(content_type)
+            .if_none_match("*")
             .presigned(Self::presigning(ttl))
             .await
             .map(Presigned::from)

@@ -39,11 +39,22 @@ async fn upload_reference_and_download_identical_bytes() {
     assert!(url.contains(&format!("/media/{id}?")), "{url}");
     let signed = url.split("X-Amz-SignedHeaders=").nth(1).unwrap();
     assert!(
-        signed.starts_with("content-length%3Bcontent-type%3Bhost"),
+        signed.starts_with("content-length%3Bcontent-type%3Bhost%3Bif-none-match"),
         "{url}"
     );
     let (status, body) = app.put(upload, photo.clone(), &[]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    // The URL creates the object once: other bytes of the same size cannot replace it.
+    let (status, body) = app.put(upload, bytes(photo.len(), 8), &[]).await;
+    assert_eq!(status, StatusCode::PRECONDITION_FAILED, "{body}");
+    let (status, _) = app
+        .put(upload, photo.clone(), &[("if-none-match", "")])
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::FORBIDDEN,
+        "the condition is signed: it cannot be left out"
+    );
 
     // Before a message references it, only the uploader can fetch it.
     let (status, err) = app
