@@ -20,11 +20,18 @@ pub const PART_URLS_MAX: usize = 100;
 pub struct UploadRequest {
     /// The conversation the media is for (`dm~<a>~<b>` or `g~<id>`); the caller must be a
     /// member, and only its members may download the media.
-    #[schema(example = "dm~alice~bob")]
+    #[schema(
+        example = "dm~alice~bob",
+        pattern = "^(dm~[A-Za-z0-9_-]{1,64}~[A-Za-z0-9_-]{1,64}|g~[A-Za-z0-9_-]{1,64})$"
+    )]
     pub conv: String,
     /// The MIME type, one of the service's allowed types. The upload must send exactly this
     /// `Content-Type`.
-    #[schema(example = "image/jpeg")]
+    #[schema(
+        example = "image/jpeg",
+        max_length = 127,
+        pattern = "^[!-.0-~]+/[!-.0-~]+$"
+    )]
     pub content_type: String,
     /// Size in bytes. The upload must be exactly this long.
     #[schema(example = 48213, minimum = 1, maximum = 9007199254740991_u64)]

@@ -242,7 +242,7 @@ async fn create_multipart(
 /// An upload's state; for multipart uploads, which parts the store has (to resume).
 #[utoipa::path(
     get, path = "/v1/uploads/{media_id}", tag = "uploads",
-    params(("media_id" = String, Path, description = "The media id")),
+    params(("media_id" = String, Path, description = "The media id", pattern = "^[0-9a-f]{32}$")),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "The upload", body = UploadStatus),
@@ -265,7 +265,7 @@ async fn upload_status(
 /// Abort or delete an upload no message references: the store keeps nothing of it.
 #[utoipa::path(
     delete, path = "/v1/uploads/{media_id}", tag = "uploads",
-    params(("media_id" = String, Path, description = "The media id")),
+    params(("media_id" = String, Path, description = "The media id", pattern = "^[0-9a-f]{32}$")),
     security(("bearer" = [])),
     responses(
         (status = 204, description = "Deleted"),
@@ -290,7 +290,7 @@ async fn delete_upload(
 /// Presigned PUTs for parts of a multipart upload (each of its exact size).
 #[utoipa::path(
     post, path = "/v1/uploads/{media_id}/parts", tag = "uploads",
-    params(("media_id" = String, Path, description = "The media id")),
+    params(("media_id" = String, Path, description = "The media id", pattern = "^[0-9a-f]{32}$")),
     request_body = PartUrlsRequest,
     security(("bearer" = [])),
     responses(
@@ -321,7 +321,7 @@ async fn part_urls(
 /// Complete a multipart upload once the store has every part.
 #[utoipa::path(
     post, path = "/v1/uploads/{media_id}/complete", tag = "uploads",
-    params(("media_id" = String, Path, description = "The media id")),
+    params(("media_id" = String, Path, description = "The media id", pattern = "^[0-9a-f]{32}$")),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Completed (also when it already was)", body = UploadStatus),
@@ -345,7 +345,7 @@ async fn complete_upload(
 /// A short-lived download URL, for members of the media's conversation.
 #[utoipa::path(
     get, path = "/v1/media/{media_id}", tag = "downloads",
-    params(("media_id" = String, Path, description = "The media id (a message's `media.id`)")),
+    params(("media_id" = String, Path, description = "The media id (a message's `media.id`)", pattern = "^[0-9a-f]{32}$")),
     security(("bearer" = [])),
     responses(
         (status = 200, description = "Download URL issued", body = DownloadTicket),

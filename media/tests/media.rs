@@ -628,7 +628,7 @@ async fn an_aborted_multipart_upload_leaves_nothing_behind() {
 async fn orphans_are_cleaned_up_and_referenced_uploads_never() {
     let app = spawn_app(|c| {
         c.upload_url_ttl_secs = 1;
-        c.orphan_ttl_ms = 5000;
+        c.orphan_ttl_ms = 8000;
         c.cleanup_interval_ms = 200;
     })
     .await;

@@ -434,12 +434,16 @@ async fn every_documented_status_is_reachable() {
 
     // 429: a user who spent its burst (1 request per second after that) is refused on every
     // route. Each route is asked until it refuses, in case a token came back meanwhile.
-    while app
-        .call(Method::GET, &at(ONE, "x"), Some("flood"), None)
-        .await
-        .0
-        != StatusCode::TOO_MANY_REQUESTS
-    {}
+    let refused = |status: StatusCode| status == StatusCode::TOO_MANY_REQUESTS;
+    let mut tries = 0;
+    while !refused(
+        app.call(Method::GET, &at(ONE, "x"), Some("flood"), None)
+            .await
+            .0,
+    ) {
+        tries += 1;
+        assert!(tries < 10_000, "the rate limit never applied");
+    }
     let routes: [(Method, &str, Option<Value>); 7] = [
         (Method::POST, UPLOADS, upload(10, "image/png")),
         (Method::POST, MULTI, upload(10, "image/png")),
@@ -451,12 +455,15 @@ async fn every_documented_status_is_reachable() {
     ];
     for (method, template, body) in &routes {
         let path = at(template, &none);
-        while app
-            .call(method.clone(), &path, Some("flood"), body.clone())
-            .await
-            .0
-            != StatusCode::TOO_MANY_REQUESTS
-        {}
+        let mut tries = 0;
+        while !refused(
+            app.call(method.clone(), &path, Some("flood"), body.clone())
+                .await
+                .0,
+        ) {
+            tries += 1;
+            assert!(tries < 100, "{method} {template} is not rate limited");
+        }
         r.seen
             .insert((method.to_string(), template.to_string(), 429));
     }
@@ -534,5 +541,11 @@ async fn schemathesis_finds_nothing_undocumented_and_no_server_error() {
     );
     // It did test every operation.
     assert!(stdout.contains("Selected: 7/7"), "{stdout}");
+    // Its summary, for the test log (`--nocapture`).
+    let summary: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.contains("SUMMARY"))
+        .collect();
+    eprintln!("{}", summary.join("\n"));
     app.shutdown().await;
 }
