@@ -91,7 +91,7 @@ pub async fn run(
     let js = async_nats::jetstream::new(nats.clone());
     // The bucket is provisioned with the streams (`chat admin provision`); wait for it.
     let records = loop {
-        match Records::open(&js, timeout).await {
+        match Records::open(&nats, &js, timeout).await {
             Ok(records) => break records,
             Err(err) => {
                 tracing::warn!(error = %err, bucket = subjects::MEDIA_BUCKET, "media bucket not available yet (is it provisioned?)");

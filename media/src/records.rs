@@ -3,6 +3,8 @@
 //! can read it (`nats kv get CHAT_MEDIA m.<media id>`).
 //!
 //! - `m.<media id>`: a [`MediaRecord`] (JSON).
+//! - `p.<media id>`: empty, while no message references the upload: what the orphan cleanup
+//!   lists (only these keys, however many referenced uploads there are).
 //! - `q.<user>`: the bytes the user holds ([`Usage`], JSON).
 //!
 //! Every change of a record is a compare-and-set on its revision, so two replicas (or a
@@ -15,7 +17,7 @@ use async_nats::jetstream::{
     kv::{self, CreateErrorKind, Operation, UpdateErrorKind},
 };
 use bytes::Bytes;
-use futures::TryStreamExt;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -103,6 +105,10 @@ fn usage_key(user: &str) -> String {
     format!("q.{user}")
 }
 
+fn pending_key(id: &str) -> String {
+    format!("p.{id}")
+}
+
 /// How many times a compare-and-set is retried against concurrent writers.
 const CAS_RETRIES: usize = 16;
 
@@ -110,12 +116,17 @@ const CAS_RETRIES: usize = 16;
 #[derive(Clone)]
 pub struct Records {
     kv: kv::Store,
+    client: async_nats::Client,
     timeout: Duration,
 }
 
 impl Records {
     /// Opens the provisioned bucket (`chat admin provision` creates it).
-    pub async fn open(js: &jetstream::Context, timeout: Duration) -> Result<Self, RecordError> {
+    pub async fn open(
+        client: &async_nats::Client,
+        js: &jetstream::Context,
+        timeout: Duration,
+    ) -> Result<Self, RecordError> {
         let bucket = chat_protocol::subjects::MEDIA_BUCKET;
         let kv = tokio::time::timeout(timeout, js.get_key_value(bucket))
             .await
@@ -124,7 +135,11 @@ impl Records {
                 op: "open",
                 message: e.to_string(),
             })?;
-        Ok(Self { kv, timeout })
+        Ok(Self {
+            kv,
+            client: client.clone(),
+            timeout,
+        })
     }
 
     async fn bounded<T, E: std::fmt::Display>(
@@ -228,14 +243,72 @@ impl Records {
         }
     }
 
-    /// Every media id in the bucket (the orphan cleanup's candidates).
-    pub async fn ids(&self) -> Result<Vec<String>, RecordError> {
-        let keys = self.bounded("keys", self.kv.keys()).await?;
-        let keys: Vec<String> = self.bounded("keys", keys.try_collect()).await?;
-        Ok(keys
-            .into_iter()
-            .filter_map(|k| k.strip_prefix("m.").map(str::to_owned))
-            .collect())
+    /// Marks `id` as not referenced by any message (before its record is stored).
+    pub async fn mark_pending(&self, id: &str) -> Result<(), RecordError> {
+        self.bounded("put", self.kv.put(pending_key(id), Bytes::new()))
+            .await
+            .map(drop)
+    }
+
+    /// Removes the mark of `id` (it is referenced, or gone).
+    pub async fn unmark(&self, id: &str) -> Result<(), RecordError> {
+        self.bounded("purge", self.kv.purge(pending_key(id))).await
+    }
+
+    /// The marked ids (the orphan cleanup's candidates) and when each mark was written, ms since
+    /// the epoch. Reads only the `p.` keys, headers only.
+    pub async fn pending(&self) -> Result<Vec<(String, u64)>, RecordError> {
+        use jetstream::consumer::{DeliverPolicy, ReplayPolicy, push::OrderedConfig};
+        let kv_err = |message: String| RecordError::Kv {
+            op: "list pending",
+            message,
+        };
+        let prefix = format!("{}p.", self.kv.prefix);
+        let work = async {
+            let consumer = self
+                .kv
+                .stream
+                .create_consumer(OrderedConfig {
+                    deliver_subject: self.client.new_inbox(),
+                    description: Some("media orphan cleanup".into()),
+                    filter_subject: format!("{prefix}>"),
+                    headers_only: true,
+                    deliver_policy: DeliverPolicy::LastPerSubject,
+                    replay_policy: ReplayPolicy::Instant,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| kv_err(e.to_string()))?;
+            let mut marked = Vec::new();
+            if consumer.cached_info().num_pending == 0 {
+                return Ok(marked);
+            }
+            let mut messages = consumer
+                .messages()
+                .await
+                .map_err(|e| kv_err(e.to_string()))?;
+            while let Some(message) = messages.next().await {
+                let message = message.map_err(|e| kv_err(e.to_string()))?;
+                let info = message.info().map_err(|e| kv_err(e.to_string()))?;
+                let removed = message
+                    .headers
+                    .as_ref()
+                    .is_some_and(|h| h.get("KV-Operation").is_some());
+                if let Some(id) = message.subject.strip_prefix(prefix.as_str())
+                    && !removed
+                {
+                    let at_ms = info.published.unix_timestamp_nanos() / 1_000_000;
+                    marked.push((id.to_owned(), u64::try_from(at_ms).unwrap_or(0)));
+                }
+                if info.pending == 0 {
+                    break;
+                }
+            }
+            Ok(marked)
+        };
+        tokio::time::timeout(self.timeout.max(Duration::from_secs(30)), work)
+            .await
+            .map_err(|_| RecordError::TimedOut { op: "list pending" })?
     }
 
     /// The bytes `user` holds.

@@ -154,9 +154,14 @@ impl Service {
         })
     }
 
-    /// Stores a new record, giving the reservation back if that fails.
+    /// Stores a new record, marked for the orphan cleanup (the mark first: a record is never
+    /// without one until a message references it), giving the reservation back if that fails.
     async fn store_record(&self, record: &MediaRecord) -> Result<(), ApiError> {
-        if let Err(e) = self.records.create(record).await {
+        let stored = match self.records.mark_pending(&record.id).await {
+            Ok(()) => self.records.create(record).await.map(drop),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = stored {
             let _ = self.records.release(&record.uploader, record.size).await;
             return Err(e.into());
         }
@@ -434,6 +439,7 @@ impl Service {
             Err(e) => return Err(e.into()),
         }
         self.records.release(&record.uploader, record.size).await?;
+        self.records.unmark(&record.id).await?;
         Ok(())
     }
 
@@ -512,6 +518,10 @@ impl Service {
                 match self.records.update(&record, revision).await {
                     Ok(_) => {
                         tracing::info!(media = %record.id, conv = %req.conv, msg = %req.id, "media referenced");
+                        // A mark left behind is removed by the cleanup, which finds it referenced.
+                        if let Err(e) = self.records.unmark(&record.id).await {
+                            tracing::warn!(media = %record.id, error = %e, "cannot unmark a referenced upload");
+                        }
                     }
                     Err(RecordError::Conflict) => {
                         lost = true;
@@ -603,11 +613,20 @@ impl Service {
     pub async fn sweep(&self) -> Result<usize, RecordError> {
         let now = now_ms();
         let mut deleted = 0;
-        for id in self.records.ids().await? {
+        for (id, marked_ms) in self.records.pending().await? {
             let Some((mut record, revision)) = self.records.get(&id).await? else {
+                // A mark whose record never came (the request failed after marking), or whose
+                // record is gone: drop it once it is as old as an orphan.
+                if now >= marked_ms + self.config.orphan_ttl_ms {
+                    self.records.unmark(&id).await?;
+                }
                 continue;
             };
-            if record.state == State::Referenced || now < self.orphan_at(&record) {
+            if record.state == State::Referenced {
+                self.records.unmark(&id).await?;
+                continue;
+            }
+            if now < self.orphan_at(&record) {
                 continue;
             }
             // Mark it first: a verification that wins the race keeps the upload, and a

@@ -602,6 +602,7 @@ async fn an_aborted_multipart_upload_leaves_nothing_behind() {
     );
     assert_eq!(store.head(&key).await.unwrap(), None);
     assert_eq!(app.record(&id).await, None);
+    assert_eq!(app.kv(&format!("p.{id}")).await, None);
     let (status, _) = app
         .call(
             Method::GET,
@@ -639,8 +640,11 @@ async fn orphans_are_cleaned_up_and_referenced_uploads_never() {
             .await,
         MediaVerifyReply::Ok
     );
+    // The cleanup lists only unreferenced uploads: `kept` is no longer among them.
+    assert_eq!(app.kv(&format!("p.{kept}")).await, None);
     // Requested after `kept`, so once it is gone, `kept` was past its orphan time in that pass.
     let orphan = app.upload("alice", CONV, "image/webp", &data).await;
+    assert!(app.kv(&format!("p.{orphan}")).await.is_some());
     let store = app.store().await;
     assert!(
         store
@@ -654,6 +658,7 @@ async fn orphans_are_cleaned_up_and_referenced_uploads_never() {
         assert!(Instant::now() < deadline, "the orphan was not cleaned up");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(app.kv(&format!("p.{orphan}")).await, None);
     assert_eq!(store.head(&format!("media/{orphan}")).await.unwrap(), None);
     let reply = app
         .verify(

@@ -240,12 +240,16 @@ impl App {
 
     /// The raw KV record of a media id, if any.
     pub async fn record(&self, id: &str) -> Option<Value> {
+        self.kv(&format!("m.{id}"))
+            .await
+            .map(|v| serde_json::from_slice(&v).unwrap())
+    }
+
+    /// The value of a key of the media bucket, if any.
+    pub async fn kv(&self, key: &str) -> Option<bytes::Bytes> {
         let js = async_nats::jetstream::new(self.client.clone());
         let kv = js.get_key_value(subjects::MEDIA_BUCKET).await.unwrap();
-        kv.get(format!("m.{id}"))
-            .await
-            .unwrap()
-            .map(|v| serde_json::from_slice(&v).unwrap())
+        kv.get(key).await.unwrap()
     }
 
     pub async fn shutdown(mut self) {
