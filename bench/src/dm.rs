@@ -235,6 +235,7 @@ fn send_frame(conv: &str, id: String, body: String) -> String {
         conv: conv.to_owned(),
         id,
         body,
+        media: None,
     })
     .expect("client frames encode")
 }

@@ -295,6 +295,7 @@ pub async fn run(sys: &System, spec: GroupSpec, generation: u32) -> Result<Group
                 conv: conv.clone(),
                 id: format!("gm{i}"),
                 body: body(i, intended_us, spec.size),
+                media: None,
             };
             let sender = &writers[(i % spec.senders as u64) as usize];
             let _ = sender.send(serde_json::to_string(&frame).expect("frame encodes"));

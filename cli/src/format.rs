@@ -139,6 +139,7 @@ mod tests {
             ts: 0,
             body: body.into(),
             event: None,
+            media: None,
         }
     }
 

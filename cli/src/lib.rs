@@ -322,6 +322,7 @@ impl Client {
             conv: conv.to_string(),
             id: id.to_owned(),
             body: body.to_owned(),
+            media: None,
         })
         .await
     }
@@ -644,6 +645,7 @@ mod tests {
                 ts: 1,
                 body: "hi".into(),
                 event: None,
+                media: None,
             })
         };
         let mut sent = false;
@@ -683,7 +685,7 @@ mod tests {
             ws.send(WsMessage::text(hello)).await.unwrap();
             let mut seq = 0;
             while let Some(Ok(WsMessage::Text(text))) = ws.next().await {
-                if let Ok(ClientFrame::Send { conv, id, body }) =
+                if let Ok(ClientFrame::Send { conv, id, body, .. }) =
                     ClientFrame::decode(text.as_bytes())
                 {
                     seq += 1;
@@ -701,6 +703,7 @@ mod tests {
                             ts: 1,
                             body: "unrelated".into(),
                             event: None,
+                            media: None,
                         }),
                         ServerFrame::Message(Message {
                             conv,
@@ -710,6 +713,7 @@ mod tests {
                             ts: 2,
                             body,
                             event: None,
+                            media: None,
                         }),
                     ];
                     for f in out {

@@ -613,6 +613,7 @@ mod tests {
             body: format!("body {id}"),
             stream_seq: seq,
             event: None,
+            media: None,
         }
     }
 
@@ -625,6 +626,7 @@ mod tests {
             ts: m.ts_ms,
             body: m.body.clone(),
             event: None,
+            media: None,
         }
     }
 

@@ -324,6 +324,7 @@ impl DeviceState {
             conv: s.conv.clone(),
             id: s.id.clone(),
             body: s.body.clone(),
+            media: None,
         }
     }
 

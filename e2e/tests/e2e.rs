@@ -117,6 +117,7 @@ impl Device {
             conv: conv.into(),
             id: id.into(),
             body: body.into(),
+            media: None,
         })
         .await;
     }

@@ -254,6 +254,7 @@ mod tests {
             ts: 1,
             body: String::new(),
             event,
+            media: None,
         }
     }
 

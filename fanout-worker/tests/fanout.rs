@@ -29,6 +29,7 @@ fn stamped(seq: u64) -> Vec<u8> {
         ts: 1,
         body: format!("body {seq}"),
         event: None,
+        media: None,
     }))
     .unwrap()
 }

@@ -132,6 +132,7 @@ impl Env {
             id: id.into(),
             body: format!("body {id}"),
             ts: 0,
+            media: None,
         });
         self.publish(conv, from, id, inbound).await;
     }

@@ -11,7 +11,8 @@ use bytes::Bytes;
 use chat_protocol::{
     api::{
         ConversationsReply, ConversationsRequest, GroupInfoReply, GroupInfoRequest, HistoryReply,
-        HistoryRequest, ReceiptsReply, ReceiptsRequest, SyncReply, SyncRequest,
+        HistoryRequest, MediaVerifyReply, MediaVerifyRequest, ReceiptsReply, ReceiptsRequest,
+        SyncReply, SyncRequest,
     },
     ids::{ConvId, UserId},
     subjects,
@@ -88,6 +89,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
         &self,
         request: &GroupInfoRequest,
     ) -> impl Future<Output = Result<GroupInfoReply, BackendError>> + Send;
+
+    /// Asks the media service to check (and claim) the upload a media message references.
+    fn verify_media(
+        &self,
+        request: &MediaVerifyRequest,
+    ) -> impl Future<Output = Result<MediaVerifyReply, BackendError>> + Send;
 
     /// Subscribes to a large group's subject (`chat.grp.<conv>`); resolves once the server has
     /// the subscription.
@@ -296,6 +303,13 @@ impl Backend for NatsBackend {
 
     async fn group_info(&self, request: &GroupInfoRequest) -> Result<GroupInfoReply, BackendError> {
         self.api_request(subjects::GROUP_INFO_API, request).await
+    }
+
+    async fn verify_media(
+        &self,
+        request: &MediaVerifyRequest,
+    ) -> Result<MediaVerifyReply, BackendError> {
+        self.api_request(subjects::MEDIA_VERIFY_API, request).await
     }
 
     async fn subscribe_group(&self, conv: &ConvId) -> Result<Pushes, BackendError> {

@@ -30,7 +30,8 @@ use chat_protocol::{
         ReceiptsReply, ReceiptsRequest, SyncReply, SyncRequest,
     },
     frames::{
-        ClientFrame, ErrorCode, ErrorFrame, GroupOp, Limits, PROTOCOL_VERSION, ServerFrame, close,
+        ClientFrame, ErrorCode, ErrorFrame, GroupOp, Limits, MediaRef, PROTOCOL_VERSION,
+        ServerFrame, close,
     },
     ids::{ClientMsgId, ConvId, DeviceId, UserId},
 };
@@ -446,9 +447,14 @@ impl<B: Backend> Reader<'_, B> {
             }
         };
         match frame {
-            ClientFrame::Send { conv, id, body } => {
+            ClientFrame::Send {
+                conv,
+                id,
+                body,
+                media,
+            } => {
                 metrics::frame_in("send");
-                self.on_send(conv, id, body).await
+                self.on_send(conv, id, body, media).await
             }
             ClientFrame::History {
                 req,
@@ -508,7 +514,13 @@ impl<B: Backend> Reader<'_, B> {
     }
 
     /// Validates a send, then publishes it to `CHAT_IN`; `sent` follows when JetStream acks.
-    async fn on_send(&mut self, conv: String, id: String, body: String) -> Result<(), CloseReason> {
+    async fn on_send(
+        &mut self,
+        conv: String,
+        id: String,
+        body: String,
+        media: Option<MediaRef>,
+    ) -> Result<(), CloseReason> {
         let (settings, session) = (&self.shared.settings, self.session);
         let user = &session.user;
         let conv_id = match check_message_ids(&conv, &id) {
@@ -534,6 +546,9 @@ impl<B: Backend> Reader<'_, B> {
                 .send_failed(ErrorCode::NotMember, NOT_MEMBER.into(), id, conv, None)
                 .await;
         }
+        if let Err((code, message)) = crate::media::check_shape(media.as_ref()) {
+            return self.send_failed(code, message, id, conv, None).await;
+        }
         let inbound = Inbound::Send(InboundMessage {
             conv: conv.clone(),
             from: user.to_string(),
@@ -541,6 +556,7 @@ impl<B: Backend> Reader<'_, B> {
             id: id.clone(),
             body,
             ts: chat_protocol::now_ms(),
+            media,
         });
         self.submit(conv_id, conv.clone(), id.clone(), inbound)
             .await
@@ -597,6 +613,12 @@ impl<B: Backend> Reader<'_, B> {
             return self
                 .send_failed(ErrorCode::RateLimited, message, id, conv, Some(retry_ms))
                 .await;
+        }
+        // A media message is published only once the media service confirmed its upload.
+        if let Err((code, message)) =
+            crate::media::verify(&self.backend, &conv_id, user, &inbound).await
+        {
+            return self.send_failed(code, message, id, conv, None).await;
         }
         let ts = match &inbound {
             Inbound::Send(m) => m.ts,
@@ -1527,6 +1549,7 @@ mod tests {
         receipts: Vec<ReceiptsRequest>,
         conversations: Vec<ConversationsRequest>,
         group_info: Vec<GroupInfoRequest>,
+        media: Vec<api::MediaVerifyRequest>,
     }
 
     /// The user's groups the fake backend lists, and the group subscriptions it holds.
@@ -1671,6 +1694,22 @@ mod tests {
                 members: vec![member("alice", true), member("bob", false)],
                 seq: 7,
             })
+        }
+
+        /// Media `missing` does not exist, `big` has another size, `down` finds no media
+        /// service; any other media is fine.
+        async fn verify_media(
+            &self,
+            request: &api::MediaVerifyRequest,
+        ) -> Result<api::MediaVerifyReply, BackendError> {
+            self.asked.lock().unwrap().media.push(request.clone());
+            let refuse = |code| Ok(api::MediaVerifyReply::Error(ErrorFrame::new(code, "no")));
+            match request.media.id.as_str() {
+                "missing" => refuse(ErrorCode::MediaNotFound),
+                "big" => refuse(ErrorCode::MediaMismatch),
+                "down" => Err(BackendError::NoResponders),
+                _ => Ok(api::MediaVerifyReply::Ok),
+            }
         }
 
         async fn subscribe_group(&self, conv: &ConvId) -> Result<Pushes, BackendError> {
@@ -1989,6 +2028,45 @@ mod tests {
             (ErrorCode::Unavailable, Some("m1"))
         );
         assert!(matches!(c.frame().await, ServerFrame::Message(m) if m.id == "m1"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn media_sends_are_published_only_once_the_media_service_confirmed_them() {
+        let mut c = connect(config(), 16, HOUR);
+        c.frame().await;
+        let media_send = |id: &str, media: &str| {
+            format!(
+                r#"{{"type":"send","conv":"dm~alice~bob","id":"{id}","body":"","media":{{"id":"{media}","content_type":"image/png","size":5}}}}"#
+            )
+        };
+        for (id, media, code) in [
+            ("m1", "missing", ErrorCode::MediaNotFound),
+            ("m2", "big", ErrorCode::MediaMismatch),
+            ("m3", "down", ErrorCode::Unavailable),
+            ("m4", "a.b", ErrorCode::InvalidFrame),
+        ] {
+            c.send(&media_send(id, media)).await;
+            let e = c.error().await;
+            assert_eq!((e.code, e.id.as_deref()), (code, Some(id)), "{e:?}");
+            assert_eq!(e.conv.as_deref(), Some("dm~alice~bob"));
+        }
+        c.send(&media_send("m5", "x1")).await;
+        // The refused sends published nothing: the first publish is the confirmed one.
+        let p = c.published().await;
+        let Ok(Inbound::Send(inbound)) = serde_json::from_slice(&p.payload) else {
+            panic!("not a send");
+        };
+        assert_eq!(inbound.id, "m5");
+        assert_eq!(inbound.media.as_ref().map(|m| m.id.as_str()), Some("x1"));
+        p.ack.send(Ok(())).unwrap();
+        assert!(matches!(c.frame().await, ServerFrame::Sent { id, .. } if id == "m5"));
+        let asked = c.asked.lock().unwrap().media.clone();
+        // The malformed reference never reached the media service.
+        assert_eq!(asked.len(), 4);
+        assert_eq!(
+            (asked[3].user.as_str(), asked[3].id.as_str()),
+            ("alice", "m5")
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -51,6 +51,7 @@ pub mod config;
 mod connection;
 pub mod error;
 mod groups;
+mod media;
 pub mod metrics;
 mod order;
 mod registry;

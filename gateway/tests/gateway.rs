@@ -292,6 +292,7 @@ fn message_frame(conv: &str, seq: u64, body: &str) -> String {
         ts: 1,
         body: body.into(),
         event: None,
+        media: None,
     }))
     .unwrap()
 }
@@ -333,6 +334,7 @@ async fn send_is_acked_after_jetstream_stored_it_once() {
             id: "m1".into(),
             body: "hello bob".into(),
             ts,
+            media: None,
         })
     );
     let msg_id = stored
@@ -969,6 +971,7 @@ async fn sync_is_asked_for_the_user_with_a_clamped_limit_and_answered() {
         ts: 7,
         body: "while you were away".into(),
         event: None,
+        media: None,
     }];
     gw.reply(
         &msg,
@@ -1143,6 +1146,7 @@ async fn history_range_is_asked_as_given() {
             ts: seq,
             body: "x".into(),
             event: None,
+            media: None,
         })
         .collect();
     gw.reply(
@@ -1239,6 +1243,7 @@ fn group_event_frame(conv: &str, seq: u64, from: &str, event: GroupEvent) -> Str
         ts: 1,
         body: String::new(),
         event: Some(event),
+        media: None,
     }))
     .unwrap()
 }

@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::frames::{ConvInfo, ConvState, ErrorFrame, GroupMember, GroupOp, MemberMarks, Message};
+use crate::frames::{
+    ConvInfo, ConvState, ErrorFrame, GroupMember, GroupOp, MediaRef, MemberMarks, Message,
+};
 
 /// What a gateway publishes to `chat.in.<conv>`: a client's send or receipt. Both go through the
 /// conversation's sequencer, which checks membership and orders them.
@@ -64,6 +66,9 @@ pub struct InboundMessage {
     pub body: String,
     /// Gateway receive time, ms since the Unix epoch.
     pub ts: u64,
+    /// The media the message references, verified by the gateway (see [`MediaVerifyRequest`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<MediaRef>,
 }
 
 /// The `Nats-Msg-Id` of a send: the same client id from the same sender in the same conversation
@@ -231,5 +236,29 @@ pub enum GroupInfoReply {
         members: Vec<GroupMember>,
         seq: u64,
     },
+    Error(ErrorFrame),
+}
+
+/// A gateway's request to `chat.api.media.verify`, answered by the media service, before it
+/// accepts a `send` with `media`: does the upload exist in the object store with the declared
+/// size and content type, made by `user` for `conv`? A yes also records the message's
+/// reference (the upload is never cleaned up as an orphan). Asking again for the same
+/// (`conv`, `user`, `id`) is answered the same way.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MediaVerifyRequest {
+    pub conv: String,
+    /// The sender.
+    pub user: String,
+    /// The message's client message id.
+    pub id: String,
+    pub media: MediaRef,
+}
+
+/// The answer to a [`MediaVerifyRequest`]: `ok`, or an error (`media_not_found`,
+/// `media_mismatch`, `invalid_frame`, `unavailable`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum MediaVerifyReply {
+    Ok,
     Error(ErrorFrame),
 }

@@ -32,6 +32,7 @@ pub const STREAM_FILES: &[(&str, &str)] = files![
     "streams/CHAT_IN.json",
     "streams/CHAT_MSGS.json",
     "streams/CHAT_PUSH.json",
+    "streams/KV_CHAT_MEDIA.json",
 ];
 
 /// Consumer definitions that do not depend on the partition count.
@@ -820,6 +821,15 @@ mod tests {
         let adapter = consumers.last().unwrap();
         assert_eq!(adapter.stream(), subjects::STREAM_PUSH);
         assert_eq!(adapter.name(), PUSH_CONSUMER);
+        // A key-value bucket is the stream `KV_<bucket>` over `$KV.<bucket>.>`, one value per key.
+        let media = &streams[3].config;
+        assert_eq!(media["name"], format!("KV_{}", subjects::MEDIA_BUCKET));
+        assert_eq!(
+            media["subjects"][0],
+            format!("$KV.{}.>", subjects::MEDIA_BUCKET)
+        );
+        assert_eq!(media["max_msgs_per_subject"], 1);
+        assert_eq!(media["allow_rollup_hdrs"], true);
     }
 
     #[test]

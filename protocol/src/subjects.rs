@@ -52,6 +52,14 @@ pub fn balance(kind: &str) -> String {
     format!("chat.ctl.{kind}.live")
 }
 
+/// Request subject for checking a media message's upload (payload:
+/// [`crate::api::MediaVerifyRequest`]), answered by the media service.
+pub const MEDIA_VERIFY_API: &str = "chat.api.media.verify";
+/// Queue group of the media service's responders.
+pub const MEDIA_QUEUE: &str = "media";
+/// JetStream key-value bucket of the media service's upload records (stream `KV_CHAT_MEDIA`).
+pub const MEDIA_BUCKET: &str = "CHAT_MEDIA";
+
 /// Where a gateway publishes a client's send or receipt: `chat.in.<conv>`. `CHAT_IN` rewrites it to
 /// `chat.inp.<partition>.<conv>` on ingest.
 pub fn inbound(conv: &ConvId) -> String {

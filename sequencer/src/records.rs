@@ -65,6 +65,9 @@ pub fn stored(m: Message, stream_seq: u64) -> StoredMessage {
         event: m
             .event
             .map(|e| serde_json::to_string(&e).expect("event encodes")),
+        media: m
+            .media
+            .map(|e| serde_json::to_string(&e).expect("media encodes")),
     }
 }
 
@@ -78,6 +81,7 @@ pub fn to_frame(m: StoredMessage) -> Message {
         ts: m.ts_ms,
         body: m.body,
         event: m.event.and_then(|e| serde_json::from_str(&e).ok()),
+        media: m.media.and_then(|e| serde_json::from_str(&e).ok()),
     }
 }
 

@@ -75,6 +75,7 @@ async fn send(js: &jetstream::Context, conv: &str, from: &str, id: &str, body: &
         id: id.into(),
         body: body.into(),
         ts: 0,
+        media: None,
     });
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", dedupe_id(conv, from, id).as_str());
@@ -97,6 +98,7 @@ fn inbound_send(conv: &str, from: &str, id: &str) -> (String, HeaderMap, bytes::
         id: id.into(),
         body: format!("body of {id}"),
         ts: 0,
+        media: None,
     });
     let mut headers = HeaderMap::new();
     headers.insert("Nats-Msg-Id", dedupe_id(conv, from, id).as_str());

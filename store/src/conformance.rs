@@ -73,6 +73,7 @@ where
     group_membership_follows_events(make().await).await;
     group_changes_apply_once(make().await).await;
     group_index_follows_conversation_until_leave(make().await).await;
+    media_round_trips(make().await).await;
 }
 
 /// Builds a message with deterministic, seq-derived fields.
@@ -86,6 +87,7 @@ pub fn msg(conv: &str, seq: u64, from: &str, client_id: &str, stream_seq: u64) -
         body: format!("body of {conv}/{seq}"),
         stream_seq,
         event: None,
+        media: None,
     }
 }
 
@@ -183,6 +185,7 @@ pub async fn round_trip_preserves_fields<S: MessageStore>(store: S) {
         body: "héllo \u{1F600} \"quoted\" \\ \n\t\0 {\"json\": true}".into(),
         stream_seq: u64::MAX - 1,
         event: Some(r#"{"kind":"renamed","name":"x\u00e9"}"#.into()),
+        media: None,
     };
     let empty = StoredMessage {
         seq: 2,
@@ -207,6 +210,41 @@ pub async fn round_trip_preserves_fields<S: MessageStore>(store: S) {
     assert!(!got.more);
     let got = store.page("conv_~-9", after(0, 10)).await.unwrap();
     assert_eq!(got.messages, all);
+}
+
+/// A message's media reference comes back exactly as stored, through `apply` and `page`;
+/// re-applying it is idempotent, and the same seq with other media is a conflict.
+pub async fn media_round_trips<S: MessageStore>(store: S) {
+    let media = r#"{"id":"m0a1","content_type":"image/png","size":1234,"width":640,"height":480,"thumbnail":"t9"}"#;
+    let with_media = StoredMessage {
+        body: "caption \u{1F600}".into(),
+        media: Some(media.into()),
+        ..msg("dm~a~b", 1, "a", "c1", 1)
+    };
+    let plain = msg("dm~a~b", 2, "b", "c2", 2);
+    store
+        .apply(messages(vec![with_media.clone(), plain.clone()]), None)
+        .await
+        .unwrap();
+    let got = store.page("dm~a~b", after(0, 10)).await.unwrap();
+    assert_eq!(got.messages, vec![with_media.clone(), plain.clone()]);
+    assert_eq!(got.messages[0].media.as_deref(), Some(media));
+    assert_eq!(got.messages[1].media, None);
+    store
+        .apply(messages(vec![with_media.clone()]), None)
+        .await
+        .unwrap();
+    let swapped = StoredMessage {
+        media: Some(media.replace("1234", "1235")),
+        ..with_media.clone()
+    };
+    let err = store
+        .apply(messages(vec![swapped]), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), StoreErrorKind::Conflict);
+    let got = store.page("dm~a~b", before(None, 10)).await.unwrap();
+    assert_eq!(got.messages, vec![with_media, plain]);
 }
 
 /// Applying an empty batch without `through` succeeds and changes nothing.

@@ -62,6 +62,8 @@ struct RecordRef<'a> {
     stream_seq: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     event: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    media: Option<&'a str>,
 }
 
 #[derive(serde::Deserialize)]
@@ -73,6 +75,8 @@ struct Record {
     stream_seq: u64,
     #[serde(default)]
     event: Option<String>,
+    #[serde(default)]
+    media: Option<String>,
 }
 
 impl Record {
@@ -83,6 +87,7 @@ impl Record {
             && self.body == m.body
             && self.stream_seq == m.stream_seq
             && self.event == m.event
+            && self.media == m.media
     }
 
     fn into_message(self, conv: &str, seq: u64) -> StoredMessage {
@@ -95,6 +100,7 @@ impl Record {
             body: self.body,
             stream_seq: self.stream_seq,
             event: self.event,
+            media: self.media,
         }
     }
 }
@@ -107,6 +113,7 @@ fn encode(m: &StoredMessage) -> Vec<u8> {
         body: &m.body,
         stream_seq: m.stream_seq,
         event: m.event.as_deref(),
+        media: m.media.as_deref(),
     };
     // Serializing a struct of strings and integers into a Vec cannot fail.
     serde_json::to_vec(&record).expect("record serialization is infallible")
@@ -902,6 +909,7 @@ mod tests {
             body: "hi".into(),
             stream_seq: seq,
             event: None,
+            media: None,
         }
     }
 

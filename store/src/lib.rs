@@ -75,6 +75,9 @@ pub struct StoredMessage {
     /// The group event this message is (its JSON text, opaque to the store),
     /// or `None` for a plain message.
     pub event: Option<String>,
+    /// The media the message references (its JSON text, opaque to the store),
+    /// or `None` for a message without media.
+    pub media: Option<String>,
 }
 
 /// What a stamped group event does to the group, applied by

@@ -67,6 +67,7 @@ conformance_tests!(
     conflict_writes_no_receipts_or_index,
     apply_through_only,
     concurrent_receipts_converge,
+    media_round_trips,
 );
 
 /// `run_all` (the entry point other backends use) passes too.

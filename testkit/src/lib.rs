@@ -25,6 +25,10 @@
 //! [`NatsCluster`] runs several of them routed together (a 3-node JetStream cluster for R3
 //! streams).
 //!
+//! [`SeaweedFs`] is a real SeaweedFS (`weed mini`, its S3 gateway on a random loopback port,
+//! with credentials and a bucket of its own) for tests of the media service; `weed` comes from
+//! `SETUP_SEAWEEDFS=1 scripts/setup.sh` (the test script always installs it).
+//!
 //! [`ChildProcess`] wraps any other child process (e.g. one of our own
 //! binaries) so it is killed on drop and can be sent `SIGKILL`, `SIGSTOP` and
 //! `SIGCONT` for fault tests.
@@ -32,6 +36,7 @@
 mod cluster;
 mod nats;
 mod process;
+mod seaweed;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -39,6 +44,7 @@ use std::path::{Path, PathBuf};
 pub use cluster::NatsCluster;
 pub use nats::{NatsServer, nats_server_bin};
 pub use process::ChildProcess;
+pub use seaweed::{SeaweedFs, weed_bin};
 
 /// Root of the cargo workspace (parent of this crate's manifest directory).
 pub fn workspace_root() -> PathBuf {

@@ -495,7 +495,7 @@ impl<S: MessageStore> Partition<S> {
             let front = &conv.queue[0];
             let sseq = front.sseq;
             let planned = plan(&conv.id, state, &front.valid, self.ctx.group_max_members);
-            let (from, id, body, event) = match planned {
+            let (from, id, body, event, media) = match planned {
                 Ok(p) => p,
                 Err(refused) => {
                     let Some(Queued { valid, .. }) = conv.queue.pop_front() else {
@@ -517,6 +517,7 @@ impl<S: MessageStore> Partition<S> {
                 ts: chat_protocol::now_ms(),
                 body,
                 event,
+                media,
             };
             conv.busy = Busy::Working;
             let future = publish_message(
@@ -801,14 +802,22 @@ async fn ack(msg: &jetstream::Message) {
     }
 }
 
-/// What a send or group operation at the head of a queue becomes: `(from, id, body, event)`,
-/// or why it is refused.
+/// What a stamped message is made of: `(from, id, body, event, media)`.
+type Planned = (
+    String,
+    String,
+    String,
+    Option<GroupEvent>,
+    Option<Box<chat_protocol::frames::MediaRef>>,
+);
+
+/// What a send or group operation at the head of a queue becomes, or why it is refused.
 fn plan(
     conv: &ConvId,
     state: &ConvState,
     valid: &Valid,
     group_max_members: u32,
-) -> Result<(String, String, String, Option<GroupEvent>), membership::Refused> {
+) -> Result<Planned, membership::Refused> {
     match valid {
         Valid::Send(m) => {
             if let Some(roster) = &state.roster
@@ -819,7 +828,13 @@ fn plan(
                     message: NOT_MEMBER.into(),
                 });
             }
-            Ok((m.from.clone(), m.id.clone(), m.body.clone(), None))
+            Ok((
+                m.from.clone(),
+                m.id.clone(),
+                m.body.clone(),
+                None,
+                m.media.clone().map(Box::new),
+            ))
         }
         Valid::Group(op) => {
             let current = state
@@ -829,7 +844,7 @@ fn plan(
                 .unwrap_or_default();
             debug_assert!(conv.is_group());
             let event = membership::plan(op, state.exists, &current, group_max_members)?;
-            Ok((op.from.clone(), op.id.clone(), String::new(), Some(event)))
+            Ok((op.from.clone(), op.id.clone(), String::new(), Some(event), None))
         }
         Valid::Receipt(_) => unreachable!("receipts are coalesced, not planned"),
     }
