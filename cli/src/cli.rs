@@ -517,12 +517,26 @@ fn print_frame(frame: &ServerFrame) {
             "[{}] {} has up to #{} (read up to #{})",
             r.conv, r.user, r.delivered, r.read
         ),
+        ServerFrame::Typing {
+            conv,
+            user,
+            active: true,
+            ..
+        } => println!("[{conv}] {user} is typing"),
+        ServerFrame::Presence { users, .. } => {
+            for p in users {
+                let state = if p.online { "online" } else { "offline" };
+                println!("{} is {state}", p.user);
+            }
+        }
         ServerFrame::Hello { .. }
         | ServerFrame::Sent { .. }
         | ServerFrame::Sync { .. }
         | ServerFrame::Receipts { .. }
         | ServerFrame::Conversations { .. }
         | ServerFrame::GroupInfo { .. }
+        | ServerFrame::PresenceSettings { .. }
+        | ServerFrame::Typing { .. }
         | ServerFrame::Pong => {}
     }
 }

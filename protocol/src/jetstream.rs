@@ -28,6 +28,7 @@ pub const STREAMS: &[Definition] = defs![
     "streams/CHAT_IN.json",
     "streams/CHAT_MSGS.json",
     "streams/CHAT_PUSH.json",
+    "streams/KV_PRESENCE.json",
 ];
 
 /// Consumer definitions; the stream is the file's parent directory.
@@ -443,6 +444,16 @@ mod tests {
         assert_eq!(adapter.stream(), subjects::STREAM_PUSH);
         assert_eq!(adapter.name(), PUSH_CONSUMER);
         assert_eq!(CONSUMERS.len() as u32, 3 * subjects::PARTITIONS + 1);
+        let presence = STREAMS[3].config();
+        assert_eq!(presence["name"], subjects::STREAM_PRESENCE);
+        assert_eq!(
+            presence["subjects"][0],
+            subjects::presence_kv_subject(">").as_str()
+        );
+        // A KV bucket with per-key TTL and markers for expired keys (nats-server 2.11+).
+        assert_eq!(presence["allow_msg_ttl"], true);
+        assert!(presence["subject_delete_marker_ttl"].as_u64().unwrap() > 0);
+        assert_eq!(presence["max_msgs_per_subject"], 1);
     }
 
     #[test]
