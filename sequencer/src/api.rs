@@ -73,6 +73,9 @@ pub async fn serve<S: MessageStore + Clone>(
         client
             .queue_subscribe(subjects::GROUP_INFO_API, subjects::API_QUEUE.into())
             .await?,
+        client
+            .queue_subscribe(subjects::CONTACTS_API, subjects::API_QUEUE.into())
+            .await?,
     ]);
     let responder = std::sync::Arc::new(Responder {
         store,
@@ -104,6 +107,10 @@ pub async fn serve<S: MessageStore + Clone>(
                 subjects::GROUP_INFO_API => (
                     "group_info",
                     encode(&responder.group_info(&req.payload).await),
+                ),
+                subjects::CONTACTS_API => (
+                    "contacts",
+                    encode(&crate::contacts::answer(&responder.store, &req.payload).await),
                 ),
                 _ => ("history", encode(&responder.history(&req.payload).await)),
             };

@@ -10,10 +10,12 @@
 //! Receipts from clients come the same way; moved watermarks go to `chat.rcpt.<N>.<conv>`.
 //!
 //! It also follows `CHAT_MSGS` (messages and receipts) into its store and answers
-//! `chat.api.history`, `chat.api.sync` and `chat.api.receipts` (queue group `api`).
+//! `chat.api.history`, `chat.api.sync` and `chat.api.receipts` (queue group `api`), and
+//! `chat.api.contacts` for the presence service's privacy rule (`contacts.rs`).
 
 mod api;
 pub mod config;
+mod contacts;
 mod follower;
 pub mod groups;
 pub mod stamper;
