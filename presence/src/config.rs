@@ -94,6 +94,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_field_is_documented_in_the_readme() {
+        let readme = include_str!("../README.md");
+        let value = serde_json::to_value(Config::default()).unwrap();
+        for field in value.as_object().unwrap().keys() {
+            let env = format!("CHAT_PRESENCE_{}", field.to_uppercase());
+            assert!(
+                readme.contains(&format!("| `{field}` | `{env}` |")),
+                "README.md settings table lacks `{field}`"
+            );
+        }
+    }
+
+    #[test]
     fn defaults_are_valid_and_bad_ttls_are_refused() {
         Config::default().validate().unwrap();
         for ttl in [0, 500, 1500] {

@@ -355,7 +355,6 @@ impl Service {
                     st.debouncer.touch(&user, tokio::time::Instant::now());
                     self.wake.notify_one();
                 }
-                ::metrics::gauge!(metrics::ONLINE_USERS).set(st.model.online_users() as f64);
                 user
             };
             if let Some(seen) = expired_seen
@@ -457,7 +456,6 @@ impl Service {
             for u in &report.unwatch {
                 st.model.unwatch(gw.as_str(), u);
             }
-            ::metrics::gauge!(metrics::WATCHES).set(st.model.watch_count() as f64);
         }
         let mut acks = Vec::new();
         let stamp = Stamp { ts: now };
@@ -501,7 +499,9 @@ impl Service {
             if gone > 0 {
                 tracing::debug!(gone, "expired presence watches");
             }
+            // Counted here, not per change: both walk the whole model.
             ::metrics::gauge!(metrics::WATCHES).set(st.model.watch_count() as f64);
+            ::metrics::gauge!(metrics::ONLINE_USERS).set(st.model.online_users() as f64);
         }
     }
 
