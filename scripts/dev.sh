@@ -6,7 +6,7 @@
 #
 # Steps: scripts/setup.sh (pinned nats-server into .venv), cargo build --bins, then
 # nats-server (store in .run/nats), `chat admin provision`, sequencer (store in .run/store),
-# fanout-worker and gateway, each logging to .run/logs/<name>.log and awaited on its readiness
+# fanout-worker, presence and gateway, each logging to .run/logs/<name>.log and awaited on its readiness
 # endpoint. Ctrl-C or SIGTERM stops them all (gateway first, nats-server last).
 #
 # Environment:
@@ -14,7 +14,7 @@
 #   DEV_CHECK=1            same as --check
 #   CHAT_DEV_SECRET        HS256 secret the gateway accepts (default: dev-secret-change-me)
 #   NATS_PORT (4222), NATS_MONITOR_PORT (8222), GATEWAY_PORT (8080), GATEWAY_ADMIN_PORT (9090),
-#   SEQUENCER_ADMIN_PORT (9091), FANOUT_ADMIN_PORT (9092)
+#   SEQUENCER_ADMIN_PORT (9091), FANOUT_ADMIN_PORT (9092), PRESENCE_ADMIN_PORT (9093)
 set -euo pipefail
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -44,6 +44,7 @@ GATEWAY_PORT="${GATEWAY_PORT:-8080}"
 GATEWAY_ADMIN_PORT="${GATEWAY_ADMIN_PORT:-9090}"
 SEQUENCER_ADMIN_PORT="${SEQUENCER_ADMIN_PORT:-9091}"
 FANOUT_ADMIN_PORT="${FANOUT_ADMIN_PORT:-9092}"
+PRESENCE_ADMIN_PORT="${PRESENCE_ADMIN_PORT:-9093}"
 DEFAULT_SECRET="dev-secret-change-me"
 SECRET="${CHAT_DEV_SECRET:-${DEFAULT_SECRET}}"
 
@@ -172,7 +173,7 @@ case "${PROFILE}" in
     *) die "PROFILE must be debug or release, not ${PROFILE}" ;;
 esac
 BIN="${TARGET_DIR}/${PROFILE}"
-for b in chat sequencer fanout-worker gateway; do
+for b in chat sequencer fanout-worker presence gateway; do
     [[ -x "${BIN}/${b}" ]] || die "${BIN}/${b} was not built"
 done
 # How the printed commands name the CLI: relative when it is in this repo.
@@ -184,7 +185,8 @@ CHAT_CMD="${BIN#"${REPO_DIR}"/}/chat"
 busy=()
 for spec in "NATS_PORT:${NATS_PORT}" "NATS_MONITOR_PORT:${NATS_MONITOR_PORT}" \
     "GATEWAY_PORT:${GATEWAY_PORT}" "GATEWAY_ADMIN_PORT:${GATEWAY_ADMIN_PORT}" \
-    "SEQUENCER_ADMIN_PORT:${SEQUENCER_ADMIN_PORT}" "FANOUT_ADMIN_PORT:${FANOUT_ADMIN_PORT}"; do
+    "SEQUENCER_ADMIN_PORT:${SEQUENCER_ADMIN_PORT}" "FANOUT_ADMIN_PORT:${FANOUT_ADMIN_PORT}" \
+    "PRESENCE_ADMIN_PORT:${PRESENCE_ADMIN_PORT}"; do
     if port_open "${spec#*:}"; then
         busy+=("${spec}")
     fi
@@ -221,6 +223,12 @@ start fanout-worker env NO_COLOR=1 \
     "${BIN}/fanout-worker"
 wait_ready fanout-worker "${FANOUT_ADMIN_PORT}" /readyz 60
 
+start presence env NO_COLOR=1 \
+    CHAT_PRESENCE_NATS_URL="${NATS_URL}" \
+    CHAT_PRESENCE_ADMIN_LISTEN="${HOST}:${PRESENCE_ADMIN_PORT}" \
+    "${BIN}/presence"
+wait_ready presence "${PRESENCE_ADMIN_PORT}" /readyz 60
+
 start gateway env NO_COLOR=1 \
     CHAT_GATEWAY_NATS_URL="${NATS_URL}" \
     CHAT_GATEWAY_LISTEN="${HOST}:${GATEWAY_PORT}" \
@@ -250,7 +258,7 @@ if [[ "${CHECK}" == "1" ]]; then
     text="hi from dev.sh --check $$"
     echo "\$ chat send --as alice bob ${text}"
     out="$("${BIN}/chat" send --as alice bob "${text}")" || {
-        for n in gateway sequencer fanout-worker; do show_log "${n}"; done
+        for n in gateway sequencer fanout-worker presence; do show_log "${n}"; done
         die "check: chat send failed"
     }
     echo "${out}"
@@ -268,7 +276,7 @@ if [[ "${CHECK}" == "1" ]]; then
         || die "check: chat history failed"
     echo "${history}"
     grep -qxF "${expected}" <<<"${history}" || die "check: the message is not in bob's history"
-    echo "dev.sh --check: OK (nats-server, sequencer, fanout-worker, gateway and the chat CLI work together)"
+    echo "dev.sh --check: OK (nats-server, sequencer, fanout-worker, presence, gateway and the chat CLI work together)"
     exit 0
 fi
 
@@ -282,7 +290,7 @@ cat <<EOF
 Everything is running. Ctrl-C stops it all. Logs: .run/logs/, data: .run/nats and .run/store.
 
   gateway  ${WS_URL}?token=<token>&device=<any-id>
-  admin    http://${HOST}:${GATEWAY_ADMIN_PORT}/metrics (gateway), :${SEQUENCER_ADMIN_PORT} (sequencer), :${FANOUT_ADMIN_PORT} (fan-out)
+  admin    http://${HOST}:${GATEWAY_ADMIN_PORT}/metrics (gateway), :${SEQUENCER_ADMIN_PORT} (sequencer), :${FANOUT_ADMIN_PORT} (fan-out), :${PRESENCE_ADMIN_PORT} (presence)
   NATS     ${NATS_URL} (monitoring http://${HOST}:${NATS_MONITOR_PORT})
 
 Try it from the repo root in two more terminals:
