@@ -276,6 +276,14 @@ if [[ "${CHECK}" == "1" ]]; then
         || die "check: chat history failed"
     echo "${history}"
     grep -qxF "${expected}" <<<"${history}" || die "check: the message is not in bob's history"
+    # bob's watch is connected and shares a conversation with alice now: she sees him online.
+    echo "\$ chat presence --as alice bob"
+    deadline=$((SECONDS + 15))
+    until presence="$("${BIN}/chat" presence --as alice bob 2>&1)" && [[ "${presence}" == "bob: online" ]]; do
+        ((SECONDS < deadline)) || { show_log presence; die "check: alice does not see bob online: ${presence}"; }
+        sleep 0.5
+    done
+    echo "${presence}"
     echo "dev.sh --check: OK (nats-server, sequencer, fanout-worker, presence, gateway and the chat CLI work together)"
     exit 0
 fi
@@ -306,6 +314,7 @@ tour "watch --as bob" "terminal 1: bob sees every message"
 tour "send --as alice bob hello" "terminal 2: prints 'sent to bob: seq N'"
 tour "talk --as alice bob" "interactive: type lines; /history [n], /quit"
 tour "history --as bob --with alice" "what bob can read back"
+tour "presence --as alice bob" "online, or when bob was last seen"
 tour "--help" "everything else"
 cat <<EOF
 

@@ -2,10 +2,7 @@
 //! bucket, through a watch), their last seen and settings, and which gateways watch which
 //! users (from the gateways' reports). Every replica builds the same view; pure data, no I/O.
 
-use std::{
-    collections::{HashMap, hash_map::Entry},
-    sync::Arc,
-};
+use std::{collections::HashMap, sync::Arc};
 
 use chat_protocol::frames::PresenceState;
 
@@ -36,10 +33,14 @@ pub struct Model {
 
 impl Model {
     fn gateway(&mut self, id: &str) -> Arc<str> {
-        self.gateways
-            .entry(id.to_owned())
-            .or_insert_with(|| Arc::from(id))
-            .clone()
+        // Looked up first: every heartbeat refresh comes through here, and `entry` would
+        // allocate the key each time.
+        if let Some(gw) = self.gateways.get(id) {
+            return gw.clone();
+        }
+        let gw: Arc<str> = Arc::from(id);
+        self.gateways.insert(id.to_owned(), gw.clone());
+        gw
     }
 
     /// What `user`'s contacts see now.
@@ -76,24 +77,29 @@ impl Model {
 
     /// `on.<user>.<gateway>` was written at `ts`.
     pub fn set_online(&mut self, user: &str, gateway: &str, ts: u64) {
-        let gw = self.gateway(gateway);
-        let u = self.users.entry(user.to_owned()).or_default();
-        match u.on.iter_mut().find(|(g, _)| **g == *gw) {
-            Some(entry) => entry.1 = ts,
-            None => u.on.push((gw, ts)),
+        if let Some(entry) = self
+            .users
+            .get_mut(user)
+            .and_then(|u| u.on.iter_mut().find(|(g, _)| &**g == gateway))
+        {
+            entry.1 = ts;
+            return;
         }
+        let gw = self.gateway(gateway);
+        self.users
+            .entry(user.to_owned())
+            .or_default()
+            .on
+            .push((gw, ts));
     }
 
     /// `on.<user>.<gateway>` is gone; returns when it was last written, if it was there.
     pub fn remove_online(&mut self, user: &str, gateway: &str) -> Option<u64> {
-        let Entry::Occupied(mut e) = self.users.entry(user.to_owned()) else {
-            return None;
-        };
-        let u = e.get_mut();
+        let u = self.users.get_mut(user)?;
         let i = u.on.iter().position(|(g, _)| &**g == gateway)?;
         let (_, ts) = u.on.swap_remove(i);
         if u.is_empty() {
-            e.remove();
+            self.users.remove(user);
         }
         Some(ts)
     }
@@ -116,6 +122,10 @@ impl Model {
 
     /// Gateway `gateway` watches `user` (heard at `now`).
     pub fn watch(&mut self, gateway: &str, user: &str, now: u64) {
+        if let Some(heard) = self.watchers.get_mut(user).and_then(|w| w.get_mut(gateway)) {
+            *heard = now;
+            return;
+        }
         let gw = self.gateway(gateway);
         self.watchers
             .entry(user.to_owned())
@@ -125,10 +135,10 @@ impl Model {
 
     /// Gateway `gateway` no longer watches `user`.
     pub fn unwatch(&mut self, gateway: &str, user: &str) {
-        if let Entry::Occupied(mut e) = self.watchers.entry(user.to_owned()) {
-            e.get_mut().remove(gateway);
-            if e.get().is_empty() {
-                e.remove();
+        if let Some(w) = self.watchers.get_mut(user) {
+            w.remove(gateway);
+            if w.is_empty() {
+                self.watchers.remove(user);
             }
         }
     }
