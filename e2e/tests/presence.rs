@@ -429,7 +429,27 @@ async fn presence_follows_the_devices_and_reaches_only_contacts_who_subscribed()
             None => panic!("no online push for alice"),
         }
     }
+    // She closes her only device: bob is told she is offline, last seen at that moment.
+    let closed = chat_protocol::now_ms();
     alice_again.ws.close(None).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    let seen = loop {
+        match bob.next_within(deadline - Instant::now()).await {
+            Some(ServerFrame::Presence { req: None, users }) => {
+                if let Some(s) = state(&users, "alice")
+                    && !s.online
+                {
+                    break s.last_seen.expect("a last seen after a disconnect");
+                }
+            }
+            Some(_) => continue,
+            None => panic!("no offline push after alice's disconnect"),
+        }
+    };
+    assert!(
+        seen >= closed,
+        "last seen {seen} is when she left ({closed})"
+    );
     app.shutdown().await;
 }
 
