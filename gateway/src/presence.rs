@@ -7,8 +7,8 @@
 //! connect and a disconnect within one flush collapse into the final state). Every
 //! `heartbeat_ms` the gateway sends its whole state (every user with a connection here, every
 //! user watched here) in parts of at most [`PRESENCE_REPORT_MAX`] users. No timer, task or
-//! subscription per connection: a connection costs a [`Conn`] (three words) and, per user, one
-//! map entry with a counter.
+//! subscription per connection: a connection costs a [`Conn`] (three words, and the reader's
+//! reference to it) and, per user, one map entry with a counter.
 //!
 //! **Subscriptions.** A connection's `presence_subscribe` asks `chat.api.presence` (which
 //! checks that the asker shares a conversation with each user, see `docs/protocol.md`), then
