@@ -331,8 +331,17 @@ impl Service {
             let stamp = |v: &Bytes| serde_json::from_slice::<Stamp>(v).ok().map(|s| s.ts);
             let put = entry.operation == Operation::Put;
             let mut expired_seen = None;
+            let key_user = match key {
+                PresenceKey::Online { user, .. }
+                | PresenceKey::Seen { user }
+                | PresenceKey::Settings { user } => user,
+            };
             let user = {
                 let mut st = self.state.lock().unwrap();
+                // Only what watchers would see matters: a heartbeat's refresh of a key changes
+                // nothing they see, and must not cost a push.
+                let watched = self.loaded.get() && st.model.is_watched(key_user);
+                let before = watched.then(|| st.model.state(key_user));
                 let model = &mut st.model;
                 let user = match key {
                     PresenceKey::Online { user, gateway } => {
@@ -371,7 +380,9 @@ impl Service {
                     }
                 };
                 let user = user.to_owned();
-                if self.loaded.get() && st.model.is_watched(&user) {
+                if let Some(before) = before
+                    && before != st.model.state(&user)
+                {
                     st.debouncer.touch(&user, tokio::time::Instant::now());
                     self.wake.notify_one();
                 }
