@@ -33,7 +33,9 @@ pub struct Debouncer {
     min_interval: Duration,
     due: BTreeSet<(Instant, String)>,
     pending: HashMap<String, Instant>,
-    last: HashMap<String, (PresenceState, Instant)>,
+    /// The last state pushed of each user, and when (`None`: not pushed, only what watchers
+    /// had seen before the first change: see [`Debouncer::baseline`]).
+    last: HashMap<String, (PresenceState, Option<Instant>)>,
 }
 
 impl Debouncer {
@@ -53,7 +55,7 @@ impl Debouncer {
             return;
         }
         let mut at = now + self.debounce;
-        if let Some((_, sent)) = self.last.get(user) {
+        if let Some((_, Some(sent))) = self.last.get(user) {
             at = at.max(*sent + self.min_interval);
         }
         self.pending.insert(user.to_owned(), at);
@@ -79,6 +81,13 @@ impl Debouncer {
         out
     }
 
+    /// What watchers saw of a user before its first change since it was last remembered:
+    /// the state a push is compared with when nothing was pushed yet (so a user that drops and
+    /// comes back before its first push pushes nothing).
+    pub fn baseline(&mut self, state: PresenceState) {
+        self.last.entry(state.user.clone()).or_insert((state, None));
+    }
+
     /// Whether `state` must be pushed (it differs from the last one pushed); records it.
     pub fn decide(&mut self, state: &PresenceState, now: Instant) -> bool {
         if let Some((last, _)) = self.last.get(&state.user)
@@ -86,15 +95,19 @@ impl Debouncer {
         {
             return false;
         }
-        self.last.insert(state.user.clone(), (state.clone(), now));
+        self.last
+            .insert(state.user.clone(), (state.clone(), Some(now)));
         true
     }
 
     /// Forgets pushed states older than [`REMEMBER`] (a later change is then pushed even if it
     /// equals what was pushed long ago; harmless).
     pub fn prune(&mut self, now: Instant) {
-        self.last
-            .retain(|_, (_, sent)| now.saturating_duration_since(*sent) < REMEMBER);
+        let pending = &self.pending;
+        self.last.retain(|user, (_, sent)| {
+            pending.contains_key(user)
+                || sent.is_some_and(|sent| now.saturating_duration_since(sent) < REMEMBER)
+        });
     }
 
     pub fn pending(&self) -> usize {
@@ -201,7 +214,9 @@ mod tests {
     /// Applies a change to the model and touches the user, as the KV watch does.
     fn change(state: &Arc<Mutex<State>>, wake: &Notify, f: impl FnOnce(&mut Model), user: &str) {
         let mut st = state.lock().unwrap();
+        let before = st.model.state(user);
         f(&mut st.model);
+        st.debouncer.baseline(before);
         st.debouncer.touch(user, Instant::now());
         drop(st);
         wake.notify_one();
@@ -293,6 +308,34 @@ mod tests {
                 online: false,
                 last_seen: Some(77)
             }]
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_user_that_drops_and_returns_before_its_first_push_pushes_nothing() {
+        let (state, wake) = setup(1000, 5000);
+        {
+            let mut st = state.lock().unwrap();
+            st.model.set_online("bob", "gwx", 1);
+            st.model.watch("gw1", "bob", 0);
+        }
+        let (pushed, _stop) = spawn(&state, &wake);
+        change(
+            &state,
+            &wake,
+            |m| {
+                m.remove_online("bob", "gwx");
+            },
+            "bob",
+        );
+        tokio::time::advance(Duration::from_millis(300)).await;
+        settle().await;
+        change(&state, &wake, |m| m.set_online("bob", "gwx", 2), "bob");
+        tokio::time::advance(Duration::from_secs(10)).await;
+        settle().await;
+        assert!(
+            pushed.lock().unwrap().is_empty(),
+            "watchers saw him online all along"
         );
     }
 

@@ -383,6 +383,7 @@ impl Service {
                 if let Some(before) = before
                     && before != st.model.state(&user)
                 {
+                    st.debouncer.baseline(before);
                     st.debouncer.touch(&user, tokio::time::Instant::now());
                     self.wake.notify_one();
                 }
