@@ -339,7 +339,7 @@ pub async fn run(
         );
     }
     // The closed connections' last devices go offline now, not when their keys expire.
-    hub.flush().await;
+    chat_common::within_grace("report presence", grace, hub.flush()).await;
     match tokio::time::timeout(grace, nats.drain()).await {
         Ok(Ok(())) => {}
         Ok(Err(err)) => tracing::warn!(error = %err, "nats drain failed"),
