@@ -586,6 +586,37 @@ async fn two_replicas_share_the_users_and_agree() {
         until_state(&client, "bob", u, |s| !s.online && s.last_seen.is_some()).await;
     }
     assert!(kv.get("seen.u7").await.unwrap().is_some());
-    p1.stop().await;
+
+    // One replica goes: once the other stops hearing from it, it takes its share of users.
     p2.stop().await;
+    report(&client, "gw1", online(&names)).await;
+    let deadline = Instant::now() + WAIT;
+    for u in &names {
+        loop {
+            let key = subjects::presence_online_key(
+                &UserId::parse(u).unwrap(),
+                &GatewayId::parse("gw1").unwrap(),
+            );
+            if kv.get(&key).await.unwrap().is_some() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{key} never written after the failover"
+            );
+            // Reports before the takeover reach no owner for those users: the next
+            // heartbeat (here: the same report again) repairs it.
+            report(
+                &client,
+                "gw1",
+                PresenceReport {
+                    heartbeat: true,
+                    ..online(&names)
+                },
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    p1.stop().await;
 }
