@@ -233,10 +233,15 @@ impl PresenceHub {
         set_watch(&mut inner, id, None, Vec::new());
     }
 
-    /// Forgets rate limiter state of users idle long enough to be back at full burst.
+    /// Forgets rate limiter state of users idle long enough to be back at full burst, and
+    /// gives back the room of maps that shrank (after a wave of disconnects).
     pub(crate) fn prune(&self) {
         self.typing.retain_recent();
         self.typing.shrink_to_fit();
+        let mut inner = self.lock();
+        let (online, watched) = (inner.online.len(), inner.watched.len());
+        inner.online.shrink_to(online * 2);
+        inner.watched.shrink_to(watched * 2);
     }
 
     /// Takes the pending changes as one events report, if there are any.
@@ -249,7 +254,8 @@ impl PresenceHub {
             ts: chat_protocol::now_ms(),
             ..PresenceReport::default()
         };
-        for (user, on) in inner.online_changed.drain() {
+        // Taken, not drained: a burst of connects must not leave a large empty map behind.
+        for (user, on) in std::mem::take(&mut inner.online_changed) {
             let list = if on {
                 &mut report.online
             } else {
@@ -257,7 +263,7 @@ impl PresenceHub {
             };
             list.push(user.to_string());
         }
-        for (user, on) in inner.watch_changed.drain() {
+        for (user, on) in std::mem::take(&mut inner.watch_changed) {
             let list = if on {
                 &mut report.watch
             } else {
