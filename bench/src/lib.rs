@@ -6,7 +6,9 @@
 //! (one-to-one traffic over real WebSockets, open loop, through gateway, `CHAT_IN`, sequencer
 //! with its store, `CHAT_MSGS`, fan-out worker and back), `max` (the highest sustained rate),
 //! `idle` (memory and CPU per idle connection), `catchup` (a device that missed K messages
-//! reconnecting) and `group` (fan-out to large groups, with one-to-one load beside it). Each mode is a module with a `run`-style entry and a result type that
+//! reconnecting), `group` (fan-out to large groups, with one-to-one load beside it) and
+//! `presence` (presence updates and their cost per online user, gateways simulated at the NATS
+//! level). Each mode is a module with a `run`-style entry and a result type that
 //! serializes to the JSON the run writes.
 //!
 //! Consumes and produces what a client does (WebSocket frames, `docs/protocol.md`); the baseline
@@ -19,6 +21,7 @@ pub mod dm;
 pub mod group;
 pub mod idle;
 pub mod max;
+pub mod presence;
 pub mod procstat;
 pub mod report;
 pub mod stats;
@@ -307,6 +310,25 @@ pub async fn run(cli: Cli) -> Result<()> {
             let _ = sys.stop();
             let o = out_dir(&a.output);
             (o.clone(), report::write(&o, mode, a, machine, &results)?)
+        }
+        Mode::Presence(a) => {
+            let sys = System::start(false).await?;
+            let spec = presence::PresenceSpec {
+                users: a.users,
+                gateways: a.gateways,
+                heartbeat_s: a.heartbeat,
+                duration_s: a.duration,
+                churn_per_s: a.churn,
+                watched: a.watched,
+                query_rate: a.query_rate,
+                query_batch: a.query_batch,
+                online_ttl_s: a.online_ttl,
+            };
+            let r = presence::run(&sys, spec).await?;
+            print!("{}", r.summary());
+            let _ = sys.stop();
+            let o = out_dir(&a.output);
+            (o.clone(), report::write(&o, mode, a, machine, &r)?)
         }
         Mode::Catchup(a) => {
             let sys = System::start(true).await?;

@@ -132,6 +132,12 @@ pub enum Command {
     Group(GroupCommand),
     /// List your conversations: groups and one-to-one, with unread counts
     Convs,
+    /// Whether users are online, or when they were last seen (only users you share a
+    /// conversation with)
+    Presence {
+        #[arg(required = true, num_args = 1.., value_parser = parse_user)]
+        users: Vec<UserId>,
+    },
     /// Administration
     #[command(subcommand)]
     Admin(AdminCommand),
@@ -363,6 +369,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Send { to, text } => send(g, &to, &text.join(" ")).await,
         Command::Group(command) => group(g, command).await,
         Command::Convs => convs(g).await,
+        Command::Presence { users } => presence(g, &users).await,
         Command::Watch => watch(g).await,
         Command::Talk { to } => talk(g, &to).await,
         Command::History {
@@ -493,6 +500,36 @@ async fn group_info(g: &Global, conv: &ConvId) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn presence(g: &Global, users: &[UserId]) -> anyhow::Result<()> {
+    let mut client = g.connect().await?;
+    let asked: Vec<String> = users.iter().map(UserId::to_string).collect();
+    let states = client
+        .request(
+            "the presence answer",
+            g.timeout(),
+            |req| chat_protocol::frames::ClientFrame::Presence {
+                req,
+                users: asked.clone(),
+            },
+            |req, f| match f {
+                ServerFrame::Presence {
+                    req: Some(r),
+                    users,
+                } if r == req => Some(users.clone()),
+                _ => None,
+            },
+        )
+        .await?;
+    for user in &asked {
+        match states.iter().find(|s| &s.user == user) {
+            Some(s) => println!("{}", format::presence_line(s)),
+            None => println!("{user}: unknown (no conversation shared)"),
+        }
+    }
+    client.close().await;
+    Ok(())
+}
+
 async fn convs(g: &Global) -> anyhow::Result<()> {
     let mut client = g.connect().await?;
     let mut after = None;
@@ -558,12 +595,26 @@ fn print_frame(frame: &ServerFrame) {
             "[{}] {} has up to #{} (read up to #{})",
             r.conv, r.user, r.delivered, r.read
         ),
+        ServerFrame::Typing {
+            conv,
+            user,
+            active: true,
+            ..
+        } => println!("[{conv}] {user} is typing"),
+        ServerFrame::Presence { users, .. } => {
+            for p in users {
+                let state = if p.online { "online" } else { "offline" };
+                println!("{} is {state}", p.user);
+            }
+        }
         ServerFrame::Hello { .. }
         | ServerFrame::Sent { .. }
         | ServerFrame::Sync { .. }
         | ServerFrame::Receipts { .. }
         | ServerFrame::Conversations { .. }
         | ServerFrame::GroupInfo { .. }
+        | ServerFrame::PresenceSettings { .. }
+        | ServerFrame::Typing { .. }
         | ServerFrame::Pong => {}
     }
 }

@@ -59,6 +59,19 @@ pub fn conversation_line(c: &chat_protocol::frames::ConvInfo) -> String {
     line
 }
 
+/// `bob: online`, `carol: offline, last seen 42 s ago`, `dave: offline`.
+pub fn presence_line(p: &chat_protocol::frames::PresenceState) -> String {
+    let user = terminal_safe(&p.user);
+    match (p.online, p.last_seen) {
+        (true, _) => format!("{user}: online"),
+        (false, Some(ts)) => {
+            let ago = chat_protocol::now_ms().saturating_sub(ts) / 1000;
+            format!("{user}: offline, last seen {ago} s ago")
+        }
+        (false, None) => format!("{user}: offline"),
+    }
+}
+
 /// `error rate_limited: too many sends (retry after 250 ms)`
 pub fn error_line(e: &ErrorFrame) -> String {
     let mut line = format!("error {}: {}", e.code.as_str(), terminal_safe(&e.message));
@@ -112,6 +125,23 @@ mod tests {
     use chat_protocol::frames::ErrorCode;
 
     use super::*;
+
+    #[test]
+    fn presence_reads_as_a_state() {
+        use chat_protocol::frames::PresenceState;
+        let p = |online, last_seen| PresenceState {
+            user: "bob".into(),
+            online,
+            last_seen,
+        };
+        assert_eq!(presence_line(&p(true, None)), "bob: online");
+        assert_eq!(presence_line(&p(false, None)), "bob: offline");
+        let ago = chat_protocol::now_ms() - 42_000;
+        assert_eq!(
+            presence_line(&p(false, Some(ago))),
+            "bob: offline, last seen 42 s ago"
+        );
+    }
 
     #[test]
     fn group_events_read_as_sentences() {

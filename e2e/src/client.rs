@@ -480,7 +480,10 @@ impl DeviceState {
             ServerFrame::Pong
             | ServerFrame::Receipts { .. }
             | ServerFrame::Conversations { .. }
-            | ServerFrame::GroupInfo { .. } => {}
+            | ServerFrame::GroupInfo { .. }
+            | ServerFrame::Presence { .. }
+            | ServerFrame::PresenceSettings { .. }
+            | ServerFrame::Typing { .. } => {}
             ServerFrame::Hello { .. } => self.problem("a second hello".into()),
         }
     }

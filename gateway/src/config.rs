@@ -49,6 +49,8 @@ pub struct Config {
     pub close_timeout_ms: u64,
     /// How long shutdown waits for connections to finish in-flight sends and close.
     pub shutdown_grace_ms: u64,
+    /// Presence reports and typing (`presence.rs`).
+    pub presence: crate::presence::PresenceConfig,
 }
 
 impl Default for Config {
@@ -75,6 +77,7 @@ impl Default for Config {
             history_timeout_ms: 5000,
             close_timeout_ms: 5000,
             shutdown_grace_ms: 5000,
+            presence: Default::default(),
         }
     }
 }

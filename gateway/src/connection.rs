@@ -51,6 +51,7 @@ use crate::{
     groups::{ConnGroups, GroupHub, own_change},
     metrics,
     order::SentOrder,
+    presence::{self, PresenceHub},
 };
 
 /// History page size when the client does not ask for one.
@@ -103,6 +104,7 @@ impl Settings {
                 receipts_per_second: c.receipts_per_second,
                 receipt_burst: c.receipt_burst,
                 sync_page_max: api::SYNC_PAGE_MAX,
+                ..presence::limits(c)
             },
         }
     }
@@ -120,6 +122,8 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
     /// The large groups' subscriptions shared by the connections.
     pub groups: Arc<GroupHub>,
+    /// Presence reports and pushes, typing (`presence.rs`).
+    pub presence: Arc<PresenceHub>,
 }
 
 impl Shared {
@@ -135,6 +139,7 @@ impl Shared {
             receipt_limiter: keyed(config.receipts_per_second, config.receipt_burst),
             shutdown,
             groups: Arc::default(),
+            presence: Arc::new(PresenceHub::new(config)),
         }
     }
 }
@@ -189,7 +194,7 @@ impl CloseReason {
 }
 
 /// An entry of the outgoing queue.
-enum Outbound {
+pub(crate) enum Outbound {
     Frame(Utf8Bytes),
     /// Close after everything queued before it (graceful shutdown).
     Close(CloseReason),
@@ -245,6 +250,7 @@ pub(crate) async fn serve<B, W, R>(
     // The queue is new and holds at least one frame: `hello` is always first.
     let _ = out_tx.try_send(Outbound::Frame(encode(&hello)));
     tracing::info!("connection opened");
+    let presence = shared.presence.connect(&session.user);
 
     let confirmer = backend.clone();
     let order = SentOrder::default();
@@ -256,6 +262,7 @@ pub(crate) async fn serve<B, W, R>(
         closer: &closer,
         order: &order,
         inflight: FuturesUnordered::new(),
+        presence: &presence,
     };
     tokio::join!(
         reader.run(&mut stream),
@@ -317,6 +324,7 @@ struct Reader<'a, B> {
     /// Acks and API replies in flight, each resolving to the frame that answers it (a stored
     /// receipt is answered by none).
     inflight: FuturesUnordered<BoxFuture<'static, Option<ServerFrame>>>,
+    presence: &'a presence::Conn<'a>,
 }
 
 impl<B: Backend> Reader<'_, B> {
@@ -509,6 +517,18 @@ impl<B: Backend> Reader<'_, B> {
             ClientFrame::Ping => {
                 metrics::frame_in("ping");
                 self.enqueue(ServerFrame::Pong).await
+            }
+            frame @ (ClientFrame::Presence { .. }
+            | ClientFrame::PresenceSubscribe { .. }
+            | ClientFrame::PresenceSettings { .. }
+            | ClientFrame::Typing { .. }) => {
+                match presence::on_frame(&self.shared.presence, self.presence, &self.out, frame) {
+                    presence::Handled::Reply(frame) => self.enqueue(frame).await,
+                    presence::Handled::Later(answer) => {
+                        self.inflight.push(answer);
+                        Ok(())
+                    }
+                }
             }
         }
     }
@@ -1222,6 +1242,9 @@ async fn forward<B: Backend>(
             closer.close(CloseReason::GoingAway);
             return;
         };
+        if presence::shed(&payload, &out, shared.settings.outgoing_queue) {
+            continue;
+        }
         let change = own_change(user, &payload);
         let Ok(text) = Utf8Bytes::try_from(payload) else {
             tracing::warn!("dropping a push that is not utf-8");

@@ -19,6 +19,10 @@
 //!   answered by the sequencer. At connect, before `hello`, the user's groups
 //!   (`groups_only`).
 //! - Empty replies to delivery confirmation requests (see below).
+//! - `chat.presence.report.<gateway>` (core NATS): batched connects, disconnects, watches and
+//!   the periodic full state, for the presence service; `chat.api.presence` and
+//!   `chat.api.presence_settings` requests; `typing` frames on `chat.user.<user>` (one-to-one)
+//!   or `chat.typing.<conv>` (groups). See `presence.rs`.
 //!
 //! **Consumes**
 //! - `chat.user.<user>` (core NATS), one subscription per connection: complete server frames
@@ -29,6 +33,8 @@
 //! - `chat.grp.<conv>` (core NATS), one subscription per large group with a member connected
 //!   here, shared by its connections: each event once, forwarded to the members' connections
 //!   within their membership (see `groups.rs`).
+//! - `chat.presence.push.<gateway>` (core NATS), one subscription per gateway: the presence
+//!   changes of the users its connections watch, handed to those connections.
 //!
 //! Every id that becomes part of a subject is validated first (`chat_protocol::ids`); subjects
 //! come from `chat_protocol::subjects`. Every queue is bounded: the per-connection outgoing queue
@@ -54,6 +60,7 @@ mod groups;
 mod media;
 pub mod metrics;
 mod order;
+mod presence;
 mod registry;
 
 use std::{sync::Arc, time::Duration};
@@ -85,6 +92,7 @@ use crate::{
 pub use crate::{
     config::{AuthConfig, Config, ConfigError},
     error::UpgradeError,
+    presence::PresenceConfig,
 };
 
 /// Room for a frame's envelope around the largest NATS payload, in the write buffer limit.
@@ -153,6 +161,7 @@ impl AppState {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
+        shared.presence.prune();
     }
 }
 
@@ -282,6 +291,7 @@ pub async fn run(
         // Install the recorder before describing, or the descriptions go nowhere.
         admin::metrics_handle();
         metrics::describe();
+        presence::describe();
     }
     let nats = chat_common::connect_nats(&config.nats_url, "chat-gateway").await?;
     // A listener failure stops this gateway's connections without cancelling the caller's token.
@@ -299,6 +309,8 @@ pub async fn run(
         });
     }
     background.spawn(watch_readiness(nats.clone(), ready.clone(), stop.clone()));
+    let hub = state.inner.shared.presence.clone();
+    background.spawn(presence::run(hub.clone(), nats.clone(), stop.clone()));
     background.spawn({
         let (state, stop) = (state.clone(), stop.clone());
         async move {
@@ -328,6 +340,8 @@ pub async fn run(
             "connections still open after the shutdown grace period"
         );
     }
+    // The closed connections' last devices go offline now, not when their keys expire.
+    chat_common::within_grace("report presence", grace, hub.flush()).await;
     match tokio::time::timeout(grace, nats.drain()).await {
         Ok(Ok(())) => {}
         Ok(Err(err)) => tracing::warn!(error = %err, "nats drain failed"),

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::frames::{
     ConvInfo, ConvState, ErrorFrame, GroupMember, GroupOp, MediaRef, MemberMarks, Message,
+    PresenceState,
 };
 
 /// What a gateway publishes to `chat.in.<conv>`: a client's send or receipt. Both go through the
@@ -261,4 +262,111 @@ pub struct MediaVerifyRequest {
 pub enum MediaVerifyReply {
     Ok,
     Error(ErrorFrame),
+}
+
+/// Which of `users` share a conversation with `user` (`chat.api.contacts`, answered by the
+/// sequencers from the message store): a one-to-one conversation with at least one message, or
+/// a group both are current members of. At most [`CONTACTS_MAX`] users per request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContactsRequest {
+    pub user: String,
+    pub users: Vec<String>,
+}
+
+/// The answer to a [`ContactsRequest`]: the contacts among the asked users, in the order asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum ContactsReply {
+    Contacts { users: Vec<String> },
+    Error(ErrorFrame),
+}
+
+/// Most users one [`ContactsRequest`] may ask about.
+pub const CONTACTS_MAX: usize = 256;
+
+/// The presence of `users` as `user` may see it (`chat.api.presence`, answered by the presence
+/// service): only users who share a conversation with `user`, `last_seen` only of users who do
+/// not hide it. At most [`crate::frames::PRESENCE_BATCH_MAX`] users.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceRequest {
+    pub user: String,
+    pub users: Vec<String>,
+}
+
+/// The answer to a [`PresenceRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum PresenceReply {
+    Presence { users: Vec<PresenceState> },
+    Error(ErrorFrame),
+}
+
+/// Reads (and with `hide_last_seen`, changes) `user`'s presence settings
+/// (`chat.api.presence_settings`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceSettingsRequest {
+    pub user: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hide_last_seen: Option<bool>,
+}
+
+/// The answer to a [`PresenceSettingsRequest`]: the settings now in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "result")]
+pub enum PresenceSettingsReply {
+    Settings { hide_last_seen: bool },
+    Error(ErrorFrame),
+}
+
+/// A user's presence settings, as stored in the presence bucket (`cfg.<user>`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceSettings {
+    #[serde(default)]
+    pub hide_last_seen: bool,
+}
+
+/// What a gateway tells the presence service, on `chat.presence.report.<gateway>` (core NATS,
+/// every presence replica receives it). Events are sent in batches, at most one report per
+/// `flush_ms`; the full state every heartbeat, in parts of at most [`PRESENCE_REPORT_MAX`]
+/// users each.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceReport {
+    /// Gateway send time, ms since the epoch.
+    pub ts: u64,
+    /// Events (no `heartbeat`): users whose first device here connected. Heartbeat: users with
+    /// a device here (this part of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub online: Vec<String>,
+    /// Users whose last device here went away (events only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub offline: Vec<String>,
+    /// Events: users a connection here began to watch (the first one). Heartbeat: users
+    /// watched here (this part of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub watch: Vec<String>,
+    /// Users no connection here watches any more (events only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unwatch: Vec<String>,
+    /// Set on the heartbeat's parts: the state, not changes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub heartbeat: bool,
+}
+
+/// Most users in one list of a [`PresenceReport`] (keeps a report far below `max_payload`).
+pub const PRESENCE_REPORT_MAX: usize = 4096;
+
+/// Presence changes of users watched at one gateway, on `chat.presence.push.<gateway>`:
+/// debounced and coalesced by the presence service, one message per gateway per tick.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresencePush {
+    pub users: Vec<PresenceState>,
+}
+
+/// A typing indicator in a group, on `chat.typing.<conv>`, for the presence service to relay to
+/// the group's online members (the gateway cannot know a group's members).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypingRelay {
+    pub conv: String,
+    pub user: String,
+    pub active: bool,
 }

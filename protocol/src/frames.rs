@@ -91,6 +91,51 @@ pub enum ClientFrame {
     GroupInfo { req: String, conv: String },
     /// Application-level heartbeat, for clients that cannot see WebSocket pings. Answered by `pong`.
     Ping,
+    /// The presence of up to [`PRESENCE_BATCH_MAX`] users, answered by `presence` with `req`.
+    /// Only users who share a conversation with the asker are listed.
+    Presence { req: String, users: Vec<String> },
+    /// Replaces this connection's presence subscription with `users` (at most
+    /// [`PRESENCE_WATCH_MAX`]; empty: none). Answered like `presence`, then changes of the
+    /// listed users are pushed as `presence` frames without `req`.
+    PresenceSubscribe { req: String, users: Vec<String> },
+    /// Reads, and with `hide_last_seen` changes, the user's presence settings. Answered by
+    /// `presence_settings`.
+    PresenceSettings {
+        req: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hide_last_seen: Option<bool>,
+    },
+    /// The user is typing in `conv` (`active: false`: stopped). Ephemeral: relayed to the
+    /// conversation's online members, never stored, never answered unless refused.
+    Typing {
+        conv: String,
+        #[serde(default = "active_default")]
+        active: bool,
+    },
+}
+
+fn active_default() -> bool {
+    true
+}
+
+/// Most users in one `presence` query.
+pub const PRESENCE_BATCH_MAX: usize = 256;
+/// Most users one connection's `presence_subscribe` may list.
+pub const PRESENCE_WATCH_MAX: usize = 256;
+/// How long a client shows a `typing` indicator after the last `typing` frame for it, unless a
+/// frame with `active: false` ends it first.
+pub const TYPING_TTL_MS: u64 = 6000;
+
+/// One user's presence, as another user may see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceState {
+    pub user: String,
+    /// Some device of the user is connected.
+    pub online: bool,
+    /// When the user's last device went away (ms since the epoch). Absent while online, when
+    /// never seen, or when the user hides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<u64>,
 }
 
 /// What a `group` frame does.
@@ -151,6 +196,10 @@ pub const CLIENT_FRAME_TYPES: &[&str] = &[
     "conversations",
     "group_info",
     "ping",
+    "presence",
+    "presence_subscribe",
+    "presence_settings",
+    "typing",
 ];
 
 /// A stamped message: what recipients receive, what history returns, what `CHAT_MSGS` stores.
@@ -336,6 +385,19 @@ pub struct Limits {
     /// Most messages one `sync` page carries.
     #[serde(default)]
     pub sync_page_max: u32,
+    /// Most users in one `presence` query, and in one `presence_subscribe`.
+    #[serde(default)]
+    pub presence_batch_max: u32,
+    #[serde(default)]
+    pub presence_watch_max: u32,
+    /// `typing` frames allowed per second per user (sustained), and their burst.
+    #[serde(default)]
+    pub typing_per_second: u32,
+    #[serde(default)]
+    pub typing_burst: u32,
+    /// How long a `typing` indicator lasts on the client without a new frame.
+    #[serde(default)]
+    pub typing_ttl_ms: u64,
 }
 
 /// An error answer. `id` or `req` names the client frame it answers, when there is one.
@@ -440,6 +502,25 @@ pub enum ServerFrame {
     },
     Error(ErrorFrame),
     Pong,
+    /// Presence of users: the answer to `presence` or `presence_subscribe` (with `req`), or a
+    /// push of changes of subscribed users (without `req`).
+    Presence {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        req: Option<String>,
+        users: Vec<PresenceState>,
+    },
+    /// The user's presence settings.
+    PresenceSettings {
+        req: String,
+        hide_last_seen: bool,
+    },
+    /// `user` is typing in `conv` (or stopped, `active: false`); show it for `ttl_ms` at most.
+    Typing {
+        conv: String,
+        user: String,
+        active: bool,
+        ttl_ms: u64,
+    },
 }
 
 /// Every error code the server sends, in `error` frames, in HTTP error bodies at upgrade, and in
@@ -664,6 +745,22 @@ mod tests {
                 conv: "g~team".into(),
             },
             ClientFrame::Ping,
+            ClientFrame::Presence {
+                req: "p".into(),
+                users: vec!["bob".into()],
+            },
+            ClientFrame::PresenceSubscribe {
+                req: "p".into(),
+                users: vec![],
+            },
+            ClientFrame::PresenceSettings {
+                req: "p".into(),
+                hide_last_seen: Some(true),
+            },
+            ClientFrame::Typing {
+                conv: "dm~a~b".into(),
+                active: false,
+            },
         ];
         assert_eq!(frames.len(), CLIENT_FRAME_TYPES.len());
         for f in frames {
@@ -677,6 +774,30 @@ mod tests {
                 .unwrap_err()
                 .code,
             ErrorCode::InvalidFrame
+        );
+    }
+
+    #[test]
+    fn typing_is_active_unless_said_otherwise() {
+        assert_eq!(
+            ClientFrame::decode(br#"{"type":"typing","conv":"dm~a~b"}"#).unwrap(),
+            ClientFrame::Typing {
+                conv: "dm~a~b".into(),
+                active: true
+            }
+        );
+        let push = ServerFrame::Presence {
+            req: None,
+            users: vec![PresenceState {
+                user: "bob".into(),
+                online: true,
+                last_seen: None,
+            }],
+        };
+        let v = serde_json::to_value(&push).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"type":"presence","users":[{"user":"bob","online":true}]})
         );
     }
 

@@ -86,6 +86,35 @@ token_id!(
     "client message id"
 );
 
+token_id!(
+    /// A gateway instance id: one token of the presence subjects and KV keys
+    /// (`chat.presence.report.<gateway>`, `on.<user>.<gateway>`).
+    GatewayId,
+    "gateway id"
+);
+
+impl GatewayId {
+    /// A valid gateway id made from any name (a host name may hold dots): every character
+    /// outside `[A-Za-z0-9_-]` becomes `-`, and the result is cut to 64 bytes.
+    pub fn sanitized(name: &str) -> Self {
+        let mut s: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                    c
+                } else {
+                    '-'
+                }
+            })
+            .take(MAX_ID_LEN)
+            .collect();
+        if s.is_empty() {
+            s.push_str("gateway");
+        }
+        Self(s)
+    }
+}
+
 /// A conversation id: a one-to-one conversation or a group.
 ///
 /// - `dm~<a>~<b>`: the one-to-one conversation of users `a` and `b`, different, in ascending byte
@@ -168,6 +197,20 @@ impl fmt::Display for ConvId {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gateway_ids_from_host_names_are_one_token() {
+        assert_eq!(
+            GatewayId::sanitized("web.3.local-42").as_str(),
+            "web-3-local-42"
+        );
+        assert_eq!(GatewayId::sanitized("").as_str(), "gateway");
+        assert_eq!(
+            GatewayId::sanitized(&"x".repeat(100)).as_str().len(),
+            MAX_ID_LEN
+        );
+        assert!(GatewayId::parse(GatewayId::sanitized("a b*c>").as_str()).is_ok());
+    }
 
     #[test]
     fn accepts_plain_ids() {

@@ -33,6 +33,7 @@ pub const STREAM_FILES: &[(&str, &str)] = files![
     "streams/CHAT_MSGS.json",
     "streams/CHAT_PUSH.json",
     "streams/KV_CHAT_MEDIA.json",
+    "streams/KV_PRESENCE.json",
 ];
 
 /// Consumer definitions that do not depend on the partition count.
@@ -830,6 +831,16 @@ mod tests {
         );
         assert_eq!(media["max_msgs_per_subject"], 1);
         assert_eq!(media["allow_rollup_hdrs"], true);
+        let presence = &streams[4].config;
+        assert_eq!(presence["name"], subjects::STREAM_PRESENCE);
+        assert_eq!(
+            presence["subjects"][0],
+            subjects::presence_kv_subject(">").as_str()
+        );
+        // A KV bucket with per-key TTL and markers for expired keys (nats-server 2.11+).
+        assert_eq!(presence["allow_msg_ttl"], true);
+        assert!(presence["subject_delete_marker_ttl"].as_u64().unwrap() > 0);
+        assert_eq!(presence["max_msgs_per_subject"], 1);
     }
 
     #[test]

@@ -8,7 +8,7 @@
 //! partition ([`stamped_any`]), so a conversation keeps its order when the partition count
 //! changes (`nats/README.md`, "Changing the partition count").
 
-use crate::ids::{ConvId, UserId};
+use crate::ids::{ConvId, GatewayId, UserId};
 
 /// The partition count the files in `nats/` are written for. The live count is read from the
 /// `CHAT_IN` subject transform ([`partitions_of_transform`]).
@@ -59,6 +59,94 @@ pub const MEDIA_VERIFY_API: &str = "chat.api.media.verify";
 pub const MEDIA_QUEUE: &str = "media";
 /// JetStream key-value bucket of the media service's upload records (stream `KV_CHAT_MEDIA`).
 pub const MEDIA_BUCKET: &str = "CHAT_MEDIA";
+
+/// Request subject: which of a bounded list of users share a conversation with a user
+/// (payload: [`crate::api::ContactsRequest`]), answered by the sequencers (queue group `api`).
+pub const CONTACTS_API: &str = "chat.api.contacts";
+
+/// Queue group of the presence service's request responders and typing relays.
+pub const PRESENCE_QUEUE: &str = "presence";
+/// Request subject: the presence of a bounded list of users, as one user may see it (payload:
+/// [`crate::api::PresenceRequest`]), answered by the presence service.
+pub const PRESENCE_API: &str = "chat.api.presence";
+/// Request subject: a user's presence settings (payload:
+/// [`crate::api::PresenceSettingsRequest`]), answered by the presence service.
+pub const PRESENCE_SETTINGS_API: &str = "chat.api.presence_settings";
+/// Every gateway's presence reports, `chat.presence.report.<gateway>`: every presence replica
+/// subscribes to all of them (not a queue group; each keeps the same view).
+pub const PRESENCE_REPORTS: &str = "chat.presence.report.*";
+/// Where presence replicas announce themselves to share the user partitions
+/// (`chat_common::balance`).
+pub const PRESENCE_LIVE: &str = "chat.ctl.presence.live";
+/// Name of the KV bucket holding presence (stream `KV_PRESENCE`, see `nats/README.md`).
+pub const PRESENCE_BUCKET: &str = "PRESENCE";
+/// The stream behind [`PRESENCE_BUCKET`].
+pub const STREAM_PRESENCE: &str = "KV_PRESENCE";
+/// Typing indicators of groups, relayed by the presence service (queue group `presence`).
+pub const TYPING_GROUPS: &str = "chat.typing.*";
+
+/// Where gateway `gateway` reports its devices: [`crate::api::PresenceReport`].
+pub fn presence_report(gateway: &GatewayId) -> String {
+    format!("chat.presence.report.{gateway}")
+}
+
+/// Where the presence service pushes changes of the users watched at gateway `gateway`:
+/// [`crate::api::PresencePush`]. One subscription per gateway, whatever its connections watch.
+pub fn presence_push(gateway: &GatewayId) -> String {
+    format!("chat.presence.push.{gateway}")
+}
+
+/// A typing indicator in a group, for the presence service to relay to its online members.
+pub fn typing_group(conv: &ConvId) -> String {
+    format!("chat.typing.{conv}")
+}
+
+/// The gateway id of a report subject `chat.presence.report.<gateway>`.
+pub fn split_presence_report(subject: &str) -> Option<&str> {
+    subject.strip_prefix("chat.presence.report.")
+}
+
+/// KV key (in [`PRESENCE_BUCKET`]) of `user`'s devices on `gateway`: present, with a per-key
+/// TTL, while the user has a device there.
+pub fn presence_online_key(user: &UserId, gateway: &GatewayId) -> String {
+    format!("on.{user}.{gateway}")
+}
+
+/// KV key of the last time `user` went offline.
+pub fn presence_seen_key(user: &UserId) -> String {
+    format!("seen.{user}")
+}
+
+/// KV key of `user`'s presence settings.
+pub fn presence_settings_key(user: &UserId) -> String {
+    format!("cfg.{user}")
+}
+
+/// The subject a KV key of [`PRESENCE_BUCKET`] is stored under, for writes the KV API does not
+/// offer (a put with a per-key TTL).
+pub fn presence_kv_subject(key: &str) -> String {
+    format!("$KV.{PRESENCE_BUCKET}.{key}")
+}
+
+/// What a KV key of [`PRESENCE_BUCKET`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceKey<'a> {
+    Online { user: &'a str, gateway: &'a str },
+    Seen { user: &'a str },
+    Settings { user: &'a str },
+}
+
+/// Parses a key built by the `presence_*_key` functions.
+pub fn parse_presence_key(key: &str) -> Option<PresenceKey<'_>> {
+    let mut parts = key.split('.');
+    let key = match (parts.next()?, parts.next()?, parts.next()) {
+        ("on", user, Some(gateway)) => PresenceKey::Online { user, gateway },
+        ("seen", user, None) => PresenceKey::Seen { user },
+        ("cfg", user, None) => PresenceKey::Settings { user },
+        _ => return None,
+    };
+    parts.next().is_none().then_some(key)
+}
 
 /// Where a gateway publishes a client's send or receipt: `chat.in.<conv>`. `CHAT_IN` rewrites it to
 /// `chat.inp.<partition>.<conv>` on ingest.
@@ -254,5 +342,37 @@ mod tests {
             let (old, new) = (partition_of(&conv, 64), partition_of(&conv, 128));
             assert!(new == old || new == old + 64, "{conv}: {old} -> {new}");
         }
+    }
+
+    #[test]
+    fn presence_subjects_and_keys() {
+        let gw = GatewayId::parse("gw-1").unwrap();
+        let u = UserId::parse("alice").unwrap();
+        assert_eq!(presence_report(&gw), "chat.presence.report.gw-1");
+        assert_eq!(split_presence_report(&presence_report(&gw)), Some("gw-1"));
+        assert_eq!(presence_push(&gw), "chat.presence.push.gw-1");
+        let on = presence_online_key(&u, &gw);
+        assert_eq!(
+            parse_presence_key(&on),
+            Some(PresenceKey::Online {
+                user: "alice",
+                gateway: "gw-1"
+            })
+        );
+        assert_eq!(
+            parse_presence_key(&presence_seen_key(&u)),
+            Some(PresenceKey::Seen { user: "alice" })
+        );
+        assert_eq!(
+            parse_presence_key(&presence_settings_key(&u)),
+            Some(PresenceKey::Settings { user: "alice" })
+        );
+        assert_eq!(parse_presence_key("on.alice"), None);
+        assert_eq!(parse_presence_key("seen.a.b"), None);
+        assert_eq!(parse_presence_key("x.alice"), None);
+        assert_eq!(presence_kv_subject(&on), "$KV.PRESENCE.on.alice.gw-1");
+        let g = ConvId::parse("g~team").unwrap();
+        assert_eq!(typing_group(&g), "chat.typing.g~team");
+        assert!(PRESENCE_REPORTS.ends_with(".*") && TYPING_GROUPS.ends_with(".*"));
     }
 }

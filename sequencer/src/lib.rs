@@ -14,7 +14,8 @@
 //! the record, the store a view of it.
 //!
 //! **Reads** ([`reads`]): answers `chat.api.history`, `chat.api.sync`, `chat.api.receipts`,
-//! `chat.api.conversations` and `chat.api.group_info` (queue group `api`) from the local store.
+//! `chat.api.conversations`, `chat.api.group_info`, and `chat.api.contacts` for the presence
+//! service's privacy rule (queue group `api`) from the local store.
 
 pub mod config;
 pub mod per_message;

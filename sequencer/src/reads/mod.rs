@@ -4,7 +4,9 @@
 //! - `chat.api.receipts`: every member's watermarks, and who has or read a given seq;
 //! - `chat.api.conversations`: a user's conversations with names, counts and unread;
 //! - `chat.api.group_info`: a group's name and current members (for clients, and for fan-out
-//!   workers seeding their membership views).
+//!   workers seeding their membership views);
+//! - `chat.api.contacts`: which of some users share a conversation with a user (the presence
+//!   service's privacy rule).
 //!
 //! A user reads a group only within its membership window (from the event that added it to
 //! the one that removed it), see [`Window`].
@@ -19,6 +21,7 @@
 
 use std::time::{Duration, Instant};
 
+mod contacts;
 mod conversations;
 mod group_info;
 mod history;
@@ -87,6 +90,9 @@ pub async fn serve<S: MessageStore + Clone>(
         client
             .queue_subscribe(subjects::GROUP_INFO_API, subjects::API_QUEUE.into())
             .await?,
+        client
+            .queue_subscribe(subjects::CONTACTS_API, subjects::API_QUEUE.into())
+            .await?,
     ]);
     let responder = std::sync::Arc::new(Responder {
         client: client.clone(),
@@ -120,6 +126,10 @@ pub async fn serve<S: MessageStore + Clone>(
                 subjects::GROUP_INFO_API => (
                     "group_info",
                     encode(&responder.group_info(&req.payload).await),
+                ),
+                subjects::CONTACTS_API => (
+                    "contacts",
+                    encode(&contacts::answer(&responder.store, &req.payload).await),
                 ),
                 _ => ("history", encode(&responder.history(&req.payload).await)),
             };
