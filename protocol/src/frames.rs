@@ -546,6 +546,8 @@ pub enum ErrorCode {
     GroupFull,
     /// `create` of a group that already exists.
     AlreadyExists,
+    /// The change would leave the group without an admin (demoting its last admin).
+    LastAdmin,
     /// The group does not exist.
     NotFound,
     /// The sender exceeded its send rate; `retry_after_ms` says when to retry.
@@ -581,6 +583,7 @@ impl ErrorCode {
             Self::NotAdmin => "not_admin",
             Self::GroupFull => "group_full",
             Self::AlreadyExists => "already_exists",
+            Self::LastAdmin => "last_admin",
             Self::NotFound => "not_found",
             Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",

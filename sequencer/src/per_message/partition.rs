@@ -820,6 +820,12 @@ fn plan(
 ) -> Result<Planned, membership::Refused> {
     match valid {
         Valid::Send(m) => {
+            if state.roster.is_some() && !state.exists {
+                return Err(membership::Refused {
+                    code: ErrorCode::NotFound,
+                    message: "no such group".into(),
+                });
+            }
             if let Some(roster) = &state.roster
                 && !roster.contains(&m.from)
             {
@@ -844,7 +850,13 @@ fn plan(
                 .unwrap_or_default();
             debug_assert!(conv.is_group());
             let event = membership::plan(op, state.exists, &current, group_max_members)?;
-            Ok((op.from.clone(), op.id.clone(), String::new(), Some(event), None))
+            Ok((
+                op.from.clone(),
+                op.id.clone(),
+                String::new(),
+                Some(event),
+                None,
+            ))
         }
         Valid::Receipt(_) => unreachable!("receipts are coalesced, not planned"),
     }

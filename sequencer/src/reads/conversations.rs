@@ -52,7 +52,7 @@ impl<S: MessageStore> Responder<S> {
                 name: (!summary.name.is_empty()).then(|| summary.name.clone()),
                 member_count: member_count(&conv, summary),
                 latest: summary.latest,
-                unread: unread(summary, read),
+                unread: unread(&conv, summary, read),
                 admin: summary.admin,
                 joined: summary.joined,
                 left: summary.left,

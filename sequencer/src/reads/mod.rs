@@ -205,11 +205,16 @@ fn marks_of<'a>(
 }
 
 /// Messages of a conversation the user has not read: after its read watermark and after it
-/// joined.
-fn unread(summary: &ConvSummary, read: u64) -> u64 {
-    summary
-        .latest
-        .saturating_sub(read.max(summary.joined.saturating_sub(1)))
+/// joined. In a group the event that made the user a member does not count (it is the user's
+/// own joining, not something to read); in a one-to-one conversation `joined` is 1 and every
+/// message counts.
+fn unread(conv: &ConvId, summary: &ConvSummary, read: u64) -> u64 {
+    let seen = if conv.is_group() {
+        summary.joined
+    } else {
+        summary.joined.saturating_sub(1)
+    };
+    summary.latest.saturating_sub(read.max(seen))
 }
 
 /// Member count as clients see it: a one-to-one conversation always has two.

@@ -111,7 +111,7 @@ impl<S: MessageStore> Responder<S> {
                 name: (!summary.name.is_empty()).then(|| summary.name.clone()),
                 member_count: count,
                 latest: summary.latest,
-                unread: unread(&summary, read),
+                unread: unread(&conv, &summary, read),
                 members,
                 left: summary.left,
             });
@@ -125,33 +125,38 @@ impl<S: MessageStore> Responder<S> {
             if summary.latest <= cursor {
                 continue;
             }
-            let want = u32::try_from(limit - messages.len()).unwrap_or(u32::MAX);
-            let page = self
-                .store
-                .page(
-                    conv.as_str(),
-                    PageQuery::After {
-                        after: cursor,
-                        limit: want,
-                    },
-                )
-                .await
-                .map_err(store_failed)?;
-            let mut cut = page.more;
-            for m in page.messages {
-                if m.seq > summary.latest {
-                    // Stamped after the user left (or after the index was read).
-                    cut = false;
+            // The store pages at most `MAX_PAGE_LIMIT` messages at a time: read as many pages
+            // as the request's limit takes.
+            let mut after = cursor;
+            let mut cut = false;
+            'pages: while messages.len() < limit {
+                let want = u32::try_from(limit - messages.len()).unwrap_or(u32::MAX);
+                let page = self
+                    .store
+                    .page(conv.as_str(), PageQuery::After { after, limit: want })
+                    .await
+                    .map_err(store_failed)?;
+                let full = page.more;
+                for m in page.messages {
+                    if m.seq > summary.latest {
+                        // Stamped after the user left (or after the index was read).
+                        break 'pages;
+                    }
+                    if budget + weight(&m) > PAGE_MAX_BODY_BYTES && !messages.is_empty() {
+                        cut = true;
+                        break 'pages;
+                    }
+                    budget += weight(&m);
+                    after = m.seq;
+                    messages.push(to_frame(m));
+                }
+                if !full {
                     break;
                 }
-                if budget + weight(&m) > PAGE_MAX_BODY_BYTES && !messages.is_empty() {
-                    cut = true;
-                    break;
-                }
-                budget += weight(&m);
-                messages.push(to_frame(m));
+                // More of this conversation remains: another page, or the client's next one.
+                cut = true;
             }
-            if cut {
+            if cut && after < summary.latest {
                 // The client resumes this conversation from its updated cursor.
                 next_conv = Some(summary.conv);
                 break;
