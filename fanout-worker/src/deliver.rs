@@ -150,7 +150,8 @@ impl Deliverer {
 
     /// Pushes stamped message `m` (the payload of `msg`) to each of `members`, in order: the
     /// sender's own devices without a confirmation request (no notification for the sender),
-    /// every other member with one. `msg` is acked once every recipient is resolved, or naked
+    /// every other member with one (for a membership event only the users it names: the
+    /// others get no notification for it). `msg` is acked once every recipient is resolved, or naked
     /// when a publish or a notification failed. Each publish first takes one delivery from
     /// `budget` (group deliveries), if given. The returned receiver is told when every
     /// recipient is resolved (at the latest after the presence timeout).
@@ -169,9 +170,18 @@ impl Deliverer {
             failed: AtomicBool::new(false),
             msg: Mutex::new(None),
         });
+        // A membership event notifies only the users it makes join or leave ("you were added
+        // to …"); the group's other members learn of it when they next open the app.
+        let named: Vec<&str> = m
+            .event
+            .as_ref()
+            .map(|e| chat_protocol::membership::named(e, &m.from))
+            .unwrap_or_default();
         for user in members {
-            if user.as_str() == m.from {
-                // The sender's own devices: no notification if none is connected.
+            let notifies = m.event.is_none() || named.contains(&user.as_str());
+            if user.as_str() == m.from || !notifies {
+                // The sender's own devices, or nothing worth a notification: pushed, and no
+                // notification if no device is connected.
                 if !self.push(user, None, &msg.payload, budget).await {
                     outstanding.failed.store(true, Ordering::Release);
                 }
