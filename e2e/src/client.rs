@@ -37,8 +37,9 @@ use std::{
 
 use chat_protocol::{
     auth::mint_dev_token,
-    frames::{ClientFrame, ErrorCode, ErrorFrame, Message, ServerFrame},
+    frames::{ClientFrame, ErrorCode, ErrorFrame, GroupOp, Message, ServerFrame},
     ids::UserId,
+    membership::{Turn, turn_of},
 };
 use futures::{SinkExt, StreamExt};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
@@ -101,8 +102,19 @@ pub struct Net {
     pub sending: AtomicBool,
 }
 
+/// A group operation the harness has a device make (a `group` frame).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupCmd {
+    pub conv: String,
+    /// The client id of the frame (chosen by the harness, so it can find the stamped event).
+    pub id: String,
+    pub op: GroupOp,
+    pub name: Option<String>,
+    pub members: Vec<String>,
+}
+
 /// Instructions from the harness.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Command {
     /// Close the socket and stay offline this long, then reconnect (and sync).
     Offline(Duration),
@@ -111,16 +123,28 @@ pub enum Command {
     Sync,
     /// On the reading device: read every conversation up to what it has.
     FinalRead,
+    /// A sender creates a new message in every conversation it may send to right now (one
+    /// without an unacknowledged message), at once: a burst for the sequencer.
+    Burst,
+    /// Make this group operation, as soon as the group has no unacknowledged message of this
+    /// device (like any send: pending until `sent`, retried with the same id).
+    Group(GroupCmd),
+    /// Create no new message in this conversation any more (the harness is about to remove
+    /// the user from the group).
+    Mute(String),
     /// Close the socket and end the task.
     Stop,
 }
 
-/// One message this device created.
+/// One message (or group operation) this device created.
 #[derive(Debug, Clone)]
 pub struct SendRecord {
     pub conv: String,
     pub id: String,
+    /// Empty for group operations (their stamped event has an empty body).
     pub body: String,
+    /// A group operation rather than a message.
+    pub op: Option<GroupCmd>,
     /// `sent` arrived (at least once).
     pub acked: bool,
     /// Frames sent with this id.
@@ -146,6 +170,15 @@ pub struct ConvView {
     /// Highest `delivered` / `read` seq this device sent.
     pub delivered_sent: u64,
     pub read_sent: u64,
+    /// A group conversation (`g~…`): the user sees only its membership window.
+    pub group: bool,
+    /// Groups: the user knows it is a member (it saw the event that added it, and not the one
+    /// that removed it). It sends, and acknowledges, only then.
+    pub member: bool,
+    /// Groups: the seq of the event that removed the user (from it or from sync's `left`).
+    pub left_at: Option<u64>,
+    /// The harness said to create no new message here.
+    pub muted: bool,
     history: Option<HistoryAsk>,
     history_retry_at: Option<Instant>,
 }
@@ -210,6 +243,8 @@ pub struct DeviceState {
     pub syncs_completed: u64,
     sync: Option<SyncInFlight>,
     sync_again: bool,
+    /// Group operations waiting for their group to have no unacknowledged message.
+    ops: std::collections::VecDeque<GroupCmd>,
     next_req: u64,
     next_id: u64,
     next_send_at: Instant,
@@ -232,7 +267,16 @@ impl DeviceState {
         let convs = spec
             .convs
             .iter()
-            .map(|c| (c.clone(), ConvView::default()))
+            .map(|c| {
+                let group = c.starts_with("g~");
+                let view = ConvView {
+                    group,
+                    // One-to-one conversations: both users are members from the start.
+                    member: !group,
+                    ..ConvView::default()
+                };
+                (c.clone(), view)
+            })
             .collect();
         let rng = StdRng::seed_from_u64(spec.seed);
         Self {
@@ -247,6 +291,7 @@ impl DeviceState {
             syncs_completed: 0,
             sync: None,
             sync_again: false,
+            ops: std::collections::VecDeque::new(),
             next_req: 0,
             next_id: 0,
             next_send_at: now,
@@ -261,9 +306,9 @@ impl DeviceState {
         format!("{}/{}", self.spec.user, self.spec.device)
     }
 
-    /// Messages created but not acknowledged yet.
+    /// Messages (and group operations) created but not acknowledged yet, queued ones included.
     pub fn pending(&self) -> usize {
-        self.sends.iter().filter(|s| !s.acked).count()
+        self.sends.iter().filter(|s| !s.acked).count() + self.ops.len()
     }
 
     /// A sync is in flight or wanted.
@@ -320,10 +365,19 @@ impl DeviceState {
 
     fn send_frame(&self, i: usize) -> ClientFrame {
         let s = &self.sends[i];
-        ClientFrame::Send {
-            conv: s.conv.clone(),
-            id: s.id.clone(),
-            body: s.body.clone(),
+        match &s.op {
+            Some(op) => ClientFrame::Group {
+                op: op.op,
+                conv: op.conv.clone(),
+                id: op.id.clone(),
+                name: op.name.clone(),
+                members: op.members.clone(),
+            },
+            None => ClientFrame::Send {
+                conv: s.conv.clone(),
+                id: s.id.clone(),
+                body: s.body.clone(),
+            },
         }
     }
 
@@ -347,6 +401,9 @@ impl DeviceState {
             }
         }
         for (conv, view) in &self.convs {
+            if !view.member {
+                continue;
+            }
             if view.delivered_sent > 0 {
                 out.push(ClientFrame::Delivered {
                     conv: conv.clone(),
@@ -402,6 +459,23 @@ impl DeviceState {
                 m.conv, m.from, m.id, m.seq
             )
         });
+        if view.group
+            && let Some(event) = &m.event
+        {
+            // The user's window: from the event that added it to the one that removed it.
+            match turn_of(event, &m.from, &self.spec.user) {
+                Some(Turn::Joined) if view.left_at.is_none_or(|left| left < m.seq) => {
+                    view.member = true;
+                    view.left_at = None;
+                    view.contiguous = view.contiguous.max(m.seq - 1);
+                }
+                Some(Turn::Left) => {
+                    view.member = false;
+                    view.left_at = Some(m.seq);
+                }
+                _ => {}
+            }
+        }
         view.shown.insert(m.seq, m);
         while view.shown.contains_key(&(view.contiguous + 1)) {
             view.contiguous += 1;
@@ -449,6 +523,12 @@ impl DeviceState {
                         continue;
                     };
                     view.latest_known = view.latest_known.max(c.latest);
+                    if view.group
+                        && let Some(left) = c.left
+                    {
+                        view.member = false;
+                        view.left_at = Some(view.left_at.map_or(left, |l| l.max(left)));
+                    }
                     for m in c.members {
                         let mark = view.marks.entry(m.user).or_default();
                         *mark = (mark.0.max(m.delivered), mark.1.max(m.read));
@@ -597,10 +677,20 @@ impl DeviceState {
     /// Time passes: new sends, retries, receipts, gap filling, request timeouts.
     fn on_tick(&mut self, sending: bool, out: &mut Vec<ClientFrame>) {
         let now = Instant::now();
-        if self.spec.sends && sending && now >= self.next_send_at {
+        self.start_ops(now, out);
+        // As many new messages as are due (the interval may be shorter than a tick), but no
+        // catching up on more than two intervals (after being offline, or when every
+        // conversation had a message in flight).
+        let interval = self.spec.send_interval;
+        if let Some(floor) = now.checked_sub(interval * 2) {
+            self.next_send_at = self.next_send_at.max(floor);
+        }
+        while self.spec.sends && sending && now >= self.next_send_at {
             let jitter = self.rng.random_range(0.5..1.5);
-            self.next_send_at = now + self.spec.send_interval.mul_f64(jitter);
-            self.new_send(now, out);
+            self.next_send_at += interval.mul_f64(jitter);
+            if !self.new_send(now, out) {
+                break;
+            }
         }
         for i in 0..self.sends.len() {
             let due = self.sends[i].next_attempt.is_some_and(|t| now >= t);
@@ -619,6 +709,10 @@ impl DeviceState {
                 self.next_read_at = now + READ_EVERY;
             }
             for (conv, view) in &mut self.convs {
+                if !view.member {
+                    // Not (or no longer) a member of the group: its receipts would move nothing.
+                    continue;
+                }
                 if view.contiguous > view.delivered_sent {
                     view.delivered_sent = view.contiguous;
                     out.push(ClientFrame::Delivered {
@@ -646,21 +740,106 @@ impl DeviceState {
         }
     }
 
-    fn new_send(&mut self, now: Instant, out: &mut Vec<ClientFrame>) {
-        // At most `window` unacknowledged messages per conversation.
+    /// A command that arrived while disconnected: group operations and mutes are kept (they
+    /// start once connected), the rest only makes sense online.
+    fn while_offline(&mut self, c: Command) {
+        match c {
+            Command::Group(op) => self.ops.push_back(op),
+            Command::Mute(conv) => self.mute(&conv),
+            Command::Offline(_)
+            | Command::Sync
+            | Command::FinalRead
+            | Command::Burst
+            | Command::Stop => {}
+        }
+    }
+
+    fn mute(&mut self, conv: &str) {
+        if let Some(view) = self.convs.get_mut(conv) {
+            view.muted = true;
+        }
+    }
+
+    /// Messages (and group operations) not acknowledged yet in `conv`, queued ones included.
+    pub fn pending_in(&self, conv: &str) -> usize {
+        self.sends
+            .iter()
+            .filter(|s| !s.acked && s.conv == conv)
+            .count()
+            + self.ops.iter().filter(|o| o.conv == conv).count()
+    }
+
+    /// Unacknowledged messages per conversation.
+    fn busy(&self) -> HashMap<&str, usize> {
         let mut busy: HashMap<&str, usize> = HashMap::new();
         for s in self.sends.iter().filter(|s| !s.acked) {
             *busy.entry(s.conv.as_str()).or_default() += 1;
         }
-        let free: Vec<&String> = self
-            .spec
+        busy
+    }
+
+    /// The conversations a new message may go to now: at most `window` unacknowledged
+    /// messages per conversation (a group operation counts), and in groups only while the
+    /// device knows the user is a member and was not told to stop.
+    fn free_convs(&self) -> Vec<String> {
+        let busy = self.busy();
+        let blocked: HashSet<&str> = self.ops.iter().map(|o| o.conv.as_str()).collect();
+        self.spec
             .convs
             .iter()
             .filter(|c| busy.get(c.as_str()).copied().unwrap_or(0) < self.spec.window)
-            .collect();
-        let Some(conv) = free.choose(&mut self.rng).map(|c| (*c).clone()) else {
+            .filter(|c| !blocked.contains(c.as_str()))
+            .filter(|c| self.convs.get(*c).is_some_and(|v| v.member && !v.muted))
+            .cloned()
+            .collect()
+    }
+
+    /// Starts the queued group operations whose group has no unacknowledged message.
+    fn start_ops(&mut self, now: Instant, out: &mut Vec<ClientFrame>) {
+        while let Some(op) = self.ops.front() {
+            if self.busy().contains_key(op.conv.as_str()) {
+                // One thing in flight per conversation keeps the operations in the order made.
+                return;
+            }
+            let op = self.ops.pop_front().expect("front exists");
+            self.by_id
+                .insert((op.conv.clone(), op.id.clone()), self.sends.len());
+            self.sends.push(SendRecord {
+                conv: op.conv.clone(),
+                id: op.id.clone(),
+                body: String::new(),
+                op: Some(op),
+                acked: false,
+                attempts: 1,
+                next_attempt: Some(now + SEND_TIMEOUT),
+                retry_after_ack: false,
+            });
+            out.push(self.send_frame(self.sends.len() - 1));
+        }
+    }
+
+    /// A burst: a new message in every conversation that is free now.
+    fn burst(&mut self, out: &mut Vec<ClientFrame>) {
+        if !self.spec.sends {
             return;
+        }
+        let now = Instant::now();
+        for conv in self.free_convs() {
+            self.send_to(conv, now, out);
+        }
+    }
+
+    /// A new message to one of the free conversations (`false`: none is free).
+    fn new_send(&mut self, now: Instant, out: &mut Vec<ClientFrame>) -> bool {
+        let free = self.free_convs();
+        let Some(conv) = free.choose(&mut self.rng).cloned() else {
+            return false;
         };
+        self.send_to(conv, now, out);
+        true
+    }
+
+    fn send_to(&mut self, conv: String, now: Instant, out: &mut Vec<ClientFrame>) {
         self.next_id += 1;
         let id = format!("{}-{}-{}", self.spec.user, self.spec.device, self.next_id);
         let body = format!("{} from {} #{}", conv, self.spec.device, self.next_id);
@@ -672,6 +851,7 @@ impl DeviceState {
             conv,
             id,
             body,
+            op: None,
             acked: false,
             attempts: 1,
             next_attempt: Some(now + SEND_TIMEOUT),
@@ -735,7 +915,7 @@ impl DeviceState {
     /// The final `read` of every conversation, up to what the device has.
     fn final_read(&mut self, out: &mut Vec<ClientFrame>) {
         for (conv, view) in &mut self.convs {
-            if view.contiguous > 0 {
+            if view.member && view.contiguous > 0 {
                 view.read_sent = view.read_sent.max(view.contiguous);
                 out.push(ClientFrame::Read {
                     conv: conv.clone(),
@@ -838,12 +1018,12 @@ async fn run(
                         c = commands.recv() => match c {
                             None | Some(Command::Stop) => return,
                             Some(Command::Offline(d)) => {
-                                if wait_offline(d, &mut commands).await {
+                                if wait_offline(d, &state, &mut commands).await {
                                     return;
                                 }
                                 break;
                             }
-                            Some(_) => {}
+                            Some(c) => state.lock().expect("state").while_offline(c),
                         }
                     }
                 }
@@ -858,7 +1038,7 @@ async fn run(
             End::Closed => tokio::time::sleep(Duration::from_millis(50)).await,
             End::Stop => return,
             End::Offline(d) => {
-                if wait_offline(d, &mut commands).await {
+                if wait_offline(d, &state, &mut commands).await {
                     return;
                 }
             }
@@ -867,13 +1047,20 @@ async fn run(
 }
 
 /// Stays offline for `d`; `true` if told to stop meanwhile.
-async fn wait_offline(d: Duration, commands: &mut mpsc::UnboundedReceiver<Command>) -> bool {
+async fn wait_offline(
+    d: Duration,
+    state: &Mutex<DeviceState>,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+) -> bool {
     let wake = tokio::time::sleep(d);
     tokio::pin!(wake);
     loop {
         tokio::select! {
             _ = &mut wake => return false,
-            c = commands.recv() => if matches!(c, None | Some(Command::Stop)) { return true },
+            c = commands.recv() => match c {
+                None | Some(Command::Stop) => return true,
+                Some(c) => state.lock().expect("state").while_offline(c),
+            },
         }
     }
 }
@@ -924,6 +1111,13 @@ async fn session(
                 }
                 Some(Command::Sync) => state.lock().expect("state").start_sync(&mut out),
                 Some(Command::FinalRead) => state.lock().expect("state").final_read(&mut out),
+                Some(Command::Burst) => state.lock().expect("state").burst(&mut out),
+                Some(Command::Group(op)) => {
+                    let mut st = state.lock().expect("state");
+                    st.ops.push_back(op);
+                    st.start_ops(Instant::now(), &mut out);
+                }
+                Some(Command::Mute(conv)) => state.lock().expect("state").mute(&conv),
             },
             _ = tick.tick() => {
                 let sending = net.sending.load(Ordering::Relaxed);
@@ -967,6 +1161,91 @@ async fn close(ws: &mut Ws) {
     let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
 }
 
+/// How long, from now, until a `history` and a `sync` of `user` are answered again (each
+/// with its own frame, not an error) through any of `gateways`: a probe that connects as
+/// device `probe`, asks both, and asks again every 100 ms until both were answered (at most
+/// `limit`). Returns (history, sync) in ms.
+pub async fn probe_reads(
+    gateways: &[String],
+    secret: &[u8],
+    user: &str,
+    conv: &str,
+    limit: Duration,
+) -> Result<(u64, u64), String> {
+    let started = Instant::now();
+    let deadline = started + limit;
+    let user_id = UserId::parse(user).map_err(|e| format!("{user}: {e}"))?;
+    let (mut history_ms, mut sync_ms) = (None, None);
+    let mut attempt = 0usize;
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        let token = mint_dev_token(secret, &user_id, 3600);
+        let url = format!(
+            "{}?token={token}&device=probe",
+            gateways[attempt % gateways.len()]
+        );
+        attempt += 1;
+        let Ok(Ok((mut ws, _))) = timeout(
+            Duration::from_secs(1),
+            tokio_tungstenite::connect_async(url),
+        )
+        .await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        // One connection for as long as it lasts: ask, wait up to 100 ms for answers, ask again.
+        'connection: while Instant::now() < deadline {
+            n += 1;
+            let mut asks = Vec::new();
+            if history_ms.is_none() {
+                asks.push(ClientFrame::History {
+                    req: format!("ph{n}"),
+                    conv: conv.to_owned(),
+                    before: None,
+                    after: None,
+                    limit: Some(1),
+                });
+            }
+            if sync_ms.is_none() {
+                asks.push(ClientFrame::Sync {
+                    req: format!("ps{n}"),
+                    since: None,
+                    cursors: BTreeMap::new(),
+                    next: None,
+                    limit: Some(1),
+                });
+            }
+            if write(&mut ws, &mut asks).await.is_err() {
+                break 'connection;
+            }
+            let round = Instant::now() + Duration::from_millis(100);
+            loop {
+                let left = round.saturating_duration_since(Instant::now());
+                match timeout(left, next_frame(&mut ws)).await {
+                    Err(_) => break,
+                    Ok(None) => break 'connection,
+                    Ok(Some(Ok(ServerFrame::History { .. }))) => {
+                        history_ms.get_or_insert(started.elapsed().as_millis() as u64);
+                    }
+                    Ok(Some(Ok(ServerFrame::Sync { .. }))) => {
+                        sync_ms.get_or_insert(started.elapsed().as_millis() as u64);
+                    }
+                    Ok(Some(_)) => {}
+                }
+                if let (Some(h), Some(s)) = (history_ms, sync_ms) {
+                    close(&mut ws).await;
+                    return Ok((h, s));
+                }
+            }
+        }
+    }
+    Err(format!(
+        "reads not answered within {limit:?}: history after {history_ms:?} ms, sync after \
+         {sync_ms:?} ms"
+    ))
+}
+
 #[cfg(test)]
 impl DeviceState {
     /// Test helper: records a message this device sent and got `sent` for.
@@ -977,6 +1256,7 @@ impl DeviceState {
             conv: conv.to_owned(),
             id: id.to_owned(),
             body: format!("body {id}"),
+            op: None,
             acked: true,
             attempts: 1,
             next_attempt: None,

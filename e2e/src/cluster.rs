@@ -234,12 +234,17 @@ fn tail(path: &Path, max: u64) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// How many of each service to run.
+/// How many of each service to run, and how the sequencers share the partitions.
 #[derive(Debug, Clone, Copy)]
 pub struct ClusterConfig {
     pub gateways: usize,
     pub sequencers: usize,
     pub fanouts: usize,
+    /// `CHAT_SEQUENCER_BALANCE`: `true` (the production default), the sequencers split the
+    /// partitions by rendezvous hashing over their heartbeats; `false`, every sequencer
+    /// competes for every partition and the first one to pull owns them all (the others are
+    /// hot standbys), which makes "the old owner" of every conversation one known process.
+    pub sequencer_balance: bool,
 }
 
 /// nats-server plus every service process, in one temp dir.
@@ -333,6 +338,14 @@ impl Cluster {
                     ("CHAT_SEQUENCER_ADMIN_LISTEN", ""),
                     ("CHAT_SEQUENCER_STORE_DIR", &store_str),
                     ("CHAT_SEQUENCER_INSTANCE_ID", &name),
+                    (
+                        "CHAT_SEQUENCER_BALANCE",
+                        if config.sequencer_balance {
+                            "true"
+                        } else {
+                            "false"
+                        },
+                    ),
                 ]),
                 dir.path(),
             ));
