@@ -114,6 +114,16 @@ impl Conv {
         }
         self.queue.insert(at, item);
     }
+
+    /// Takes the stamped input `sseq` out of the queue. It is not necessarily the front any
+    /// more: a redelivery of an older input of the conversation may have been queued ahead of
+    /// it while it was in flight (popping the front would drop that one, held but never
+    /// stamped).
+    fn done(&mut self, sseq: u64) {
+        if let Some(at) = self.queue.iter().position(|q| q.sseq == sseq) {
+            self.queue.remove(at);
+        }
+    }
 }
 
 /// How a publish failed.
@@ -635,7 +645,7 @@ impl<S: MessageStore> Partition<S> {
         c.busy = Busy::Idle;
         match result {
             Ok(ack) => {
-                c.queue.pop_front();
+                c.done(sseq);
                 if ack.duplicate {
                     // Stamped before (a redelivery, or a retry within the dedupe window): the
                     // original stands and the head is unchanged.
@@ -956,6 +966,32 @@ mod tests {
                 read,
             },
         )
+    }
+
+    fn queued(sseq: u64) -> Queued {
+        let (_, r) = receipt("a", sseq, 0);
+        Queued {
+            sseq,
+            valid: Valid::Receipt(r),
+        }
+    }
+
+    #[test]
+    fn a_stamped_input_leaves_the_queue_even_when_an_older_one_was_queued_ahead_of_it() {
+        let mut conv = Conv {
+            id: ConvId::parse("dm~a~b").unwrap(),
+            state: None,
+            busy: Busy::Working,
+            queue: VecDeque::new(),
+            last_used: Instant::now(),
+        };
+        conv.enqueue(queued(5));
+        conv.enqueue(queued(7));
+        // 5 is in flight when a redelivery of 3 arrives and goes ahead of it.
+        conv.enqueue(queued(3));
+        conv.done(5);
+        let left: Vec<u64> = conv.queue.iter().map(|q| q.sseq).collect();
+        assert_eq!(left, vec![3, 7]);
     }
 
     #[test]
