@@ -14,10 +14,13 @@
 //!   deliveries were handed back for redelivery (which the server serves before new ones), and
 //!   within one pull stream a gap in the consumer sequence (deliveries lost on the way) holds
 //!   every dispatch back until the lost ones were redelivered ([`HOLD_BACK`]);
-//! - a fenced publish (someone else stamped a conversation this owner thought it owned), or a
-//!   pause long enough that the pin may have moved ([`FREEZE`]), makes the owner abandon
-//!   everything it holds: it naks its inputs (they go back, ahead of newer ones) and holds
-//!   back, so a stale owner stamps nothing more;
+//! - a fenced publish (someone else stamped a conversation this owner thought it owned) makes
+//!   the owner abandon everything it holds: it naks its inputs (they go back, ahead of newer
+//!   ones) and holds back; a pause long enough that the pin may have moved ([`FREEZE`]) makes
+//!   it nak what it holds and end its pull stream too, since what that stream still brings
+//!   (delivered before or during the pause, and meanwhile redelivered to the new owner) must
+//!   not be stamped with a freshly loaded head: only a new stream that wins the pin again
+//!   brings work. So a stale owner stamps nothing more;
 //! - when it stops owning the partition (balance, shutdown) it finishes what is in flight,
 //!   acks that, and naks the rest before the pin can move.
 
@@ -124,6 +127,14 @@ impl Conv {
             self.queue.remove(at);
         }
     }
+}
+
+/// What a tick found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tick {
+    Ok,
+    /// The loop was paused for [`FREEZE`] or longer.
+    Froze,
 }
 
 /// How a publish failed.
@@ -244,7 +255,13 @@ impl<S: MessageStore> Partition<S> {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break Ok(()),
-                _ = tick.tick() => self.on_tick().await,
+                _ = tick.tick() => {
+                    if self.on_tick().await == Tick::Froze {
+                        // Whatever this stream still brings was delivered to a process whose
+                        // pin may have moved: only a new stream, pinned again, may bring work.
+                        break Ok(());
+                    }
+                }
                 Some((epoch, done)) = self.work.next(), if !self.work.is_empty() => {
                     if epoch == self.epoch {
                         self.on_done(done).await;
@@ -265,7 +282,7 @@ impl<S: MessageStore> Partition<S> {
         result
     }
 
-    async fn on_tick(&mut self) {
+    async fn on_tick(&mut self) -> Tick {
         let now = Instant::now();
         let gap = now.duration_since(self.last_tick);
         self.last_tick = now;
@@ -273,11 +290,12 @@ impl<S: MessageStore> Partition<S> {
             tracing::warn!(
                 partition = self.partition,
                 paused_ms = gap.as_millis() as u64,
-                "the owner was paused long enough to lose its pin: abandoning what it holds"
+                "the owner was paused long enough to lose its pin: abandoning what it holds \
+                 and its pull stream"
             );
             metrics::counter!("sequencer_freezes_total").increment(1);
-            self.abandon().await;
-            return;
+            self.give_back().await;
+            return Tick::Froze;
         }
         if now.duration_since(self.last_progress) >= PROGRESS_EVERY / 2 {
             self.last_progress = now;
@@ -291,6 +309,7 @@ impl<S: MessageStore> Partition<S> {
             metrics::gauge!("sequencer_held_bytes")
                 .set(self.ctx.held_bytes.load(Ordering::Relaxed) as f64);
         }
+        Tick::Ok
     }
 
     /// Forgets idle conversations beyond the cache bound, least recently used first.
@@ -709,6 +728,13 @@ impl<S: MessageStore> Partition<S> {
     /// conversation's state and ignores the results of work in flight; dispatching resumes
     /// after [`HOLD_BACK`].
     async fn abandon(&mut self) {
+        self.give_back().await;
+        self.hold_back();
+    }
+
+    /// Naks everything held, forgets every conversation's state and ignores the results of
+    /// work in flight.
+    async fn give_back(&mut self) {
         metrics::counter!("sequencer_abandons_total").increment(1);
         self.epoch += 1;
         self.work = FuturesUnordered::new();
@@ -717,7 +743,6 @@ impl<S: MessageStore> Partition<S> {
             self.ctx.held_bytes.fetch_sub(held.bytes, Ordering::Relaxed);
             let _ = held.msg.ack_with(AckKind::Nak(None)).await;
         }
-        self.hold_back();
     }
 
     /// Stops owning the partition: no new dispatch, what is in flight is finished (bounded)
