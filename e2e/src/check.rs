@@ -150,6 +150,8 @@ pub struct Summary {
     pub in_flight: Option<u64>,
     /// From nats-server being back to the first `history` and `sync` answered again.
     pub reads_back_ms: Option<u64>,
+    /// Stamps of a resumed old owner in partitions whose pin it won anew after resuming.
+    pub repinned_stamps: u64,
 }
 
 impl fmt::Display for Summary {
@@ -159,7 +161,7 @@ impl fmt::Display for Summary {
             f,
             "fault-summary scenario={} sent={} acked={} stored={} delivered={} duplicates={} \
              raw_duplicate_pushes={} gaps={} resent={} group_events={} rate_msg_s={:.0} \
-             takeover_ms={} in_flight={} reads_back_ms={}",
+             takeover_ms={} in_flight={} reads_back_ms={} repinned_stamps={}",
             self.scenario,
             self.sent,
             self.acked,
@@ -174,6 +176,7 @@ impl fmt::Display for Summary {
             opt(self.takeover_ms),
             opt(self.in_flight),
             opt(self.reads_back_ms),
+            self.repinned_stamps,
         )
     }
 }
@@ -188,9 +191,25 @@ pub struct CheckInput<'a> {
     pub stores: &'a [StoreDump],
     /// Every `CHAT_MSGS` entry.
     pub stream: &'a [StreamEntry],
-    /// (instance, ms since the epoch): that instance must not have stamped anything after it.
-    pub forbidden_after: &'a [(String, u64)],
+    /// Instances that must not have stamped anything after a moment.
+    pub forbidden_after: &'a [Forbidden],
     pub takeover_ms: Option<u64>,
+}
+
+/// An instance that must stamp nothing after `after_ms` (ms since the epoch), e.g. an old
+/// owner resumed after its partitions were taken over.
+///
+/// With `pins` (every pin assignment the server made on each partition's sequencer consumer
+/// after `after_ms`, as watched), a stamp in a partition whose pin was assigned again after
+/// `after_ms`, with nobody else stamping there between that assignment and the stamp, is
+/// allowed: the instance won that partition anew (hot standbys compete for every partition,
+/// and a pull stream that fails drops its pin). A stamp on a pin older than `after_ms` is
+/// never allowed: that is a stale owner.
+#[derive(Debug, Clone)]
+pub struct Forbidden {
+    pub instance: String,
+    pub after_ms: u64,
+    pub pins: Option<BTreeMap<u32, Vec<u64>>>,
 }
 
 /// The summary and every violation found.
@@ -621,23 +640,13 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
     }
 
     // Fenced instances.
-    for (instance, after) in input.forbidden_after {
-        let late: Vec<String> = input
-            .stream
-            .iter()
-            .filter(|e| e.stamper.as_deref() == Some(instance.as_str()) && e.time_ms > *after)
-            .map(|e| {
-                format!(
-                    "#{} {} at +{} ms",
-                    e.stream_seq,
-                    e.subject,
-                    e.time_ms - after
-                )
-            })
-            .collect();
+    for f in input.forbidden_after {
+        let (late, repinned) = late_stamps(f, input.stream);
+        summary.repinned_stamps += repinned;
         if !late.is_empty() {
             v.push(format!(
-                "{instance} stamped after it was superseded: {}",
+                "{} stamped after it was superseded, on a pin from before: {}",
+                f.instance,
                 examples(&late, 10)
             ));
         }
@@ -852,6 +861,48 @@ fn check_groups(
     }
 }
 
+/// The stamps `f` forbids (described), and how many stamps after `f.after_ms` were allowed
+/// because the instance had won the partition's pin anew.
+fn late_stamps(f: &Forbidden, stream: &[StreamEntry]) -> (Vec<String>, u64) {
+    let partition = |e: &StreamEntry| {
+        chat_protocol::subjects::split_partitioned(&e.subject).map_or(u32::MAX, |(p, _)| p)
+    };
+    let mut late = Vec::new();
+    let mut repinned = 0;
+    for e in stream
+        .iter()
+        .filter(|e| e.stamper.as_deref() == Some(f.instance.as_str()) && e.time_ms > f.after_ms)
+    {
+        let p = partition(e);
+        // The latest pin assignment of the partition between the moment and the stamp.
+        let pinned_at = f.pins.as_ref().and_then(|pins| {
+            pins.get(&p)?
+                .iter()
+                .copied()
+                .filter(|t| *t > f.after_ms && *t <= e.time_ms)
+                .max()
+        });
+        let won_anew = pinned_at.is_some_and(|at| {
+            !stream.iter().any(|o| {
+                partition(o) == p
+                    && o.stamper.as_deref() != Some(f.instance.as_str())
+                    && (at..=e.time_ms).contains(&o.time_ms)
+            })
+        });
+        if won_anew {
+            repinned += 1;
+        } else {
+            late.push(format!(
+                "#{} {} at +{} ms",
+                e.stream_seq,
+                e.subject,
+                e.time_ms - f.after_ms
+            ));
+        }
+    }
+    (late, repinned)
+}
+
 fn is_direct_member(conv: &str, user: &str) -> bool {
     direct_members(conv).iter().any(|m| m == user)
 }
@@ -996,7 +1047,7 @@ mod tests {
         }
     }
 
-    fn run(w: &World, forbidden: &[(String, u64)]) -> Findings {
+    fn run(w: &World, forbidden: &[Forbidden]) -> Findings {
         check(&CheckInput {
             scenario: "unit",
             users: &w.users,
@@ -1027,7 +1078,7 @@ mod tests {
             f.summary.to_string(),
             "fault-summary scenario=unit sent=3 acked=3 stored=3 delivered=6 duplicates=0 \
              raw_duplicate_pushes=0 gaps=0 resent=0 group_events=0 rate_msg_s=0 takeover_ms=- \
-             in_flight=- reads_back_ms=-"
+             in_flight=- reads_back_ms=- repinned_stamps=0"
         );
         assert_eq!(STAMPER_HEADER, "Chat-Stamper");
     }
@@ -1107,15 +1158,31 @@ mod tests {
 
     #[test]
     fn a_stamp_after_the_forbidden_moment_is_reported() {
-        let w = clean();
-        let f = run(&w, &[("seq-a".into(), 1002)]);
-        assert!(
+        let forbid = |instance: &str, after_ms, pins: Option<Vec<u64>>| Forbidden {
+            instance: instance.into(),
+            after_ms,
+            pins: pins.map(|p| BTreeMap::from([(0, p)])),
+        };
+        let stale = |f: &Findings| {
             f.violations
                 .iter()
-                .any(|v| v.contains("seq-a stamped after it was superseded")),
-            "{:#?}",
-            f.violations
-        );
-        assert!(run(&w, &[("seq-b".into(), 0)]).violations.is_empty());
+                .any(|v| v.contains("seq-a stamped after it was superseded"))
+        };
+        let mut w = clean();
+        // seq-a stamps #3 at 1003, after the moment 1002: on its old pin.
+        let f = run(&w, &[forbid("seq-a", 1002, None)]);
+        assert!(stale(&f), "{:#?}", f.violations);
+        let f = run(&w, &[forbid("seq-a", 1002, Some(vec![900]))]);
+        assert!(stale(&f), "{:#?}", f.violations);
+        assert!(run(&w, &[forbid("seq-b", 0, None)]).violations.is_empty());
+        // The partition was pinned again at 1003 and nobody else stamped there since: seq-a
+        // won it anew.
+        let f = run(&w, &[forbid("seq-a", 1002, Some(vec![1003]))]);
+        assert!(f.violations.is_empty(), "{:#?}", f.violations);
+        assert_eq!(f.summary.repinned_stamps, 1);
+        // Pinned again at 1002, but seq-b stamped there at 1002 before seq-a's 1003.
+        w.stream[1].stamper = Some("seq-b".into());
+        let f = run(&w, &[forbid("seq-a", 1001, Some(vec![1002]))]);
+        assert!(stale(&f), "{:#?}", f.violations);
     }
 }

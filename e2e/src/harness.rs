@@ -50,8 +50,9 @@ pub struct Run {
     pub takeover_ms: Option<u64>,
     pub in_flight: Option<u64>,
     pub reads_back_ms: Option<u64>,
-    /// (instance, ms since the epoch) after which the instance must not stamp.
-    pub forbidden_after: Vec<(String, u64)>,
+    /// Instances that must not stamp after a moment (except where they won a pin anew), with
+    /// the watch of the pins from that moment on.
+    forbidden: Vec<(String, u64, PinWatch)>,
     /// Violations found while the scenario ran (checked with the rest at the end).
     pub violations: Vec<String>,
 }
@@ -114,7 +115,7 @@ impl Run {
             takeover_ms: None,
             in_flight: None,
             reads_back_ms: None,
-            forbidden_after: Vec::new(),
+            forbidden: Vec::new(),
             violations: Vec::new(),
         };
         let ready = if config.sequencer_balance {
@@ -376,6 +377,54 @@ impl Run {
         None
     }
 
+    /// From now on `instance` must stamp nothing, except in a partition whose pin it wins anew
+    /// (watched from now until the services stop; see [`check::Forbidden`]).
+    pub async fn forbid_stamps_by(&mut self, instance: &str) -> u64 {
+        let watch = self.watch_pins().await;
+        let after = chat_protocol::now_ms();
+        self.forbidden.push((instance.to_owned(), after, watch));
+        after
+    }
+
+    /// Records every pin assignment of the sequencer consumers (their `pinned_ts`), polling
+    /// them every 200 ms.
+    async fn watch_pins(&self) -> PinWatch {
+        let js = self.cluster.js();
+        let seen: Arc<std::sync::Mutex<BTreeMap<u32, Vec<u64>>>> = Arc::default();
+        let record = seen.clone();
+        let task = tokio::spawn(async move {
+            let Ok(partitions) = live_partitions(&js).await else {
+                return;
+            };
+            let Ok(stream) = js.get_stream(subjects::STREAM_INBOUND).await else {
+                return;
+            };
+            loop {
+                let infos = futures::future::join_all(
+                    (0..partitions).map(|p| stream.consumer_info(sequencer_consumer(p))),
+                )
+                .await;
+                for (p, info) in infos.into_iter().enumerate() {
+                    let Ok(info) = info else { continue };
+                    let pinned = info
+                        .priority_groups
+                        .iter()
+                        .filter_map(|g| g.pinned_ts)
+                        .map(|t| u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0));
+                    let mut seen = record.lock().expect("pins lock");
+                    let list = seen.entry(p as u32).or_default();
+                    for t in pinned {
+                        if !list.contains(&t) {
+                            list.push(t);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        });
+        PinWatch { task, seen }
+    }
+
     /// Starts counting what `instance` publishes on the stamped subjects (core NATS sees every
     /// publish, also those JetStream refuses: a fenced stale owner shows up here but never in
     /// the stream).
@@ -445,13 +494,22 @@ impl Run {
             takeover_ms,
             in_flight,
             reads_back_ms,
-            forbidden_after,
+            forbidden,
             mut violations,
         } = self;
         let users = sim.population.users.clone();
         let convs = sim.population.convs.clone();
         let devices = sim.stop().await;
         let stop_problems = tokio::task::block_in_place(|| cluster.stop_services(STOP_TIMEOUT));
+        // Nothing stamps any more: the pins seen until now are all that matter.
+        let mut forbidden_after = Vec::new();
+        for (instance, after_ms, watch) in forbidden {
+            forbidden_after.push(check::Forbidden {
+                instance,
+                after_ms,
+                pins: Some(watch.stop().await),
+            });
+        }
         violations.extend(stop_problems);
         log(&name, started, "services stopped, checking");
         let stream = match audit::read_all(&js).await {
@@ -551,6 +609,20 @@ impl Run {
 }
 
 type BTreeCount = std::collections::BTreeMap<String, u64>;
+
+/// The pin assignments seen on each partition's sequencer consumer (ms since the epoch).
+struct PinWatch {
+    task: tokio::task::JoinHandle<()>,
+    seen: Arc<std::sync::Mutex<BTreeMap<u32, Vec<u64>>>>,
+}
+
+impl PinWatch {
+    async fn stop(self) -> BTreeMap<u32, Vec<u64>> {
+        self.task.abort();
+        let _ = self.task.await;
+        std::mem::take(&mut *self.seen.lock().expect("pins lock"))
+    }
+}
 
 /// Counts publishes of one instance on the stamped subjects; see [`Run::watch_publishes_by`].
 pub struct PublishWatch {

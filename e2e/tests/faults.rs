@@ -339,12 +339,12 @@ async fn freeze_owner_and_resume(run: &mut Run, batch: Option<u64>) {
     // Keep the old owner frozen a little longer, with its inputs and publishes in hand.
     run.traffic(Duration::from_secs(2)).await;
     let attempts = run.watch_publishes_by(&owner_name).await;
-    let resumed_at = chat_protocol::now_ms();
+    run.forbid_stamps_by(&owner_name).await;
     run.cluster.sequencers[owner].sigcont();
     run.step(&format!(
-        "SIGCONT {owner_name}: it must stamp nothing from now on"
+        "SIGCONT {owner_name}: it must stamp nothing from now on (except in a partition whose \
+         pin it wins anew)"
     ));
-    run.forbidden_after.push((owner_name.clone(), resumed_at));
     run.traffic(AFTER).await;
     // Publishes it attempted after waking up (with messages in hand): the checker shows that
     // none of them reached CHAT_MSGS.
