@@ -1161,20 +1161,25 @@ async fn close(ws: &mut Ws) {
     let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
 }
 
-/// How long, from now, until a `history` and a `sync` of `user` are answered again (each
-/// with its own frame, not an error) through any of `gateways`: a probe that connects as
-/// device `probe`, asks both, and asks again every 100 ms until both were answered (at most
-/// `limit`). Returns (history, sync) in ms.
+/// How long, from now, until a `history` and a `sync` of `user` answer again with what was
+/// stamped from now on, through any of `gateways`. `before` holds the newest seq of each of
+/// the user's conversations as of now, and `conv` is a busy one of them: the probe (device
+/// `probe`) asks `history` of `conv` after `before[conv]` and `sync` with `before` as its
+/// cursors, every 100 ms, until the history answer holds a message and the sync answer lists
+/// a conversation beyond its cursor (a store that answers from what it had before, or not at
+/// all, does not count), at most `limit`. Returns (history, sync) in ms.
 pub async fn probe_reads(
     gateways: &[String],
     secret: &[u8],
     user: &str,
+    before: &BTreeMap<String, u64>,
     conv: &str,
     limit: Duration,
 ) -> Result<(u64, u64), String> {
     let started = Instant::now();
     let deadline = started + limit;
     let user_id = UserId::parse(user).map_err(|e| format!("{user}: {e}"))?;
+    let after = before.get(conv).copied().unwrap_or(0);
     let (mut history_ms, mut sync_ms) = (None, None);
     let mut attempt = 0usize;
     let mut n = 0u64;
@@ -1203,7 +1208,7 @@ pub async fn probe_reads(
                     req: format!("ph{n}"),
                     conv: conv.to_owned(),
                     before: None,
-                    after: None,
+                    after: Some(after),
                     limit: Some(1),
                 });
             }
@@ -1211,9 +1216,9 @@ pub async fn probe_reads(
                 asks.push(ClientFrame::Sync {
                     req: format!("ps{n}"),
                     since: None,
-                    cursors: BTreeMap::new(),
+                    cursors: before.clone(),
                     next: None,
-                    limit: Some(1),
+                    limit: Some(100),
                 });
             }
             if write(&mut ws, &mut asks).await.is_err() {
@@ -1225,11 +1230,18 @@ pub async fn probe_reads(
                 match timeout(left, next_frame(&mut ws)).await {
                     Err(_) => break,
                     Ok(None) => break 'connection,
-                    Ok(Some(Ok(ServerFrame::History { .. }))) => {
-                        history_ms.get_or_insert(started.elapsed().as_millis() as u64);
+                    Ok(Some(Ok(ServerFrame::History { messages, .. }))) => {
+                        if !messages.is_empty() {
+                            history_ms.get_or_insert(started.elapsed().as_millis() as u64);
+                        }
                     }
-                    Ok(Some(Ok(ServerFrame::Sync { .. }))) => {
-                        sync_ms.get_or_insert(started.elapsed().as_millis() as u64);
+                    Ok(Some(Ok(ServerFrame::Sync { convs, .. }))) => {
+                        let newer = convs
+                            .iter()
+                            .any(|c| c.latest > before.get(&c.conv).copied().unwrap_or(0));
+                        if newer {
+                            sync_ms.get_or_insert(started.elapsed().as_millis() as u64);
+                        }
                     }
                     Ok(Some(_)) => {}
                 }
@@ -1241,8 +1253,8 @@ pub async fn probe_reads(
         }
     }
     Err(format!(
-        "reads not answered within {limit:?}: history after {history_ms:?} ms, sync after \
-         {sync_ms:?} ms"
+        "reads did not answer with new messages within {limit:?}: history after {history_ms:?} \
+         ms, sync after {sync_ms:?} ms"
     ))
 }
 
