@@ -141,7 +141,10 @@ pub struct Summary {
     pub resent: u64,
     /// Group events stored (create, add, remove, ...).
     pub group_events: usize,
-    /// Messages stamped per second while the clients were creating them.
+    /// Messages the clients created per second from the end of the warm-up until they stopped
+    /// (the scenario's traffic, its fault included).
+    pub offered_msg_s: f64,
+    /// Messages stamped per second over the same time.
     pub rate_msg_s: f64,
     /// From the fault to the first message stamped by the new owner.
     pub takeover_ms: Option<u64>,
@@ -160,7 +163,8 @@ impl fmt::Display for Summary {
         write!(
             f,
             "fault-summary scenario={} sent={} acked={} stored={} delivered={} duplicates={} \
-             raw_duplicate_pushes={} gaps={} resent={} group_events={} rate_msg_s={:.0} \
+             raw_duplicate_pushes={} gaps={} resent={} group_events={} offered_msg_s={:.0} \
+             rate_msg_s={:.0} \
              takeover_ms={} in_flight={} reads_back_ms={} repinned_stamps={}",
             self.scenario,
             self.sent,
@@ -172,6 +176,7 @@ impl fmt::Display for Summary {
             self.gaps,
             self.resent,
             self.group_events,
+            self.offered_msg_s,
             self.rate_msg_s,
             opt(self.takeover_ms),
             opt(self.in_flight),
@@ -1077,8 +1082,8 @@ mod tests {
         assert_eq!(
             f.summary.to_string(),
             "fault-summary scenario=unit sent=3 acked=3 stored=3 delivered=6 duplicates=0 \
-             raw_duplicate_pushes=0 gaps=0 resent=0 group_events=0 rate_msg_s=0 takeover_ms=- \
-             in_flight=- reads_back_ms=- repinned_stamps=0"
+             raw_duplicate_pushes=0 gaps=0 resent=0 group_events=0 offered_msg_s=0 rate_msg_s=0 \
+             takeover_ms=- in_flight=- reads_back_ms=- repinned_stamps=0"
         );
         assert_eq!(STAMPER_HEADER, "Chat-Stamper");
     }

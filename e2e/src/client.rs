@@ -145,6 +145,8 @@ pub struct SendRecord {
     pub body: String,
     /// A group operation rather than a message.
     pub op: Option<GroupCmd>,
+    /// When the device created it (ms since the epoch).
+    pub created_ms: u64,
     /// `sent` arrived (at least once).
     pub acked: bool,
     /// Frames sent with this id.
@@ -809,6 +811,7 @@ impl DeviceState {
                 id: op.id.clone(),
                 body: String::new(),
                 op: Some(op),
+                created_ms: chat_protocol::now_ms(),
                 acked: false,
                 attempts: 1,
                 next_attempt: Some(now + SEND_TIMEOUT),
@@ -852,6 +855,7 @@ impl DeviceState {
             id,
             body,
             op: None,
+            created_ms: chat_protocol::now_ms(),
             acked: false,
             attempts: 1,
             next_attempt: Some(now + SEND_TIMEOUT),
@@ -1269,6 +1273,7 @@ impl DeviceState {
             id: id.to_owned(),
             body: format!("body {id}"),
             op: None,
+            created_ms: 0,
             acked: true,
             attempts: 1,
             next_attempt: None,

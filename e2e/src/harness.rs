@@ -44,8 +44,9 @@ pub struct Run {
     started: Instant,
     /// `started`, in ms since the epoch (to place stream timestamps).
     started_ms: u64,
-    /// When the clients started creating messages (ms since the epoch).
-    sending_since_ms: u64,
+    /// Start of the measured traffic (ms since the epoch): the end of the warm-up, so the rate
+    /// is that of the scenario itself, fault included.
+    measured_since_ms: u64,
     /// Set by the scenario when it measured one.
     pub takeover_ms: Option<u64>,
     pub in_flight: Option<u64>,
@@ -89,7 +90,6 @@ impl Run {
         let mut sim =
             Simulation::start(population, cluster.gateway_urls.clone(), SECRET.as_bytes());
         sim.set_sending(true);
-        let sending_since_ms = chat_protocol::now_ms();
         log(name, started, "cluster up, traffic on");
         let js = cluster.js();
         let warm = async {
@@ -111,7 +111,7 @@ impl Run {
             sim,
             started,
             started_ms,
-            sending_since_ms,
+            measured_since_ms: 0,
             takeover_ms: None,
             in_flight: None,
             reads_back_ms: None,
@@ -128,6 +128,7 @@ impl Run {
             panic!("{name}: warm-up failed: {e}\n{}", run.cluster.log_tails());
         }
         run.sim.start_chaos();
+        run.measured_since_ms = chat_protocol::now_ms();
         run.step("every sequencer ready, flaky devices on");
         run
     }
@@ -490,7 +491,7 @@ impl Run {
             sim,
             started,
             started_ms,
-            sending_since_ms,
+            measured_since_ms,
             takeover_ms,
             in_flight,
             reads_back_ms,
@@ -537,11 +538,17 @@ impl Run {
         let stamped_while_sending = stream
             .iter()
             .filter(|e| {
-                e.message().is_some() && (sending_since_ms..=sending_until_ms).contains(&e.time_ms)
+                e.message().is_some() && (measured_since_ms..=sending_until_ms).contains(&e.time_ms)
             })
             .count();
-        let sending_s = sending_until_ms.saturating_sub(sending_since_ms) as f64 / 1000.0;
+        let sending_s = sending_until_ms.saturating_sub(measured_since_ms) as f64 / 1000.0;
         findings.summary.rate_msg_s = stamped_while_sending as f64 / sending_s.max(0.001);
+        let created = devices
+            .iter()
+            .flat_map(|d| &d.sends)
+            .filter(|s| (measured_since_ms..=sending_until_ms).contains(&s.created_ms))
+            .count();
+        findings.summary.offered_msg_s = created as f64 / sending_s.max(0.001);
         findings.summary.in_flight = in_flight;
         findings.summary.reads_back_ms = reads_back_ms;
         let line = findings.summary.to_string();
