@@ -930,7 +930,10 @@ mod tests {
     use chat_protocol::frames::Message;
 
     use super::*;
-    use crate::{audit::STAMPER_HEADER, client::DeviceSpec};
+    use crate::{
+        audit::STAMPER_HEADER,
+        client::{DeviceSpec, GroupCmd},
+    };
 
     const CONV: &str = "dm~ann~ben";
 
@@ -1049,6 +1052,150 @@ mod tests {
             stream,
             users: vec!["ann".into(), "ben".into()],
             convs: vec![CONV.into()],
+        }
+    }
+
+    const GROUP: &str = "g~team";
+
+    /// A group: ann creates it with ben (#1), ben writes (#2), ann adds cat (#3), cat writes
+    /// (#4), ann removes ben (#5), ann writes (#6). Everyone has exactly their window.
+    fn group_world() -> World {
+        let event = |e: GroupEvent| Some(serde_json::to_string(&e).unwrap());
+        let names = |v: &[&str]| v.iter().map(|u| (*u).to_owned()).collect::<Vec<_>>();
+        let mut msgs = vec![
+            stored(1, "ann", "op1"),
+            stored(2, "ben", "b1"),
+            stored(3, "ann", "op2"),
+            stored(4, "cat", "c1"),
+            stored(5, "ann", "op3"),
+            stored(6, "ann", "a1"),
+        ];
+        let events = [
+            (
+                0,
+                GroupEvent::Created {
+                    name: "Team".into(),
+                    members: names(&["ben"]),
+                },
+            ),
+            (
+                2,
+                GroupEvent::Added {
+                    members: names(&["cat"]),
+                },
+            ),
+            (
+                4,
+                GroupEvent::Removed {
+                    members: names(&["ben"]),
+                },
+            ),
+        ];
+        for (i, e) in &events {
+            msgs[*i].body = String::new();
+            msgs[*i].event = event(e.clone());
+        }
+        for m in &mut msgs {
+            m.conv = GROUP.into();
+        }
+        let to_frame = |m: &StoredMessage| Message {
+            event: m.event.as_deref().map(|t| serde_json::from_str(t).unwrap()),
+            ..frame(m)
+        };
+        let op = |id: &str, op: GroupOp, name: Option<&str>, members: &[&str]| GroupCmd {
+            conv: GROUP.into(),
+            id: id.into(),
+            op,
+            name: name.map(str::to_owned),
+            members: names(members),
+        };
+        let windows = [("ann", 1, 6), ("ben", 1, 5), ("cat", 3, 6)];
+        let mut devices = Vec::new();
+        for (user, from, to) in windows {
+            let mut d = DeviceState::new(DeviceSpec {
+                convs: vec![GROUP.into()],
+                ..spec(user)
+            });
+            match user {
+                "ann" => {
+                    d.record_acked_op(op("op1", GroupOp::Create, Some("Team"), &["ben"]));
+                    d.record_acked_op(op("op2", GroupOp::Add, None, &["cat"]));
+                    d.record_acked_op(op("op3", GroupOp::Remove, None, &["ben"]));
+                    d.record_acked_send(GROUP, "a1");
+                }
+                "ben" => d.record_acked_send(GROUP, "b1"),
+                _ => d.record_acked_send(GROUP, "c1"),
+            }
+            for m in msgs.iter().filter(|m| (from..=to).contains(&m.seq)) {
+                d.show(to_frame(m));
+            }
+            let view = d.convs.get_mut(GROUP).unwrap();
+            view.delivered_sent = to;
+            view.read_sent = to;
+            if to == 6 {
+                view.marks.insert("ann".into(), (6, 6));
+                view.marks.insert("cat".into(), (6, 6));
+            }
+            devices.push(d);
+        }
+        let marks = [("ann", 6), ("ben", 5), ("cat", 6)]
+            .iter()
+            .map(|(u, n)| Marks {
+                user: (*u).into(),
+                delivered: *n,
+                read: *n,
+            })
+            .collect();
+        let member = |user: &str, joined, left, admin| Member {
+            user: user.into(),
+            joined,
+            left,
+            admin,
+        };
+        let summary = |latest, joined, left| ConvSummary {
+            joined,
+            left,
+            name: "Team".into(),
+            member_count: 2,
+            ..chat_store::conformance::summary(GROUP, latest, latest)
+        };
+        let store = StoreDump {
+            name: "seq-a".into(),
+            messages: BTreeMap::from([(GROUP.to_owned(), msgs.clone())]),
+            marks: BTreeMap::from([(GROUP.to_owned(), marks)]),
+            members: BTreeMap::from([(
+                GROUP.to_owned(),
+                vec![
+                    member("ann", 1, None, true),
+                    member("ben", 1, Some(5), false),
+                    member("cat", 3, None, false),
+                ],
+            )]),
+            user_convs: BTreeMap::from([
+                ("ann".to_owned(), vec![summary(6, 1, None)]),
+                ("ben".to_owned(), vec![summary(5, 1, Some(5))]),
+                ("cat".to_owned(), vec![summary(6, 3, None)]),
+            ]),
+            applied: 6,
+        };
+        let mut other = store.clone();
+        other.name = "seq-b".into();
+        let stream = msgs
+            .iter()
+            .map(|m| StreamEntry {
+                stream_seq: m.stream_seq,
+                subject: format!("chat.gmsg.0.{GROUP}"),
+                stamper: Some("seq-a".into()),
+                time_ms: m.ts_ms,
+                event: Event::Message(to_frame(m)),
+            })
+            .collect();
+        World {
+            devices,
+            stores: vec![store, other],
+            stream,
+            users: vec!["ann".into(), "ben".into(), "cat".into()],
+            convs: vec![GROUP.into()],
         }
     }
 
@@ -1189,5 +1336,54 @@ mod tests {
         w.stream[1].stamper = Some("seq-b".into());
         let f = run(&w, &[forbid("seq-a", 1001, Some(vec![1002]))]);
         assert!(stale(&f), "{:#?}", f.violations);
+    }
+
+    #[test]
+    fn a_group_where_everyone_has_exactly_their_window_passes() {
+        let w = group_world();
+        let f = run(&w, &[]);
+        assert!(f.violations.is_empty(), "{:#?}", f.violations);
+        assert_eq!(f.summary.group_events, 3);
+    }
+
+    #[test]
+    fn a_group_message_outside_the_window_is_reported() {
+        // cat, added at #3, shows #2.
+        let mut w = group_world();
+        let m = w.devices[0].convs[GROUP].shown[&2].clone();
+        w.devices[2].show(m);
+        expect(&w, "outside its membership window");
+        // ben, removed at #5, never got #6: that is right; missing #4 is a gap.
+        let mut w = group_world();
+        w.devices[1].convs.get_mut(GROUP).unwrap().shown.remove(&4);
+        expect(&w, "ben/phone never got g~team 4");
+    }
+
+    #[test]
+    fn stored_members_that_do_not_match_the_events_are_reported() {
+        let mut w = group_world();
+        for s in &mut w.stores {
+            s.members.get_mut(GROUP).unwrap()[1].left = None;
+        }
+        expect(&w, "the stored members of g~team");
+    }
+
+    #[test]
+    fn an_event_that_is_not_the_operation_made_is_reported() {
+        let mut w = group_world();
+        let op = w.devices[0].sends[1].op.as_mut().unwrap();
+        op.members = vec!["dan".into()];
+        expect(&w, "but the operation made was");
+    }
+
+    #[test]
+    fn a_message_stamped_after_its_sender_was_removed_is_reported() {
+        let mut w = group_world();
+        for s in &mut w.stores {
+            let msgs = s.messages.get_mut(GROUP).unwrap();
+            msgs[5].from = "ben".into();
+            msgs[5].client_id = "b1".into();
+        }
+        expect(&w, "outside the sender's membership window");
     }
 }

@@ -1,8 +1,8 @@
 //! A simulated client device that behaves like a real app, per `docs/protocol.md`.
 //!
 //! Each device is one tokio task holding one WebSocket to a gateway (tokio-tungstenite). It:
-//! - **sends** (if it is a sender) a new message every `send_interval` (jittered) to one of its
-//!   user's conversations, each with a fresh client id `<user>-<device>-<n>`, keeping at most
+//! - **sends** (if it is a sender) a new message every `send_interval` (jittered; several per
+//!   tick when the interval is shorter than a tick) to one of its user's conversations, each with a fresh client id `<user>-<device>-<n>`, keeping at most
 //!   `window` unacknowledged messages per conversation (the suite uses 1, stop-and-wait per
 //!   chat: with several in flight, a send refused with `unavailable` can be overtaken by the
 //!   next one, which the server accepted, and the sender's order is lost on the client's side);
@@ -20,11 +20,17 @@
 //!   false and keeps the final token; resends its highest receipts (they are idempotent);
 //! - sends `delivered` for what it has contiguously, and on the user's reading device `read`;
 //! - on any socket close **reconnects**, alternating gateways (so a dead gateway is skipped: its
-//!   connection fails and the next attempt goes to the other one).
+//!   connection fails and the next attempt goes to the other one);
+//! - in **groups** (`g~…`) knows its membership window from the events (the one that added the
+//!   user opens it, the one that removed it, or sync's `left`, closes it): it sends and
+//!   acknowledges there only while it knows it is a member, and treats the seqs before its
+//!   joining as none of its business (its cursor starts at the joining event).
 //!
 //! The harness steers a device with [`Command`]s (go offline for a while, sync now, final read,
-//! stop) and reads its [`DeviceState`] (shared behind a mutex) to wait for convergence and,
-//! at the end, to check what the user saw.
+//! a burst of messages, a group operation, stop writing to a group, stop) and reads its
+//! [`DeviceState`] (shared behind a mutex) to wait for convergence and, at the end, to check
+//! what the user saw. [`probe_reads`] is a separate one-shot client that measures how long
+//! reads take to come back after a fault.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -1281,8 +1287,85 @@ impl DeviceState {
         });
     }
 
+    /// Test helper: records a group operation this device made and got `sent` for.
+    pub(crate) fn record_acked_op(&mut self, op: GroupCmd) {
+        self.record_acked_send(&op.conv.clone(), &op.id.clone());
+        let last = self.sends.last_mut().expect("just pushed");
+        last.body = String::new();
+        last.op = Some(op);
+    }
+
     /// Test helper: shows a message as if pushed.
     pub(crate) fn show(&mut self, m: Message) {
         self.apply(m, Source::Push);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chat_protocol::frames::GroupEvent;
+
+    use super::*;
+
+    fn event(seq: u64, from: &str, event: GroupEvent) -> Message {
+        Message {
+            conv: "g~team".into(),
+            seq,
+            from: from.into(),
+            id: format!("op{seq}"),
+            ts: seq,
+            body: String::new(),
+            event: Some(event),
+        }
+    }
+
+    #[test]
+    fn a_device_sends_to_a_group_only_inside_its_window() {
+        let mut d = DeviceState::new(DeviceSpec {
+            user: "cat".into(),
+            device: "phone".into(),
+            convs: vec!["dm~ann~cat".into(), "g~team".into()],
+            sends: true,
+            send_interval: Duration::from_millis(10),
+            window: 1,
+            dup_before_ack: 0.0,
+            dup_after_ack: 0.0,
+            reader: true,
+            reads_during_traffic: false,
+            first_gateway: 0,
+            seed: 1,
+        });
+        assert_eq!(d.free_convs(), vec!["dm~ann~cat".to_owned()]);
+        // Added at #3: from there on it sends, and #1, #2 are none of its business.
+        d.apply(
+            event(
+                3,
+                "ann",
+                GroupEvent::Added {
+                    members: vec!["cat".into()],
+                },
+            ),
+            Source::Push,
+        );
+        let view = &d.convs["g~team"];
+        assert!(view.member);
+        assert_eq!(view.contiguous, 3);
+        assert_eq!(d.free_convs().len(), 2);
+        // Muted before its removal, then removed at #5.
+        d.mute("g~team");
+        assert_eq!(d.free_convs(), vec!["dm~ann~cat".to_owned()]);
+        d.apply(
+            event(
+                5,
+                "ann",
+                GroupEvent::Removed {
+                    members: vec!["cat".into()],
+                },
+            ),
+            Source::Push,
+        );
+        let view = &d.convs["g~team"];
+        assert!(!view.member);
+        assert_eq!(view.left_at, Some(5));
     }
 }

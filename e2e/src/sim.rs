@@ -1,5 +1,7 @@
-//! The simulated population and its traffic: users, devices, one-to-one conversations, who
-//! sends, who reads, who goes offline; and the waits that tell when everything has settled.
+//! The simulated population and its traffic: users, devices, one-to-one conversations and
+//! groups, who sends, who reads, who goes offline; the group operations a scenario makes (by
+//! each group's admin, each waited for until it is stamped, so the harness knows every member's
+//! window); and the waits that tell when everything has settled.
 
 use std::{
     collections::BTreeMap,
