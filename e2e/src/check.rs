@@ -198,6 +198,9 @@ pub struct CheckInput<'a> {
     pub stream: &'a [StreamEntry],
     /// Instances that must not have stamped anything after a moment.
     pub forbidden_after: &'a [Forbidden],
+    /// Pin assignments seen on each partition's sequencer consumer (ms since the epoch), to
+    /// explain an order violation.
+    pub pins: &'a BTreeMap<u32, Vec<u64>>,
     pub takeover_ms: Option<u64>,
 }
 
@@ -505,9 +508,19 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
                         )
                 };
                 let first = reordered[0];
+                // The pins of the conversation's partition around the pair.
+                let pins = stamped
+                    .get(&(conv.to_owned(), first[0].1))
+                    .and_then(|es| es.first())
+                    .and_then(|e| chat_protocol::subjects::split_partitioned(&e.subject))
+                    .map(|(p, _)| {
+                        let times = input.pins.get(&p).cloned().unwrap_or_default();
+                        format!("partition {p} pinned at {times:?}")
+                    })
+                    .unwrap_or_default();
                 v.push(format!(
                     "{}: messages to {conv} stamped out of the order they were sent: {} (first: \
-                     {} then {})",
+                     {} then {}; {pins})",
                     d.name(),
                     examples(&reordered, 5),
                     who(first[0].1),
@@ -1208,6 +1221,7 @@ mod tests {
             stores: &w.stores,
             stream: &w.stream,
             forbidden_after: forbidden,
+            pins: &BTreeMap::new(),
             takeover_ms: None,
         })
     }

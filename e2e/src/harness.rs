@@ -51,9 +51,10 @@ pub struct Run {
     pub takeover_ms: Option<u64>,
     pub in_flight: Option<u64>,
     pub reads_back_ms: Option<u64>,
-    /// Instances that must not stamp after a moment (except where they won a pin anew), with
-    /// the watch of the pins from that moment on.
-    forbidden: Vec<(String, u64, PinWatch)>,
+    /// Instances that must not stamp after a moment (except where they won a pin anew).
+    forbidden: Vec<(String, u64)>,
+    /// Every pin assignment on the sequencer consumers from the end of the warm-up on.
+    pins: Option<PinWatch>,
     /// Violations found while the scenario ran (checked with the rest at the end).
     pub violations: Vec<String>,
 }
@@ -116,6 +117,7 @@ impl Run {
             in_flight: None,
             reads_back_ms: None,
             forbidden: Vec::new(),
+            pins: None,
             violations: Vec::new(),
         };
         let ready = if config.sequencer_balance {
@@ -127,6 +129,7 @@ impl Run {
         if let Err(e) = ready {
             panic!("{name}: warm-up failed: {e}\n{}", run.cluster.log_tails());
         }
+        run.pins = Some(run.watch_pins().await);
         run.sim.start_chaos();
         run.measured_since_ms = chat_protocol::now_ms();
         run.step("every sequencer ready, flaky devices on");
@@ -379,11 +382,10 @@ impl Run {
     }
 
     /// From now on `instance` must stamp nothing, except in a partition whose pin it wins anew
-    /// (watched from now until the services stop; see [`check::Forbidden`]).
+    /// (the pins are watched until the services stop; see [`check::Forbidden`]).
     pub async fn forbid_stamps_by(&mut self, instance: &str) -> u64 {
-        let watch = self.watch_pins().await;
         let after = chat_protocol::now_ms();
-        self.forbidden.push((instance.to_owned(), after, watch));
+        self.forbidden.push((instance.to_owned(), after));
         after
     }
 
@@ -496,6 +498,7 @@ impl Run {
             in_flight,
             reads_back_ms,
             forbidden,
+            pins,
             mut violations,
         } = self;
         let users = sim.population.users.clone();
@@ -503,14 +506,18 @@ impl Run {
         let devices = sim.stop().await;
         let stop_problems = tokio::task::block_in_place(|| cluster.stop_services(STOP_TIMEOUT));
         // Nothing stamps any more: the pins seen until now are all that matter.
-        let mut forbidden_after = Vec::new();
-        for (instance, after_ms, watch) in forbidden {
-            forbidden_after.push(check::Forbidden {
+        let pins = match pins {
+            Some(watch) => watch.stop().await,
+            None => BTreeMap::new(),
+        };
+        let forbidden_after: Vec<check::Forbidden> = forbidden
+            .into_iter()
+            .map(|(instance, after_ms)| check::Forbidden {
                 instance,
                 after_ms,
-                pins: Some(watch.stop().await),
-            });
-        }
+                pins: Some(pins.clone()),
+            })
+            .collect();
         violations.extend(stop_problems);
         log(&name, started, "services stopped, checking");
         let stream = match audit::read_all(&js).await {
@@ -532,6 +539,7 @@ impl Run {
             stores: &stores,
             stream: &stream,
             forbidden_after: &forbidden_after,
+            pins: &pins,
             takeover_ms,
         });
         violations.append(&mut findings.violations);
