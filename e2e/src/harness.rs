@@ -333,20 +333,9 @@ impl Run {
             .collect()
     }
 
-    /// Waits (at most `limit`) for the first message stamped by `instance` after `reader`'s
-    /// position, and returns its stream timestamp minus `since_ms`, the moment of the fault.
-    pub async fn wait_first_stamp_by(
-        &mut self,
-        reader: &mut StreamReader,
-        instance: &str,
-        since_ms: u64,
-        limit: Duration,
-    ) -> Option<u64> {
-        self.wait_first_stamp_in(reader, instance, None, since_ms, limit)
-            .await
-    }
-
-    /// As [`Run::wait_first_stamp_by`], counting only messages in `partitions` (all: `None`).
+    /// Waits (at most `limit`) for the first message stamped by `instance` in `partitions`
+    /// (all: `None`) after `reader`'s position, and returns its stream timestamp minus
+    /// `since_ms`, the moment of the fault.
     pub async fn wait_first_stamp_in(
         &mut self,
         reader: &mut StreamReader,
