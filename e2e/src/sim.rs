@@ -97,16 +97,17 @@ pub fn convs_of<'a>(convs: &'a [String], groups: &[GroupPlan], user: &str) -> Ve
 }
 
 /// How often a sending phone creates a message (jittered ±50 %). Ten times the suite's earlier
-/// traffic (about 32 msg/s) is 320 msg/s: sixteen phones at this interval offer about 450, so
-/// a loaded box still stamps well above that.
-pub const PHONE_SEND_INTERVAL: Duration = Duration::from_millis(32);
+/// traffic (about 32 msg/s) is 320 msg/s: sixteen phones at this interval offer about 600 on a
+/// quiet box, and a loaded one (where every `sent` takes longer, and stop-and-wait per
+/// conversation slows the senders down) still well over 320.
+pub const PHONE_SEND_INTERVAL: Duration = Duration::from_millis(25);
 /// How often a sending laptop creates a message.
 pub const LAPTOP_SEND_INTERVAL: Duration = Duration::from_millis(150);
 
 /// Sixteen users in forty one-to-one conversations (a ring, the ring of second neighbours, and
 /// eight chords across: five per user) and three small groups (two made at the start, one a
 /// scenario creates; each with users a scenario may add). The first six users have a phone
-/// and a laptop, the others a phone. Every phone sends (about thirty messages a second each,
+/// and a laptop, the others a phone. Every phone sends (about forty messages a second each,
 /// spread over its conversations, stop-and-wait per conversation) and is its user's reading
 /// device; the first two laptops send too. Half of the senders deliberately retry some
 /// messages. Two laptops and three phones go offline now and then. Devices start spread over

@@ -1,6 +1,6 @@
 //! Fault injection with real processes: nats-server, two gateways, two sequencers and the
 //! fan-out worker(s) run as child processes; sixteen simulated users on twenty-two devices talk
-//! in forty one-to-one conversations and small groups (about 400 messages a second) while a
+//! in forty one-to-one conversations and small groups (about 600 messages a second) while a
 //! process is killed, frozen or restarted. Afterwards the checker reads both sequencers'
 //! stores and what every device saw (see `chat_e2e::check`), and each scenario prints one
 //! `fault-summary ...` line (also appended to `target/fault-summaries.txt`) with the rate it
