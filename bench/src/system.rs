@@ -67,6 +67,8 @@ impl System {
                 gateways: n,
                 sequencers: n,
                 fanouts: n,
+                // The production default (one sequencer: it owns every partition either way).
+                sequencer_balance: true,
             },
             partitions,
         )

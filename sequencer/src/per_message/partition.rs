@@ -14,10 +14,13 @@
 //!   deliveries were handed back for redelivery (which the server serves before new ones), and
 //!   within one pull stream a gap in the consumer sequence (deliveries lost on the way) holds
 //!   every dispatch back until the lost ones were redelivered ([`HOLD_BACK`]);
-//! - a fenced publish (someone else stamped a conversation this owner thought it owned), or a
-//!   pause long enough that the pin may have moved ([`FREEZE`]), makes the owner abandon
-//!   everything it holds: it naks its inputs (they go back, ahead of newer ones) and holds
-//!   back, so a stale owner stamps nothing more;
+//! - a fenced publish (someone else stamped a conversation this owner thought it owned) makes
+//!   the owner abandon everything it holds: it naks its inputs (they go back, ahead of newer
+//!   ones) and ends its pull stream; a pause long enough that the pin may have moved
+//!   ([`FREEZE`]) does the same, since what that stream still brings
+//!   (delivered before or during the pause, and meanwhile redelivered to the new owner) must
+//!   not be stamped with a freshly loaded head: only a new stream that wins the pin again
+//!   brings work. So a stale owner stamps nothing more;
 //! - when it stops owning the partition (balance, shutdown) it finishes what is in flight,
 //!   acks that, and naks the rest before the pin can move.
 
@@ -116,6 +119,24 @@ impl Conv {
         }
         self.queue.insert(at, item);
     }
+
+    /// Takes the stamped input `sseq` out of the queue. It is not necessarily the front any
+    /// more: a redelivery of an older input of the conversation may have been queued ahead of
+    /// it while it was in flight (popping the front would drop that one, held but never
+    /// stamped).
+    fn done(&mut self, sseq: u64) {
+        if let Some(at) = self.queue.iter().position(|q| q.sseq == sseq) {
+            self.queue.remove(at);
+        }
+    }
+}
+
+/// What a tick found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tick {
+    Ok,
+    /// The loop was paused for [`FREEZE`] or longer.
+    Froze,
 }
 
 /// How a publish failed.
@@ -180,6 +201,9 @@ pub struct Partition<S> {
     paused_until: Option<Instant>,
     /// No dispatch at all: the partition is being released.
     releasing: bool,
+    /// Set when fenced: the pull stream ends, like after a freeze, so only a stream pinned
+    /// anew may bring this process more work.
+    end_stream: bool,
     last_dseq: Option<u64>,
     last_tick: Instant,
     last_progress: Instant,
@@ -197,6 +221,7 @@ impl<S: MessageStore> Partition<S> {
             epoch: 0,
             paused_until: None,
             releasing: false,
+            end_stream: false,
             last_dseq: None,
             last_tick: Instant::now(),
             last_progress: Instant::now(),
@@ -228,6 +253,7 @@ impl<S: MessageStore> Partition<S> {
         // A new pull stream starts without a pin: whatever an earlier stream of ours (or an
         // earlier owner) left unacked is redelivered before anything new once we are pinned.
         self.last_dseq = None;
+        self.end_stream = false;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.last_tick = Instant::now();
@@ -238,10 +264,19 @@ impl<S: MessageStore> Partition<S> {
             tokio::select! {
                 biased;
                 _ = &mut stopped => break Ok(()),
-                _ = tick.tick() => self.on_tick().await,
+                _ = tick.tick() => {
+                    if self.on_tick().await == Tick::Froze {
+                        // Whatever this stream still brings was delivered to a process whose
+                        // pin may have moved: only a new stream, pinned again, may bring work.
+                        break Ok(());
+                    }
+                }
                 Some((epoch, done)) = self.work.next(), if !self.work.is_empty() => {
                     if epoch == self.epoch {
                         self.on_done(done).await;
+                        if std::mem::take(&mut self.end_stream) {
+                            break Ok(());
+                        }
                     }
                 }
                 chunk = messages.next(), if !full => match chunk {
@@ -259,7 +294,7 @@ impl<S: MessageStore> Partition<S> {
         result
     }
 
-    async fn on_tick(&mut self) {
+    async fn on_tick(&mut self) -> Tick {
         let now = Instant::now();
         let gap = now.duration_since(self.last_tick);
         self.last_tick = now;
@@ -267,11 +302,12 @@ impl<S: MessageStore> Partition<S> {
             tracing::warn!(
                 partition = self.partition,
                 paused_ms = gap.as_millis() as u64,
-                "the owner was paused long enough to lose its pin: abandoning what it holds"
+                "the owner was paused long enough to lose its pin: abandoning what it holds \
+                 and its pull stream"
             );
             metrics::counter!("sequencer_freezes_total").increment(1);
-            self.abandon().await;
-            return;
+            self.give_back().await;
+            return Tick::Froze;
         }
         if now.duration_since(self.last_progress) >= PROGRESS_EVERY / 2 {
             self.last_progress = now;
@@ -285,6 +321,7 @@ impl<S: MessageStore> Partition<S> {
             metrics::gauge!("sequencer_held_bytes")
                 .set(self.ctx.held_bytes.load(Ordering::Relaxed) as f64);
         }
+        Tick::Ok
     }
 
     /// Forgets idle conversations beyond the cache bound, least recently used first.
@@ -641,10 +678,7 @@ impl<S: MessageStore> Partition<S> {
         c.busy = Busy::Idle;
         match result {
             Ok(ack) => {
-                // Normally the front; an older message redelivered meanwhile sorts before it.
-                if let Some(at) = c.queue.iter().position(|q| q.sseq == sseq) {
-                    c.queue.remove(at);
-                }
+                c.done(sseq);
                 if !ack.duplicate && sseq < c.stamped_sseq {
                     // Stamped after a newer input of its conversation: the fencing rules should
                     // make this impossible; count it, so an operator sees it if they ever fail.
@@ -691,10 +725,12 @@ impl<S: MessageStore> Partition<S> {
                 tracing::warn!(
                     partition = self.partition,
                     conv = %conv,
-                    "fenced: another owner stamped this conversation; abandoning the partition's work"
+                    "fenced: another owner stamped this conversation; abandoning the partition's \
+                     work and its pull stream"
                 );
                 metrics::counter!("sequencer_fenced_total").increment(1);
-                self.abandon().await;
+                self.give_back().await;
+                self.end_stream = true;
             }
             Err(PublishFailure::InProcess) => {
                 c.state = None;
@@ -717,10 +753,9 @@ impl<S: MessageStore> Partition<S> {
         }
     }
 
-    /// Gives back everything held (nak: redelivered ahead of newer messages), forgets every
-    /// conversation's state and ignores the results of work in flight; dispatching resumes
-    /// after [`HOLD_BACK`].
-    async fn abandon(&mut self) {
+    /// Naks everything held, forgets every conversation's state and ignores the results of
+    /// work in flight.
+    async fn give_back(&mut self) {
         metrics::counter!("sequencer_abandons_total").increment(1);
         self.epoch += 1;
         self.work = FuturesUnordered::new();
@@ -729,7 +764,6 @@ impl<S: MessageStore> Partition<S> {
             self.ctx.held_bytes.fetch_sub(held.bytes, Ordering::Relaxed);
             let _ = held.msg.ack_with(AckKind::Nak(None)).await;
         }
-        self.hold_back();
     }
 
     /// Stops owning the partition: no new dispatch, what is in flight is finished (bounded)
@@ -1004,6 +1038,33 @@ mod tests {
                 read,
             },
         )
+    }
+
+    fn queued(sseq: u64) -> Queued {
+        let (_, r) = receipt("a", sseq, 0);
+        Queued {
+            sseq,
+            valid: Valid::Receipt(r),
+        }
+    }
+
+    #[test]
+    fn a_stamped_input_leaves_the_queue_even_when_an_older_one_was_queued_ahead_of_it() {
+        let mut conv = Conv {
+            id: ConvId::parse("dm~a~b").unwrap(),
+            state: None,
+            busy: Busy::Working,
+            queue: VecDeque::new(),
+            last_used: Instant::now(),
+            stamped_sseq: 0,
+        };
+        conv.enqueue(queued(5));
+        conv.enqueue(queued(7));
+        // 5 is in flight when a redelivery of 3 arrives and goes ahead of it.
+        conv.enqueue(queued(3));
+        conv.done(5);
+        let left: Vec<u64> = conv.queue.iter().map(|q| q.sseq).collect();
+        assert_eq!(left, vec![3, 7]);
     }
 
     #[test]

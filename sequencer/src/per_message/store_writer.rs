@@ -37,6 +37,12 @@ const GATHER: Duration = Duration::from_millis(5);
 /// this writer.
 const PULL_EXPIRY: Duration = Duration::from_millis(1000);
 
+/// How long the follow may go without a message before the writer asks the stream whether it
+/// holds more than the store applied, and if so follows again from the store's watermark.
+/// The ordered consumer alone notices a consumer lost with a restarted server only ~16 s later
+/// (its pull fails with "consumer not found"), and every read waits on this writer meanwhile.
+const STALL: Duration = Duration::from_millis(1000);
+
 /// The store's applied watermark as this process's writer last committed it.
 #[derive(Debug, Clone)]
 pub struct Applied(watch::Receiver<u64>);
@@ -111,7 +117,7 @@ async fn follow<S: MessageStore>(
         *a = (*a).max(start - 1);
         moved
     });
-    let stream = js.get_stream(subjects::STREAM_STAMPED).await?;
+    let mut stream = js.get_stream(subjects::STREAM_STAMPED).await?;
     let consumer = stream
         .create_consumer(OrderedConfig {
             deliver_policy: DeliverPolicy::ByStartSequence {
@@ -128,11 +134,26 @@ async fn follow<S: MessageStore>(
         from_stream_seq = start,
         "following stamped messages into the store"
     );
+    let mut applied_through = start - 1;
     let stopped = shutdown.cancelled();
     tokio::pin!(stopped);
+    let stall = tokio::time::sleep(STALL);
+    tokio::pin!(stall);
     loop {
         let first = tokio::select! {
             first = messages.next() => first,
+            _ = &mut stall => {
+                let last = stream.info().await?.state.last_sequence;
+                if last > applied_through {
+                    return Err(format!(
+                        "no stamped message for {STALL:?} while the stream holds {last} and the \
+                         store {applied_through}"
+                    )
+                    .into());
+                }
+                stall.as_mut().reset(tokio::time::Instant::now() + STALL);
+                continue;
+            }
             _ = &mut stopped => return Ok(()),
         };
         let Some(first) = first else { return Ok(()) };
@@ -164,6 +185,8 @@ async fn follow<S: MessageStore>(
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("sequencer_store_batch_size").record(n as f64);
         metrics::counter!("sequencer_followed_total").increment(n as u64);
+        applied_through = applied_through.max(through);
+        stall.as_mut().reset(tokio::time::Instant::now() + STALL);
         applied.send_if_modified(|a| {
             let moved = through > *a;
             *a = (*a).max(through);
