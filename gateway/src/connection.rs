@@ -449,9 +449,7 @@ impl<B: Backend> Reader<'_, B> {
             Ok(frame) => frame,
             Err(err) => {
                 metrics::frame_in("invalid");
-                return self
-                    .enqueue(ServerFrame::Error(ErrorFrame::new(err.code, err.message)))
-                    .await;
+                return self.enqueue(ServerFrame::Error(err.into())).await;
             }
         };
         match frame {

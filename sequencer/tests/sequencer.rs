@@ -562,6 +562,32 @@ async fn a_sync_page_carries_up_to_its_limit_of_one_conversation() {
     let rest = sync_page(rest);
     assert_eq!(rest.messages, in_conv("dm~alice~bob", 1001..=1200));
     assert!(rest.next.is_none() && rest.token.is_some());
+
+    // A limit of 0 asks for nothing: refused, never "one item and more to come".
+    let SyncReply::Error(e) = sync(&client, "bob", None, &[], None, 0).await else {
+        panic!("sync with limit 0 must be refused")
+    };
+    assert_eq!(e.code, ErrorCode::InvalidFrame);
+    let HistoryReply::Error(e) = history_range(&client, "bob", "dm~alice~bob", None, None, 0).await
+    else {
+        panic!("history with limit 0 must be refused")
+    };
+    assert_eq!(e.code, ErrorCode::InvalidFrame);
+    let reply: ConversationsReply = ask(
+        &client,
+        subjects::CONVERSATIONS_API,
+        &ConversationsRequest {
+            user: "bob".into(),
+            after: None,
+            limit: 0,
+            groups_only: false,
+        },
+    )
+    .await;
+    let ConversationsReply::Error(e) = reply else {
+        panic!("conversations with limit 0 must be refused")
+    };
+    assert_eq!(e.code, ErrorCode::InvalidFrame);
     seq.stop().await;
 }
 

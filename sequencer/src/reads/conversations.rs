@@ -24,7 +24,7 @@ impl<S: MessageStore> Responder<S> {
         }
         // `after` is exclusive; the store's `from_conv` is inclusive.
         let from = req.after.as_ref().map(|a| format!("{a}\0"));
-        let limit = req.limit.clamp(1, CONVERSATIONS_PAGE_MAX);
+        let limit = page_limit(req.limit, CONVERSATIONS_PAGE_MAX)?;
         let listed = self
             .store
             .user_conversations(user.as_str(), 0, from.as_deref(), limit)

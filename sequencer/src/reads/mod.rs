@@ -163,6 +163,18 @@ fn not_member() -> Refusal {
     )
 }
 
+/// A request's page size: 1 up to `max` (larger asks are served `max`); 0 asks for nothing
+/// and is refused, so a client bug does not read as "one item and more to come".
+fn page_limit(limit: u32, max: u32) -> Result<u32, Refusal> {
+    if limit == 0 {
+        return Err(error_frame(
+            ErrorCode::InvalidFrame,
+            "limit must be at least 1",
+        ));
+    }
+    Ok(limit.min(max))
+}
+
 fn unavailable() -> Refusal {
     error_frame(ErrorCode::Unavailable, "not available right now, retry")
 }

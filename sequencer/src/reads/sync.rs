@@ -65,7 +65,7 @@ impl<S: MessageStore> Responder<S> {
                 return Err(unavailable());
             }
         }
-        let limit = req.limit.clamp(1, SYNC_PAGE_MAX) as usize;
+        let limit = page_limit(req.limit, SYNC_PAGE_MAX)? as usize;
         let from_conv = resume.map(|(_, conv)| conv);
         let listed = self
             .store
