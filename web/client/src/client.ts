@@ -217,6 +217,7 @@ export class ChatClient extends Emitter<ChatEvents> {
   private readonly typingSent = new Map<string, number>();
   private readonly presenceStates = new Map<string, PresenceState>();
   private watched: string[] = [];
+  private presenceRetry: ReturnType<typeof setTimeout> | undefined;
 
   private changeQueued = false;
 
@@ -732,6 +733,7 @@ export class ChatClient extends Emitter<ChatEvents> {
       }
     }
     this.emit("message", { message: m, live });
+    if (c.kind === "dm" && me) this.presenceMayHaveOpened(c, me);
     if (m.from === me) {
       const view = this.viewOf(c, m);
       this.emit("outbox", view);
@@ -1061,6 +1063,19 @@ export class ChatClient extends Emitter<ChatEvents> {
         }, 5000);
       }
     }
+  }
+
+  /**
+   * Who may be seen is checked when a subscription is made, and a one-to-one peer becomes
+   * visible with the conversation's first message: subscribe again then.
+   */
+  private presenceMayHaveOpened(c: Conversation, me: string): void {
+    const peer = dmPeer(c.id, me);
+    if (!peer || this.presenceStates.has(peer) || !this.watched.includes(peer) || this.presenceRetry) return;
+    this.presenceRetry = setTimeout(() => {
+      this.presenceRetry = undefined;
+      if (this.ready) void this.subscribePresence();
+    }, 500);
   }
 
   /** Asks for the presence of `users` now (answers list only those the user may see). */

@@ -472,6 +472,28 @@ describe("typing and presence", () => {
     await settle();
     expect(next.lastFrame("presence_subscribe").users).toEqual(["bob", "carol"]);
   });
+
+  it("subscribes again when a one-to-one peer it could not see yet gets a first message", async () => {
+    const client = newClient();
+    const sock = await connect(client, "alice");
+    void client.watchPresence(["bob"]);
+    const sub = sock.lastFrame("presence_subscribe");
+    // no conversation with a message yet: bob is left out of the answer
+    sock.push({ type: "presence", req: sub.req, users: [] });
+    await settle();
+    expect(client.presenceOf("bob")).toBeUndefined();
+    sock.push({ type: "message", ...msg(AB, 1, "alice") });
+    await vi.advanceTimersByTimeAsync(1000);
+    const again = sock.frames("presence_subscribe");
+    expect(again).toHaveLength(2);
+    sock.push({ type: "presence", req: again[1]!.req, users: [{ user: "bob", online: true }] });
+    await settle();
+    expect(client.presenceOf("bob")?.online).toBe(true);
+    // once visible, further messages change nothing
+    sock.push({ type: "message", ...msg(AB, 2, "alice") });
+    await vi.advanceTimersByTimeAsync(1000);
+    expect(sock.frames("presence_subscribe")).toHaveLength(2);
+  });
 });
 
 describe("media", () => {
