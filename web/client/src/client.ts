@@ -15,7 +15,7 @@ import { backoffDelay, DEFAULT_BACKOFF, type BackoffOptions } from "./backoff.js
 import { Conversation, type ConversationKind, type Gap } from "./conversation.js";
 import { Emitter } from "./emitter.js";
 import { ChatError } from "./errors.js";
-import { dmPeer, isValidId, newGroupId, randomId } from "./ids.js";
+import { dmId, dmPeer, isValidId, newGroupId, randomId } from "./ids.js";
 import { MediaApi, type UploadInput } from "./media.js";
 import {
   CloseCode,
@@ -49,6 +49,8 @@ export interface WebSocketLike {
 export type WebSocketFactory = new (url: string) => WebSocketLike;
 
 const OPEN = 1;
+/** How often a presence subscription is made again for a peer that should be visible. */
+const PRESENCE_RETRIES = 5;
 
 export interface ChatClientOptions {
   /** The gateway's WebSocket URL, e.g. `ws://127.0.0.1:8080/ws`. */
@@ -218,6 +220,7 @@ export class ChatClient extends Emitter<ChatEvents> {
   private readonly presenceStates = new Map<string, PresenceState>();
   private watched: string[] = [];
   private presenceRetry: ReturnType<typeof setTimeout> | undefined;
+  private presenceRetryCount = 0;
 
   private changeQueued = false;
 
@@ -270,6 +273,8 @@ export class ChatClient extends Emitter<ChatEvents> {
     }
     for (const timers of this.typers.values()) for (const t of timers.values()) clearTimeout(t);
     clearTimeout(this.receiptTimer);
+    clearTimeout(this.presenceRetry);
+    this.presenceRetry = undefined;
     this.setState("closed");
   }
 
@@ -1054,7 +1059,8 @@ export class ChatClient extends Emitter<ChatEvents> {
   private async subscribePresence(): Promise<void> {
     const users = this.watched;
     try {
-      await this.request<"presence_subscribe">({ type: "presence_subscribe", users }, { persistent: false });
+      const ans = await this.request<"presence_subscribe">({ type: "presence_subscribe", users }, { persistent: false });
+      this.presenceLeftOut(users, ans.users);
     } catch (err) {
       if (err instanceof ChatError && err.code !== "disconnected" && err.code !== "closed") {
         // unavailable after retries, or refused: try again later with the then current list
@@ -1071,11 +1077,37 @@ export class ChatClient extends Emitter<ChatEvents> {
    */
   private presenceMayHaveOpened(c: Conversation, me: string): void {
     const peer = dmPeer(c.id, me);
-    if (!peer || this.presenceStates.has(peer) || !this.watched.includes(peer) || this.presenceRetry) return;
+    if (!peer || this.presenceStates.has(peer) || !this.watched.includes(peer)) return;
+    this.presenceRetryCount = 0;
+    this.resubscribePresenceSoon();
+  }
+
+  /**
+   * The server's view of who shares a conversation may trail the messages a device already
+   * holds (the first message of a one-to-one conversation reaches the peer about when the
+   * server's conversation index learns of it). A watched one-to-one peer with messages that the
+   * answer left out is asked for again, a few times, further apart each time.
+   */
+  private presenceLeftOut(asked: string[], answered: PresenceState[]): void {
+    const me = this.user;
+    if (!me || asked !== this.watched) return;
+    const seen = new Set(answered.map((p) => p.user));
+    const expected = asked.some((u) => !seen.has(u) && !this.presenceStates.has(u) && (this.convs.get(dmId(me, u))?.latest ?? 0) > 0);
+    if (!expected) {
+      this.presenceRetryCount = 0;
+      return;
+    }
+    if (this.presenceRetryCount >= PRESENCE_RETRIES) return;
+    this.presenceRetryCount++;
+    this.resubscribePresenceSoon();
+  }
+
+  private resubscribePresenceSoon(): void {
+    if (this.presenceRetry) return;
     this.presenceRetry = setTimeout(() => {
       this.presenceRetry = undefined;
       if (this.ready) void this.subscribePresence();
-    }, 500);
+    }, 500 * 2 ** this.presenceRetryCount);
   }
 
   /** Asks for the presence of `users` now (answers list only those the user may see). */

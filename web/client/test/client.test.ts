@@ -494,6 +494,49 @@ describe("typing and presence", () => {
     await vi.advanceTimersByTimeAsync(1000);
     expect(sock.frames("presence_subscribe")).toHaveLength(2);
   });
+
+  it("asks again, a few times, for a one-to-one peer with messages whom the answer left out", async () => {
+    const client = newClient();
+    const sock = await connect(client, "bob");
+    // the first message arrives before bob watches alice
+    sock.push({ type: "message", ...msg(AB, 1, "alice") });
+    await settle();
+    void client.watchPresence(["alice"]);
+    // the server's conversation index has not caught up yet: alice is left out, again and again
+    for (let n = 1; n <= 6; n++) {
+      const subs = sock.frames("presence_subscribe");
+      expect(subs).toHaveLength(n);
+      sock.push({ type: "presence", req: subs[n - 1]!.req, users: [] });
+      await vi.advanceTimersByTimeAsync(20_000);
+    }
+    // five retries, then it stops asking
+    expect(sock.frames("presence_subscribe")).toHaveLength(6);
+
+    // a peer without messages is not asked for again
+    const other = newClient();
+    const sock2 = await connect(other, "bob");
+    void other.watchPresence(["carol"]);
+    sock2.push({ type: "presence", req: sock2.lastFrame("presence_subscribe").req, users: [] });
+    await vi.advanceTimersByTimeAsync(20_000);
+    expect(sock2.frames("presence_subscribe")).toHaveLength(1);
+  });
+
+  it("stops asking once the peer shows up", async () => {
+    const client = newClient();
+    const sock = await connect(client, "bob");
+    sock.push({ type: "message", ...msg(AB, 1, "alice") });
+    await settle();
+    void client.watchPresence(["alice"]);
+    sock.push({ type: "presence", req: sock.lastFrame("presence_subscribe").req, users: [] });
+    await vi.advanceTimersByTimeAsync(1500);
+    const again = sock.frames("presence_subscribe");
+    expect(again).toHaveLength(2);
+    sock.push({ type: "presence", req: again[1]!.req, users: [{ user: "alice", online: true }] });
+    await settle();
+    expect(client.presenceOf("alice")?.online).toBe(true);
+    await vi.advanceTimersByTimeAsync(20_000);
+    expect(sock.frames("presence_subscribe")).toHaveLength(2);
+  });
 });
 
 describe("media", () => {
