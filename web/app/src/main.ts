@@ -6,6 +6,7 @@ import {
   ChatClient,
   ChatError,
   dmId,
+  dmPeer,
   isValidId,
   randomId,
   type ConversationView,
@@ -364,7 +365,12 @@ class ChatApp {
       this.stickToBottom = true;
       for (const n of this.msgNodes.values()) n.el.remove();
       this.msgNodes.clear();
-      if (conv) this.client.openConversation(conv);
+      if (conv) {
+        this.client.openConversation(conv);
+        // Pushes can be missed: a chat that opens asks for its peer's presence now.
+        const peer = this.client.user ? dmPeer(conv, this.client.user) : undefined;
+        if (peer && this.client.state === "open") void this.client.queryPresence([peer]).catch(() => []);
+      }
     }
     this.el.dataset.view = conv ? "chat" : "list";
     this.queueRender();
