@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace: installs the pinned nats-server, SeaweedFS and schemathesis
-# (scripts/setup.sh), which the integration tests start on random ports, then `cargo test`.
+# (scripts/setup.sh), which the integration tests start on random ports, then `cargo test`, then
+# the web client's tests (scripts/web.sh test: the TypeScript library's unit tests and the
+# browser test in headless Chromium, whose screenshots go to target/web-e2e/).
 #
 #   ./scripts/test.sh                       # everything
-#   ./scripts/test.sh -p chat-cli           # extra arguments go to cargo test
+#   ./scripts/test.sh -p chat-cli           # extra arguments go to cargo test (a package named:
+#                                           # only its tests, no web tests)
 #   ./scripts/test.sh -- --nocapture        # ... and after `--` to the test binaries
+#   SKIP_WEB=1 ./scripts/test.sh            # without the web tests (scripts/web.sh test: only them)
 set -euo pipefail
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -16,6 +20,7 @@ command -v cargo >/dev/null 2>&1 || {
     exit 1
 }
 SETUP_SEAWEEDFS=1 SETUP_SCHEMATHESIS=1 "${SCRIPT_DIR}/setup.sh"
+skip_web="${SKIP_WEB:-0}"
 
 # The fault-injection suite (e2e/tests/faults.rs) and the bench smoke tests (bench/tests/smoke.rs)
 # run the service binaries as processes.
@@ -28,14 +33,24 @@ scope=(--workspace)
 for arg in "$@"; do
     case "${arg}" in
         --) break ;;
-        -p | --package | -p?* | --package=*) scope=() ;;
+        -p | --package | -p?* | --package=*) scope=() skip_web=1 ;;
     esac
 done
+if [[ "${skip_web}" != "1" ]]; then
+    # Node packages and Chromium now, so that a missing install fails before the long part.
+    "${SCRIPT_DIR}/web.sh" setup chromium
+fi
 echo "test.sh: cargo test ${scope[*]} $*" >&2
 status=0
 cargo test "${scope[@]}" "$@" || status=$?
 if [[ -f "${summaries}" ]]; then
     echo "test.sh: fault-injection summaries:" >&2
     cat "${summaries}"
+fi
+if [[ "${skip_web}" != "1" ]]; then
+    echo "test.sh: scripts/web.sh test" >&2
+    web_status=0
+    "${SCRIPT_DIR}/web.sh" test || web_status=$?
+    ((status != 0)) || status="${web_status}"
 fi
 exit "${status}"
