@@ -18,13 +18,14 @@
 #   DEV_CHECK=1            same as --check
 #   DEV_SKIP_BUILD=1       run what is built (no cargo build, no web build; the browser test uses it)
 #   DEV_WEB=0              without the web app (and without Node.js)
-#   CHAT_RUN_DIR           where state and logs go (default: .run in the repo)
+#   CHAT_RUN_DIR           where state and logs go (default: .run in the repo; with --check a
+#                          fresh temporary directory, so a check runs beside a running instance)
 #   CHAT_DEV_SECRET        HS256 secret the gateway accepts (default: dev-secret-change-me)
 #   WEB_PORT (8081), NATS_PORT (4222), NATS_MONITOR_PORT (8222), GATEWAY_PORT (8080), GATEWAY_ADMIN_PORT (9090),
 #   SEQUENCER_ADMIN_PORT (9091), FANOUT_ADMIN_PORT (9092), MEDIA_PORT (8070),
 #   MEDIA_ADMIN_PORT (9093), PRESENCE_ADMIN_PORT (9094), S3_PORT (8333); SeaweedFS's own: WEED_MASTER_PORT (9333),
 #   WEED_VOLUME_PORT (9340), WEED_FILER_PORT (8888), WEED_ADMIN_PORT (23646), each gRPC port
-#   being the port + 10000
+#   being the port + 10000; with --check every port not given is a free one
 set -euo pipefail
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -50,6 +51,52 @@ done
 
 PROFILE="${PROFILE:-debug}"
 HOST=127.0.0.1
+
+# --check runs beside an instance started without it: each port not given in the environment is
+# a free one, and the state goes to a fresh directory (unless CHAT_RUN_DIR is given), removed
+# when the check passes and kept (with its logs) when it fails.
+CHECK_TMP=""
+if [[ "${CHECK}" == 1 ]]; then
+    USED_PORTS=" "
+    # free_port: a loopback port that is free, and whose +10000 (SeaweedFS's gRPC) is too.
+    free_port() {
+        local p
+        while :; do
+            p="$(python3 -c '
+import random, socket
+def free(p):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+while True:
+    p = random.randint(20000, 55000)
+    if free(p) and free(p + 10000):
+        print(p)
+        break
+')"
+            [[ "${USED_PORTS}" == *" ${p} "* || "${USED_PORTS}" == *" $((p + 10000)) "* ]] && continue
+            USED_PORTS+="${p} $((p + 10000)) "
+            echo "${p}"
+            return
+        done
+    }
+    for var in NATS_PORT NATS_MONITOR_PORT GATEWAY_PORT GATEWAY_ADMIN_PORT SEQUENCER_ADMIN_PORT \
+        FANOUT_ADMIN_PORT MEDIA_PORT MEDIA_ADMIN_PORT PRESENCE_ADMIN_PORT S3_PORT WEB_PORT \
+        WEED_MASTER_PORT WEED_VOLUME_PORT WEED_FILER_PORT WEED_ADMIN_PORT; do
+        if [[ -z "${!var:-}" ]]; then
+            printf -v "${var}" '%s' "$(free_port)"
+        fi
+    done
+    if [[ -z "${CHAT_RUN_DIR:-}" ]]; then
+        CHECK_TMP="$(mktemp -d "${TMPDIR:-/tmp}/chat-dev-check.XXXXXX")"
+        CHAT_RUN_DIR="${CHECK_TMP}"
+    fi
+fi
 NATS_PORT="${NATS_PORT:-4222}"
 NATS_MONITOR_PORT="${NATS_MONITOR_PORT:-8222}"
 GATEWAY_PORT="${GATEWAY_PORT:-8080}"
@@ -124,6 +171,13 @@ on_exit() {
     if ((${#PIDS[@]} > 0)); then
         stop_all
         log "stopped everything (logs in ${RUN_SHOWN}/logs/)"
+    fi
+    if [[ -n "${CHECK_TMP}" ]]; then
+        if [[ "${rc}" == 0 ]]; then
+            rm -rf "${CHECK_TMP}"
+        else
+            log "the check's state and logs are kept in ${CHECK_TMP}"
+        fi
     fi
     exit "${rc}"
 }
