@@ -10,10 +10,14 @@
 //!
 //! Order across faults rests on three rules (`nats/README.md`, "Fencing"):
 //! - a conversation's messages are stamped in stream order, and never while an older one of
-//!   the same conversation might still come back: a pin moves only after the old owner's
-//!   deliveries were handed back for redelivery (which the server serves before new ones), and
-//!   within one pull stream a gap in the consumer sequence (deliveries lost on the way) holds
-//!   every dispatch back until the lost ones were redelivered ([`HOLD_BACK`]);
+//!   the same conversation might still come back: a released pin moves only after the old
+//!   owner's deliveries were handed back for redelivery (which the server serves before new
+//!   ones, in the order of the naks: oldest first); a new pull stream, which has just won the
+//!   pin, stamps nothing after its first delivery until the consumer has no delivery out
+//!   beyond what this process holds (at most [`HOLD_BACK`]), since what a killed or paused
+//!   holder had in hand comes back only after `ack_wait`; and within one pull stream a
+//!   gap in the consumer sequence (deliveries lost on the way) holds every dispatch back the
+//!   same way;
 //! - a fenced publish (someone else stamped a conversation this owner thought it owned) makes
 //!   the owner abandon everything it holds: it naks its inputs (they go back, ahead of newer
 //!   ones) and ends its pull stream; a pause long enough that the pin may have moved
@@ -53,9 +57,10 @@ use super::{
 /// A pause of the owner's loop this long means the pin may have moved meanwhile (it moves
 /// after `priority_timeout`, 2.5 s, without pulls): everything held is abandoned.
 pub const FREEZE: Duration = Duration::from_millis(1500);
-/// How long dispatching waits after deliveries may have been lost (a consumer sequence gap, an
-/// abandon): longer than `ack_wait` (1.5 s), so every lost delivery was redelivered and sorted
-/// into its conversation's queue before anything after it is stamped.
+/// How long dispatching waits after deliveries may have been lost or may still be out with an
+/// earlier pin holder (a consumer sequence gap, the first delivery of a new pull stream):
+/// longer than `ack_wait` (1.5 s), so every such delivery was redelivered and sorted into its
+/// conversation's queue before anything after it is stamped.
 pub const HOLD_BACK: Duration = Duration::from_millis(2000);
 /// Held inputs older than this get a progress ack, so a long queue does not make the server
 /// redeliver them (`ack_wait` is 1.5 s).
@@ -201,6 +206,9 @@ pub struct Partition<S> {
     paused_until: Option<Instant>,
     /// No dispatch at all: the partition is being released.
     releasing: bool,
+    /// Holding back after the first delivery of a new pull stream, until no delivery is out
+    /// with anyone but this process ([`Partition::settle`]).
+    settling: bool,
     /// Set when fenced: the pull stream ends, like after a freeze, so only a stream pinned
     /// anew may bring this process more work.
     end_stream: bool,
@@ -221,6 +229,7 @@ impl<S: MessageStore> Partition<S> {
             epoch: 0,
             paused_until: None,
             releasing: false,
+            settling: false,
             end_stream: false,
             last_dseq: None,
             last_tick: Instant::now(),
@@ -231,7 +240,7 @@ impl<S: MessageStore> Partition<S> {
     /// Pulls and stamps the partition until `stop` (then releases it) or until the pull fails
     /// (`Err`: the caller pulls again; what is held was released).
     pub async fn run(&mut self, stop: &CancellationToken) -> Result<(), async_nats::Error> {
-        let consumer: jetstream::consumer::PullConsumer = self
+        let mut consumer: jetstream::consumer::PullConsumer = self
             .ctx
             .js
             .get_stream(subjects::STREAM_INBOUND)
@@ -269,6 +278,9 @@ impl<S: MessageStore> Partition<S> {
                         // Whatever this stream still brings was delivered to a process whose
                         // pin may have moved: only a new stream, pinned again, may bring work.
                         break Ok(());
+                    }
+                    if self.settling {
+                        self.settle(&mut consumer).await;
                     }
                 }
                 Some((epoch, done)) = self.work.next(), if !self.work.is_empty() => {
@@ -355,7 +367,19 @@ impl<S: MessageStore> Partition<S> {
             let msg = msg?;
             let info = msg.info()?;
             let (sseq, dseq) = (info.stream_sequence, info.consumer_sequence);
-            if let Some(last) = self.last_dseq
+            if self.last_dseq.is_none() {
+                // The first delivery of a new pull stream: this process has just won the pin.
+                // What the previous holder had in hand (a killed or paused owner, or this
+                // process before it ended a stream) is redelivered only once its `ack_wait`
+                // runs out, after newer inputs may already have been delivered here: hold
+                // back until it is back and sorted into its conversations.
+                tracing::info!(
+                    partition = self.partition,
+                    "pinned: holding back until earlier deliveries are redelivered"
+                );
+                self.hold_back();
+                self.settling = true;
+            } else if let Some(last) = self.last_dseq
                 && dseq != last + 1
             {
                 // Deliveries went missing on the way: they come back after `ack_wait`.
@@ -437,6 +461,36 @@ impl<S: MessageStore> Partition<S> {
             self.dispatch(&key).await;
         }
         Ok(())
+    }
+
+    /// Ends a hold-back early once the consumer has no delivery outstanding beyond what this
+    /// process holds: nothing another (killed, paused) holder had in hand is still to come
+    /// back. Without an answer the hold-back runs its full [`HOLD_BACK`].
+    async fn settle(&mut self, consumer: &mut jetstream::consumer::PullConsumer) {
+        if self.paused_until.is_none() {
+            self.settling = false;
+            return;
+        }
+        let Ok(info) = consumer.info().await else {
+            return;
+        };
+        if info.num_ack_pending <= self.held.len() {
+            tracing::info!(
+                partition = self.partition,
+                "pinned: no earlier delivery outstanding, stamping"
+            );
+            self.resume().await;
+        }
+    }
+
+    /// Ends a hold-back: every conversation with queued work is dispatched.
+    async fn resume(&mut self) {
+        self.paused_until = None;
+        self.settling = false;
+        let keys: Vec<String> = self.convs.keys().cloned().collect();
+        for key in keys {
+            self.dispatch(&key).await;
+        }
     }
 
     fn hold_back(&mut self) {
@@ -578,11 +632,7 @@ impl<S: MessageStore> Partition<S> {
                     .paused_until
                     .is_some_and(|until| Instant::now() >= until)
                 {
-                    self.paused_until = None;
-                    let keys: Vec<String> = self.convs.keys().cloned().collect();
-                    for key in keys {
-                        self.dispatch(&key).await;
-                    }
+                    self.resume().await;
                 }
             }
             Done::Retry { conv } => {
@@ -760,7 +810,15 @@ impl<S: MessageStore> Partition<S> {
         self.epoch += 1;
         self.work = FuturesUnordered::new();
         self.convs.clear();
-        for (_, held) in self.held.drain() {
+        self.nak_held().await;
+    }
+
+    /// Naks everything held, oldest stream seq first: the server redelivers naked messages in
+    /// the order the naks arrive, so each conversation's inputs come back in their order.
+    async fn nak_held(&mut self) {
+        let mut held: Vec<(u64, Held)> = self.held.drain().collect();
+        held.sort_unstable_by_key(|(sseq, _)| *sseq);
+        for (_, held) in held {
             self.ctx.held_bytes.fetch_sub(held.bytes, Ordering::Relaxed);
             let _ = held.msg.ack_with(AckKind::Nak(None)).await;
         }
@@ -793,10 +851,7 @@ impl<S: MessageStore> Partition<S> {
         self.epoch += 1;
         self.work = FuturesUnordered::new();
         self.convs.clear();
-        for (_, held) in self.held.drain() {
-            self.ctx.held_bytes.fetch_sub(held.bytes, Ordering::Relaxed);
-            let _ = held.msg.ack_with(AckKind::Nak(None)).await;
-        }
+        self.nak_held().await;
         self.paused_until = None;
         self.releasing = false;
     }
