@@ -15,7 +15,7 @@ command -v cargo >/dev/null 2>&1 || {
     echo "test.sh: error: cargo not found; install the Rust toolchain (https://rustup.rs)" >&2
     exit 1
 }
-SETUP_SEAWEEDFS=1 SETUP_SCHEMATHESIS=1 "${SCRIPT_DIR}/setup.sh"
+SETUP_SEAWEEDFS=1 SETUP_SCHEMATHESIS=1 SETUP_HELM=1 "${SCRIPT_DIR}/setup.sh"
 
 # The fault-injection suite (e2e/tests/faults.rs) and the bench smoke tests (bench/tests/smoke.rs)
 # run the service binaries as processes.
@@ -31,8 +31,14 @@ for arg in "$@"; do
         -p | --package | -p?* | --package=*) scope=() ;;
     esac
 done
-echo "test.sh: cargo test ${scope[*]} $*" >&2
 status=0
+# The Helm chart: linted and rendered by Helm's engine, the manifests checked (a few seconds).
+# Only in whole-workspace runs, like the cargo tests of every package.
+if [[ ${#scope[@]} -gt 0 ]]; then
+    echo "test.sh: chart tests (charts/tests, Helm engine from .venv)" >&2
+    "${REPO_DIR}/.venv/bin/python" -m unittest discover -s charts/tests -v || status=$?
+fi
+echo "test.sh: cargo test ${scope[*]} $*" >&2
 cargo test "${scope[@]}" "$@" || status=$?
 if [[ -f "${summaries}" ]]; then
     echo "test.sh: fault-injection summaries:" >&2
