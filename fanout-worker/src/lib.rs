@@ -42,6 +42,8 @@ pub mod view;
 pub struct Config {
     /// NATS server URL.
     pub nats_url: String,
+    /// How this worker authenticates to NATS (`chat_common::nats`).
+    pub nats_auth: chat_common::nats::NatsAuth,
     /// Admin endpoint (`/healthz`, `/readyz`, `/metrics`); empty disables it.
     pub admin_listen: String,
     /// Partitions this worker competes for (default: all).
@@ -89,6 +91,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_auth: Default::default(),
             admin_listen: "127.0.0.1:9092".into(),
             partitions: None,
             pull_batch: 256,
@@ -140,7 +143,7 @@ pub async fn run(
     admin_listener: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client = chat_common::connect_nats(&config.nats_url, "fanout-worker").await?;
+    let client = chat_common::connect_nats(&config.nats_url, "fanout", &config.nats_auth).await?;
     let js = async_nats::jetstream::new(client.clone());
     let count = chat_protocol::jetstream::live_partitions(&js).await?;
     let partitions = partitions::select(config.partitions.as_deref(), count)?;

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// NATS server URL.
     pub nats_url: String,
+    /// How this process authenticates to NATS (`chat_common::nats`).
+    pub nats_auth: chat_common::nats::NatsAuth,
     /// Admin endpoint (`/healthz`, `/readyz`, `/metrics`); empty disables it.
     pub admin_listen: String,
     /// Directory of the embedded message store.
@@ -53,6 +55,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_auth: Default::default(),
             admin_listen: "127.0.0.1:9091".into(),
             store_dir: PathBuf::from(".run/store"),
             partitions: None,

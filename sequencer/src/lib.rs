@@ -60,7 +60,8 @@ pub async fn run(
     let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(store_dir))
         .await?
         .with_context(|| format!("cannot open the store in {}", config.store_dir.display()))?;
-    let client = chat_common::connect_nats(&config.nats_url, "sequencer").await?;
+    let client =
+        chat_common::connect_nats(&config.nats_url, "sequencer", &config.nats_auth).await?;
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(5))
         .backpressure_on_inflight(true)
