@@ -37,6 +37,8 @@ use crate::budget::Spend;
 
 /// One stamped message waiting for its recipients to be resolved before it is acked.
 struct Outstanding {
+    /// When it was stamped (its `ts`), for the delivery latency.
+    stamped_ms: u64,
     remaining: AtomicUsize,
     failed: AtomicBool,
     msg: Mutex<Option<jetstream::Message>>,
@@ -66,7 +68,17 @@ impl Outstanding {
             tracing::warn!(error = %err, "ack failed; the message will be pushed again");
         }
     }
+
+    /// A gateway confirmed that a device's connection queued the message.
+    fn confirmed(&self) {
+        let age_ms = chat_protocol::now_ms().saturating_sub(self.stamped_ms);
+        metrics::histogram!(DELIVERY_SECONDS).record(age_ms as f64 / 1000.0);
+    }
 }
+
+/// Histogram: from a message's stamp (its `ts`) to a gateway's confirmation that a recipient's
+/// device connection queued it (one sample per confirmed recipient).
+pub const DELIVERY_SECONDS: &str = "fanout_delivery_seconds";
 
 struct Waiting {
     notification: PushNotification,
@@ -163,6 +175,7 @@ impl Deliverer {
     ) -> tokio::sync::oneshot::Receiver<()> {
         let (resolved, on_resolved) = tokio::sync::oneshot::channel();
         let outstanding = Arc::new(Outstanding {
+            stamped_ms: m.ts,
             resolved: Mutex::new(Some(resolved)),
             // One per recipient asked for a confirmation, plus one held until `msg` is in place.
             remaining: AtomicUsize::new(1),
@@ -293,6 +306,7 @@ impl Deliverer {
                 };
                 metrics::counter!("fanout_online_total").increment(resolved.len() as u64);
                 for w in resolved {
+                    w.outstanding.confirmed();
                     w.outstanding.resolve_one().await;
                 }
                 continue;
@@ -309,6 +323,7 @@ impl Deliverer {
                 }
             } else {
                 metrics::counter!("fanout_online_total").increment(1);
+                waiting.outstanding.confirmed();
             }
             waiting.outstanding.resolve_one().await;
         }

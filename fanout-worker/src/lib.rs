@@ -85,6 +85,9 @@ pub struct Config {
     pub balance_expire_ms: u64,
     /// This worker's id among the live workers (default: host name and process id).
     pub instance_id: String,
+    /// How often the lag of the consumers this worker pulls is read and exported
+    /// (`chat_common::lag`); 0 disables it.
+    pub lag_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -111,6 +114,7 @@ impl Default for Config {
             balance_heartbeat_ms: 1000,
             balance_expire_ms: 3000,
             instance_id: String::new(),
+            lag_interval_ms: 10_000,
         }
     }
 }
@@ -165,6 +169,11 @@ pub async fn run(
         group: subjects::FANOUT_GROUP,
         batch: config.pull_batch,
         expires: Duration::from_secs(2),
+        lag: chat_common::lag::Lag::start(
+            js.clone(),
+            Duration::from_millis(config.lag_interval_ms),
+            stop_delivery.clone(),
+        ),
     };
     let instance = if config.instance_id.is_empty() {
         chat_common::default_instance_id()
@@ -271,7 +280,12 @@ pub async fn run(
         }
     };
     start(&mut consuming, &partitions);
-    ready.set(true);
+    let readiness = tokio::spawn(admin::ready_while_connected(
+        client.clone(),
+        ready.clone(),
+        || true,
+        shutdown.clone(),
+    ));
     tracing::info!(partitions = ?partitions, direct = config.direct, groups = config.groups, "fan-out worker running");
     // Every partition, those added when the count grows too (`nats/README.md`).
     let mut count = if config.partitions.is_none() {
@@ -300,6 +314,7 @@ pub async fn run(
     }
     let consuming = async move { while consuming.join_next().await.is_some() {} };
     ready.set(false);
+    let _ = readiness.await;
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     chat_common::within_grace("stop consumers", grace, consuming).await;
     // Unresolved pushes are not acked: their messages come back to the next worker.

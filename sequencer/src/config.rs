@@ -49,6 +49,9 @@ pub struct Config {
     pub instance_id: String,
     /// Most members a group may have; a `create` or `add` beyond it is refused `group_full`.
     pub group_max_members: u32,
+    /// How often the lag of the consumers this process pulls is read and exported
+    /// (`chat_common::lag`); 0 disables it.
+    pub lag_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -71,6 +74,7 @@ impl Default for Config {
             shutdown_grace_ms: 5000,
             instance_id: String::new(),
             group_max_members: chat_protocol::api::GROUP_MAX_MEMBERS_DEFAULT,
+            lag_interval_ms: 10_000,
         }
     }
 }
