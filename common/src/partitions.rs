@@ -8,8 +8,8 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use async_nats::jetstream::{self, consumer::PullConsumer};
-use futures::StreamExt;
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::{balance::Balance, lag::Lag};
@@ -127,7 +127,20 @@ where
     loop {
         let next = tokio::select! {
             next = messages.next() => next,
-            _ = &mut stopped => return Ok(()),
+            _ = &mut stopped => {
+                // Deliveries already received but not handled go back now (a nak is
+                // redelivered ahead of newer messages, to the next owner), instead of after
+                // `ack_wait`. The stream is dropped first, so none comes back to it.
+                let mut unhandled = Vec::new();
+                while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+                    unhandled.push(msg);
+                }
+                drop(messages);
+                for msg in unhandled {
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                }
+                return Ok(());
+            }
         };
         match next {
             Some(Ok(msg)) => handle(partition, msg).await,

@@ -35,8 +35,16 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budget::Spend;
 
+/// Stamped messages whose recipients are not all resolved yet (so not acked yet).
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
 /// One stamped message waiting for its recipients to be resolved before it is acked.
 struct Outstanding {
+    inflight: Arc<InFlight>,
     /// When it was stamped (its `ts`), for the delivery latency.
     stamped_ms: u64,
     remaining: AtomicUsize,
@@ -67,6 +75,8 @@ impl Outstanding {
         if let Err(err) = result {
             tracing::warn!(error = %err, "ack failed; the message will be pushed again");
         }
+        self.inflight.count.fetch_sub(1, Ordering::AcqRel);
+        self.inflight.changed.notify_waiters();
     }
 
     /// A gateway confirmed that a device's connection queued the message.
@@ -93,6 +103,7 @@ pub struct Deliverer {
     inbox: String,
     next_token: AtomicU64,
     waiting: Mutex<HashMap<u64, Waiting>>,
+    inflight: Arc<InFlight>,
 }
 
 impl Deliverer {
@@ -112,6 +123,7 @@ impl Deliverer {
             inbox,
             next_token: AtomicU64::new(0),
             waiting: Mutex::new(HashMap::new()),
+            inflight: Arc::default(),
         });
         tokio::spawn(this.clone().match_replies(replies, shutdown.clone()));
         tokio::spawn(this.clone().expire(presence_timeout, shutdown));
@@ -174,7 +186,9 @@ impl Deliverer {
         budget: Option<&Spend<'_>>,
     ) -> tokio::sync::oneshot::Receiver<()> {
         let (resolved, on_resolved) = tokio::sync::oneshot::channel();
+        self.inflight.count.fetch_add(1, Ordering::AcqRel);
         let outstanding = Arc::new(Outstanding {
+            inflight: self.inflight.clone(),
             stamped_ms: m.ts,
             resolved: Mutex::new(Some(resolved)),
             // One per recipient asked for a confirmation, plus one held until `msg` is in place.
@@ -326,6 +340,20 @@ impl Deliverer {
                 waiting.outstanding.confirmed();
             }
             waiting.outstanding.resolve_one().await;
+        }
+    }
+
+    /// Waits until every message pushed so far has all its recipients resolved and is acked
+    /// (at most the presence timeout after its last push, while replies are still matched).
+    pub async fn idle(&self) {
+        loop {
+            let changed = self.inflight.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.inflight.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            changed.await;
         }
     }
 

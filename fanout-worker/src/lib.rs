@@ -140,8 +140,11 @@ async fn consume<H, Fut>(
     }
 }
 
-/// Runs the worker until `shutdown`, then stops pulling, finishes the message in hand, and
-/// drains the NATS client.
+/// Runs the worker until `shutdown`, then drains: stop pulling (deliveries received but not
+/// handled are handed back with a nak), finish the events in hand and wait until each of their
+/// recipients is resolved, so they are acked (group events still queued behind their budget are
+/// handed back), then drain the NATS client. Nothing is left to come back after `ack_wait`,
+/// so the next owner delivers nothing twice.
 pub async fn run(
     config: Config,
     admin_listener: Option<tokio::net::TcpListener>,
@@ -213,30 +216,30 @@ pub async fn run(
     );
     let (direct_balance, group_balance) = (direct_balance?, group_balance?);
     let mut consuming = tokio::task::JoinSet::new();
+    let group_fanout = config.groups.then(|| {
+        groups::GroupFanout::start(
+            deliverer.clone(),
+            client.clone(),
+            budget::Budget::new(
+                config.group_conv_deliveries_per_second,
+                config.group_conv_burst,
+                config.group_deliveries_per_second,
+                config.group_burst,
+            ),
+            groups::GroupSettings {
+                small_group_max_members: config.small_group_max_members as usize,
+                view_max_members: config.group_view_max_members,
+                group_info_timeout: Duration::from_millis(config.group_info_timeout_ms),
+                retry_delay: Duration::from_millis(config.group_retry_delay_ms),
+            },
+            stop_delivery.clone(),
+        )
+    });
     // Starts delivering `partitions` (each kind this worker runs).
     let start = {
         let (js, settings, shutdown) = (js.clone(), settings.clone(), shutdown.clone());
         let deliverer = deliverer.clone();
-        let mut group_fanout: Option<std::sync::Arc<groups::GroupFanout>> = None;
-        if config.groups {
-            group_fanout = Some(groups::GroupFanout::start(
-                deliverer.clone(),
-                client.clone(),
-                budget::Budget::new(
-                    config.group_conv_deliveries_per_second,
-                    config.group_conv_burst,
-                    config.group_deliveries_per_second,
-                    config.group_burst,
-                ),
-                groups::GroupSettings {
-                    small_group_max_members: config.small_group_max_members as usize,
-                    view_max_members: config.group_view_max_members,
-                    group_info_timeout: Duration::from_millis(config.group_info_timeout_ms),
-                    retry_delay: Duration::from_millis(config.group_retry_delay_ms),
-                },
-                stop_delivery.clone(),
-            ));
-        }
+        let group_fanout = group_fanout.clone();
         let direct = config.direct;
         move |consuming: &mut tokio::task::JoinSet<()>, partitions: &[u32]| {
             if direct {
@@ -312,17 +315,30 @@ pub async fn run(
             Err(err) => tracing::debug!(error = %err, "reading the partition count failed"),
         }
     }
+    tracing::info!("fan-out worker draining");
     let consuming = async move { while consuming.join_next().await.is_some() {} };
     ready.set(false);
     let _ = readiness.await;
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     chat_common::within_grace("stop consumers", grace, consuming).await;
-    // Unresolved pushes are not acked: their messages come back to the next worker.
+    // Group events not started yet go back; the one each group is delivering is finished.
+    if let Some(groups) = &group_fanout {
+        chat_common::within_grace("hand back queued group events", grace, groups.hand_back()).await;
+    }
+    // Acks follow the recipients: wait for the gateways' confirmations (at most the presence
+    // timeout), or the pushes made would be made again by the next owner.
+    chat_common::within_grace("resolve pushes in flight", grace, deliverer.idle()).await;
     stop_delivery.cancel();
     stop_admin.cancel();
     if let Some(task) = admin_task {
         let _ = task.await;
     }
-    client.drain().await.ok();
+    chat_common::within_grace("drain nats", grace, async {
+        if let Err(err) = client.drain().await {
+            tracing::warn!(error = %err, "nats drain failed");
+        }
+    })
+    .await;
+    tracing::info!("fan-out worker stopped");
     Ok(())
 }

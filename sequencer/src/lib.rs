@@ -169,11 +169,18 @@ pub async fn run(
 
     shutdown.cancelled().await;
     ready.set(false);
+    tracing::info!("sequencer draining");
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     chat_common::within_grace("stop consumers", grace, consuming).await;
     stop_rest.cancel();
     tasks.close();
     chat_common::within_grace("stop store writer and api", grace, tasks.wait()).await;
-    client.drain().await.ok();
+    chat_common::within_grace("drain nats", grace, async {
+        if let Err(err) = client.drain().await {
+            tracing::warn!(error = %err, "nats drain failed");
+        }
+    })
+    .await;
+    tracing::info!("sequencer stopped");
     Ok(())
 }
