@@ -19,7 +19,7 @@ command -v cargo >/dev/null 2>&1 || {
     echo "test.sh: error: cargo not found; install the Rust toolchain (https://rustup.rs)" >&2
     exit 1
 }
-SETUP_SEAWEEDFS=1 SETUP_SCHEMATHESIS=1 "${SCRIPT_DIR}/setup.sh"
+SETUP_SEAWEEDFS=1 SETUP_SCHEMATHESIS=1 SETUP_HELM=1 "${SCRIPT_DIR}/setup.sh"
 skip_web="${SKIP_WEB:-0}"
 
 # The fault-injection suite (e2e/tests/faults.rs) and the bench smoke tests (bench/tests/smoke.rs)
@@ -40,8 +40,14 @@ if [[ "${skip_web}" != "1" ]]; then
     # Node packages and Chromium now, so that a missing install fails before the long part.
     "${SCRIPT_DIR}/web.sh" setup chromium
 fi
-echo "test.sh: cargo test ${scope[*]} $*" >&2
 status=0
+# The Helm chart: linted and rendered by Helm's engine, the manifests checked (a few seconds).
+# Only in whole-workspace runs, like the cargo tests of every package.
+if [[ ${#scope[@]} -gt 0 ]]; then
+    echo "test.sh: chart tests (charts/tests, Helm engine from .venv)" >&2
+    "${REPO_DIR}/.venv/bin/python" -m unittest discover -s charts/tests -v || status=$?
+fi
+echo "test.sh: cargo test ${scope[*]} $*" >&2
 cargo test "${scope[@]}" "$@" || status=$?
 if [[ -f "${summaries}" ]]; then
     echo "test.sh: fault-injection summaries:" >&2

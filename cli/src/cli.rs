@@ -261,6 +261,32 @@ pub enum GroupCommand {
     },
 }
 
+/// How `chat admin` logs in to NATS (the `admin` user of `nats/auth.conf`); none: no
+/// authentication (`nats/dev.conf`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NatsLogin {
+    /// NATS user
+    #[arg(long, env = "CHAT_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// Password of --nats-user
+    #[arg(long, env = "CHAT_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// A NATS .creds file (JWT and seed), instead of a user and password
+    #[arg(long, env = "CHAT_NATS_CREDS", value_name = "FILE")]
+    pub nats_creds: Option<std::path::PathBuf>,
+}
+
+impl NatsLogin {
+    fn auth(&self) -> chat_common::nats::NatsAuth {
+        chat_common::nats::NatsAuth {
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            creds_file: self.nats_creds.clone(),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AdminCommand {
     /// Create or update the JetStream streams and consumers declared in nats/
@@ -273,6 +299,8 @@ pub enum AdminCommand {
             hide_env_values = true
         )]
         nats: String,
+        #[command(flatten)]
+        login: NatsLogin,
         /// Override num_replicas of every stream and consumer (3 in production)
         #[arg(long, value_name = "N")]
         replicas: Option<u64>,
@@ -292,6 +320,8 @@ pub enum AdminCommand {
             hide_env_values = true
         )]
         nats: String,
+        #[command(flatten)]
+        login: NatsLogin,
         /// The new partition count
         #[arg(long, value_name = "N",
               value_parser = clap::value_parser!(u32).range(1..=chat_protocol::subjects::MAX_PARTITIONS as i64))]
@@ -440,15 +470,17 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Admin(AdminCommand::Provision {
             nats,
+            login,
             replicas,
             partitions,
-        }) => provision(&nats, replicas, partitions).await,
+        }) => provision(&nats, &login, replicas, partitions).await,
         Command::Admin(AdminCommand::Render { out, partitions }) => render(&out, partitions),
         Command::Admin(AdminCommand::Repartition {
             nats,
+            login,
             partitions,
             replicas,
-        }) => repartition(&nats, partitions, replicas).await,
+        }) => repartition(&nats, &login, partitions, replicas).await,
     }
 }
 
@@ -937,8 +969,11 @@ fn render(out: &std::path::Path, partitions: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn admin_client(nats: &str) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+async fn admin_client(nats: &str, login: &NatsLogin) -> anyhow::Result<async_nats::Client> {
+    login
+        .auth()
+        .options()
+        .await?
         .name("chat-admin")
         .connection_timeout(Duration::from_secs(5))
         .connect(chat_common::nats_servers(nats)?)
@@ -946,8 +981,13 @@ async fn admin_client(nats: &str) -> anyhow::Result<async_nats::Client> {
         .with_context(|| format!("cannot connect to NATS at {nats}"))
 }
 
-async fn repartition(nats: &str, partitions: u32, replicas: Option<u64>) -> anyhow::Result<()> {
-    let client = admin_client(nats).await?;
+async fn repartition(
+    nats: &str,
+    login: &NatsLogin,
+    partitions: u32,
+    replicas: Option<u64>,
+) -> anyhow::Result<()> {
+    let client = admin_client(nats, login).await?;
     let overrides = Overrides {
         num_replicas: replicas,
         partitions: Some(partitions),
@@ -959,8 +999,13 @@ async fn repartition(nats: &str, partitions: u32, replicas: Option<u64>) -> anyh
     Ok(())
 }
 
-async fn provision(nats: &str, replicas: Option<u64>, partitions: u32) -> anyhow::Result<()> {
-    let client = admin_client(nats).await?;
+async fn provision(
+    nats: &str,
+    login: &NatsLogin,
+    replicas: Option<u64>,
+    partitions: u32,
+) -> anyhow::Result<()> {
+    let client = admin_client(nats, login).await?;
     let overrides = Overrides {
         num_replicas: replicas,
         partitions: Some(partitions),
@@ -1139,6 +1184,7 @@ mod tests {
                 nats,
                 replicas,
                 partitions,
+                ..
             }) => {
                 // CHAT_NATS_URL may be set in the environment running the tests.
                 assert!(!nats.is_empty());

@@ -293,7 +293,7 @@ pub async fn run(
         metrics::describe();
         presence::describe();
     }
-    let nats = chat_common::connect_nats(&config.nats_url, "chat-gateway").await?;
+    let nats = chat_common::connect_nats(&config.nats_url, "gateway", &config.nats_auth).await?;
     // A listener failure stops this gateway's connections without cancelling the caller's token.
     let stop = shutdown.child_token();
     let state = AppState::new(&config, nats.clone(), stop.clone())?;

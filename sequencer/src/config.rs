@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// NATS server URL.
     pub nats_url: String,
+    /// How this process authenticates to NATS (`chat_common::nats`).
+    pub nats_auth: chat_common::nats::NatsAuth,
     /// Admin endpoint (`/healthz`, `/readyz`, `/metrics`); empty disables it.
     pub admin_listen: String,
     /// Directory of the embedded message store.
@@ -47,12 +49,16 @@ pub struct Config {
     pub instance_id: String,
     /// Most members a group may have; a `create` or `add` beyond it is refused `group_full`.
     pub group_max_members: u32,
+    /// How often the lag of the consumers this process pulls is read and exported
+    /// (`chat_common::lag`); 0 disables it.
+    pub lag_interval_ms: u64,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_auth: Default::default(),
             admin_listen: "127.0.0.1:9091".into(),
             store_dir: PathBuf::from(".run/store"),
             partitions: None,
@@ -68,6 +74,7 @@ impl Default for Config {
             shutdown_grace_ms: 5000,
             instance_id: String::new(),
             group_max_members: chat_protocol::api::GROUP_MAX_MEMBERS_DEFAULT,
+            lag_interval_ms: 10_000,
         }
     }
 }

@@ -23,7 +23,10 @@ mod reads;
 pub mod records;
 
 use std::{
-    sync::{Arc, atomic::AtomicUsize},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -60,7 +63,8 @@ pub async fn run(
     let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(store_dir))
         .await?
         .with_context(|| format!("cannot open the store in {}", config.store_dir.display()))?;
-    let client = chat_common::connect_nats(&config.nats_url, "sequencer").await?;
+    let client =
+        chat_common::connect_nats(&config.nats_url, "sequencer", &config.nats_auth).await?;
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(5))
         .backpressure_on_inflight(true)
@@ -85,14 +89,32 @@ pub async fn run(
     if let Some(listener) = admin_listener {
         tasks.spawn(admin::serve(listener, ready.clone(), stop_rest.clone()));
     }
+    // Ready while connected, consuming, and (when it follows the stream) the store writer is.
+    let consuming_flag = Arc::new(AtomicBool::new(false));
+    let store_healthy = Arc::new(AtomicBool::new(!config.follow_stamped));
+    tasks.spawn(admin::ready_while_connected(
+        client.clone(),
+        ready.clone(),
+        {
+            let (consuming, store) = (consuming_flag.clone(), store_healthy.clone());
+            move || consuming.load(Ordering::Relaxed) && store.load(Ordering::Relaxed)
+        },
+        stop_consuming.clone(),
+    ));
     if config.follow_stamped {
         tasks.spawn(per_message::store_writer::run(
             js.clone(),
             store.clone(),
             applied_tx,
+            store_healthy,
             stop_rest.clone(),
         ));
     }
+    let lag = chat_common::lag::Lag::start(
+        js.clone(),
+        Duration::from_millis(config.lag_interval_ms),
+        stop_rest.clone(),
+    );
     if config.serve_api {
         let (client, store, applied, stop) = (
             client.clone(),
@@ -128,6 +150,7 @@ pub async fn run(
         catch_up: Duration::from_millis(config.api_catch_up_ms),
         held_bytes: AtomicUsize::new(0),
         max_held_bytes: config.max_held_mib.max(1) * 1024 * 1024,
+        lag,
     });
     let settings = PartitionSettings {
         pull_batch: config.pull_batch.max(1),
@@ -141,16 +164,23 @@ pub async fn run(
         balance,
         stop_consuming,
     ));
-    ready.set(true);
+    consuming_flag.store(true, Ordering::Relaxed);
     tracing::info!(partitions = ?partitions, of = count, "sequencer running");
 
     shutdown.cancelled().await;
     ready.set(false);
+    tracing::info!("sequencer draining");
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     chat_common::within_grace("stop consumers", grace, consuming).await;
     stop_rest.cancel();
     tasks.close();
     chat_common::within_grace("stop store writer and api", grace, tasks.wait()).await;
-    client.drain().await.ok();
+    chat_common::within_grace("drain nats", grace, async {
+        if let Err(err) = client.drain().await {
+            tracing::warn!(error = %err, "nats drain failed");
+        }
+    })
+    .await;
+    tracing::info!("sequencer stopped");
     Ok(())
 }

@@ -12,7 +12,13 @@
 //! Every commit is announced on [`Applied`], which is what readers (the APIs, the stamper
 //! loading a conversation) wait on for read-your-writes.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
 use chat_protocol::{ids::ConvId, subjects};
@@ -81,18 +87,22 @@ impl Applied {
     }
 }
 
-/// Follows the stream into `store` until `shutdown`, restarting after failures.
+/// Follows the stream into `store` until `shutdown`, restarting after failures. `healthy` is
+/// true while it follows (the readiness of the process), false after a failure until it
+/// follows again.
 pub async fn run<S: MessageStore>(
     js: jetstream::Context,
     store: S,
     applied: watch::Sender<u64>,
+    healthy: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(50);
     while !shutdown.is_cancelled() {
-        match follow(&js, &store, &applied, &shutdown).await {
+        match follow(&js, &store, &applied, &healthy, &shutdown).await {
             Ok(()) => return,
             Err(err) => {
+                healthy.store(false, Ordering::Relaxed);
                 tracing::warn!(error = %err, "store writer failed, restarting");
                 metrics::counter!("sequencer_store_writer_restarts_total").increment(1);
                 tokio::select! {
@@ -109,6 +119,7 @@ async fn follow<S: MessageStore>(
     js: &jetstream::Context,
     store: &S,
     applied: &watch::Sender<u64>,
+    healthy: &AtomicBool,
     shutdown: &CancellationToken,
 ) -> Result<(), async_nats::Error> {
     let start = store.applied_stream_seq().await? + 1;
@@ -135,6 +146,7 @@ async fn follow<S: MessageStore>(
         "following stamped messages into the store"
     );
     let mut applied_through = start - 1;
+    healthy.store(true, Ordering::Relaxed);
     let stopped = shutdown.cancelled();
     tokio::pin!(stopped);
     let stall = tokio::time::sleep(STALL);
