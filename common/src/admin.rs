@@ -93,13 +93,18 @@ pub async fn ready_while_connected(
     ready.set(false);
 }
 
-/// Serves the admin router on `listener` until `shutdown`.
-pub async fn serve(
+/// Serves the admin router on `listener` until `shutdown`. The metrics recorder is installed
+/// when this is called, not when the returned future first runs, so what the caller records
+/// right after spawning it is kept.
+pub fn serve(
     listener: tokio::net::TcpListener,
     ready: Readiness,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
-    axum::serve(listener, router(ready))
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+) -> impl Future<Output = std::io::Result<()>> + Send {
+    let router = router(ready);
+    async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await
+    }
 }
