@@ -21,6 +21,7 @@ pub mod config;
 pub mod per_message;
 mod reads;
 pub mod records;
+pub mod sync_token;
 
 use std::{
     sync::{Arc, atomic::AtomicUsize},
