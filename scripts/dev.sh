@@ -21,6 +21,8 @@
 #   CHAT_RUN_DIR           where state and logs go (default: .run in the repo; with --check a
 #                          fresh temporary directory, so a check runs beside a running instance)
 #   CHAT_DEV_SECRET        HS256 secret the gateway accepts (default: dev-secret-change-me)
+#   NATS_CONF              nats-server config (default: nats/dev.conf; nats/durable.conf fsyncs
+#                          every write: see "Durability modes" in nats/README.md)
 #   WEB_PORT (8081), NATS_PORT (4222), NATS_MONITOR_PORT (8222), GATEWAY_PORT (8080), GATEWAY_ADMIN_PORT (9090),
 #   SEQUENCER_ADMIN_PORT (9091), FANOUT_ADMIN_PORT (9092), MEDIA_PORT (8070),
 #   MEDIA_ADMIN_PORT (9093), PRESENCE_ADMIN_PORT (9094), S3_PORT (8333); SeaweedFS's own: WEED_MASTER_PORT (9333),
@@ -311,7 +313,7 @@ S3_SECRET="$(sed -n 's/.*"secretKey":"\([^"]*\)".*/\1/p' "${S3_CONFIG}")"
 # start
 # ---------------------------------------------------------------------------
 # Command-line -p/-m override the listen and monitor ports of dev.conf.
-start nats "${REPO_DIR}/.venv/bin/nats-server" -c nats/dev.conf -sd "${RUN_DIR}/nats" \
+start nats "${REPO_DIR}/.venv/bin/nats-server" -c "${NATS_CONF:-nats/dev.conf}" -sd "${RUN_DIR}/nats" \
     -a "${HOST}" -p "${NATS_PORT}" -m "${NATS_MONITOR_PORT}"
 wait_ready nats "${NATS_MONITOR_PORT}" /healthz 30
 

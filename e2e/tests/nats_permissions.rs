@@ -7,7 +7,7 @@
 //!   fan-out worker publishing to the input stream, a gateway reading another service's
 //!   replies, ...): the client gets the server's "Permissions Violation" and nothing arrives.
 //!
-//! The same test checks that `nats/dev.conf` and `nats/cluster.conf` are valid server configs
+//! The same test checks that `nats/dev.conf`, `nats/durable.conf` and `nats/cluster.conf` are valid server configs
 //! (`nats-server -t`).
 
 use std::time::Duration;
@@ -619,7 +619,7 @@ async fn each_service_works_with_its_own_user_and_the_server_refuses_the_rest() 
 fn dev_and_cluster_configs_are_valid() {
     let bin = chat_testkit::nats_server_bin();
     let root = chat_testkit::workspace_root();
-    for file in ["nats/dev.conf", "nats/cluster.conf"] {
+    for file in ["nats/dev.conf", "nats/durable.conf", "nats/cluster.conf"] {
         let mut cmd = std::process::Command::new(&bin);
         cmd.arg("-t").arg("-c").arg(root.join(file));
         for user in USERS {

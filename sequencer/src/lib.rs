@@ -21,6 +21,8 @@ pub mod config;
 pub mod per_message;
 mod reads;
 pub mod records;
+pub mod repair;
+pub mod sync_token;
 
 use std::{
     sync::{
@@ -79,6 +81,11 @@ pub async fn run(
     } else {
         config.instance_id.clone()
     };
+    // Before stamping or following anything: a store ahead of the stream (power loss) puts
+    // the stream's lost tail back first.
+    repair::run(&js, &store, count, &instance)
+        .await
+        .context("cannot repair the stamped stream from the store")?;
     let (applied_tx, applied) = Applied::new(store.applied_stream_seq().await?);
 
     let ready = Readiness::default();
