@@ -132,6 +132,8 @@ async fn consumer_lag_is_exported_while_pulled_and_zeroed_after() {
 #[tokio::test]
 async fn latency_histograms_have_fixed_buckets() {
     let endpoint = Endpoint::start(&Readiness::default()).await;
+    // The recorder is installed before anything is recorded, as every service does.
+    admin::metrics_handle();
     metrics::histogram!("chat_test_delivery_seconds").record(0.003);
     let line = wait_metric(
         &endpoint,

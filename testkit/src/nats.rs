@@ -339,11 +339,15 @@ impl NatsServer {
             let _ = writeln!(config, "host: \"127.0.0.1\"");
             let _ = writeln!(config, "port: {port_arg}");
             let _ = writeln!(config, "ports_file_dir: \"{}\"", dir.display());
-            let _ = writeln!(
-                config,
-                "jetstream {{\n  store_dir: \"{}\"\n}}",
-                store_dir.display()
-            );
+            // With flags, `-sd` gives the store dir: nats-server refuses a second one in the
+            // file ("Duplicate 'store_dir' configuration").
+            if self.config_only {
+                let _ = writeln!(
+                    config,
+                    "jetstream {{\n  store_dir: \"{}\"\n}}",
+                    store_dir.display()
+                );
+            }
             let _ = writeln!(config, "\n# ---- extra config ----\n{extra}");
             fs::write(&config_path, config).expect("write nats-server config file");
             args.push("-c".to_owned());
