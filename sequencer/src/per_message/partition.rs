@@ -844,7 +844,13 @@ fn plan(
                 .unwrap_or_default();
             debug_assert!(conv.is_group());
             let event = membership::plan(op, state.exists, &current, group_max_members)?;
-            Ok((op.from.clone(), op.id.clone(), String::new(), Some(event), None))
+            Ok((
+                op.from.clone(),
+                op.id.clone(),
+                String::new(),
+                Some(event),
+                None,
+            ))
         }
         Valid::Receipt(_) => unreachable!("receipts are coalesced, not planned"),
     }
