@@ -539,3 +539,36 @@ pub trait MessageStore: Send + Sync + 'static {
     /// a follower resumes after it.
     fn applied_stream_seq(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
 }
+
+/// Rejects what no backend stores (seq 0, unusable receipts), before anything is written.
+pub(crate) fn validate_changes(changes: &[Change]) -> Result<(), StoreError> {
+    for change in changes {
+        match &change.event {
+            Event::Message(m) if m.seq == 0 => {
+                return Err(StoreError::Invalid {
+                    conv: m.conv.clone(),
+                    seq: m.seq,
+                    reason: "seq must be at least 1",
+                });
+            }
+            Event::Message(_) => {}
+            Event::Receipt(r) => {
+                let reason = if r.conv.is_empty() {
+                    "conv must not be empty"
+                } else if r.user.is_empty() {
+                    "user must not be empty"
+                } else if r.stream_seq == 0 {
+                    "stream seq must be at least 1"
+                } else {
+                    continue;
+                };
+                return Err(StoreError::InvalidReceipt {
+                    conv: r.conv.clone(),
+                    user: r.user.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+    Ok(())
+}
