@@ -29,7 +29,7 @@
 //! a batch of changes (in one durable transaction where the backend has them).
 //!
 //! Callers program against the [`MessageStore`] trait. Two backends implement
-//! it:
+//! it, and [`AnyStore`] is whichever one a service's configuration selects:
 //! - [`EmbeddedStore`], a single-node store in an embedded
 //!   [redb](https://docs.rs/redb) file with durable (fsync'd) commits, the
 //!   default on one machine;
@@ -50,6 +50,7 @@
 use std::future::Future;
 use std::path::PathBuf;
 
+mod any;
 #[cfg(feature = "cassandra")]
 pub mod cassandra;
 mod embedded;
@@ -57,6 +58,7 @@ mod embedded;
 #[doc(hidden)]
 pub mod conformance;
 
+pub use any::{AnyStore, Backend};
 #[cfg(feature = "cassandra")]
 pub use cassandra::{CassandraConfig, CassandraStore};
 pub use embedded::EmbeddedStore;
