@@ -56,6 +56,10 @@ use crate::{
 /// Page size of every paged read.
 const PAGE_SIZE: i32 = 1000;
 
+/// Most client ids in one `client_id IN ?` read: ScyllaDB refuses more than 100 clustering key
+/// restrictions per query by default (`max_clustering_key_restrictions_per_query`).
+const MAX_IN_IDS: usize = 100;
+
 const MESSAGE_COLUMNS: &str = "seq, from_user, client_id, ts_ms, body, stream_seq, event, media";
 
 /// The read statements, by what they read.
@@ -903,7 +907,8 @@ impl MessageStore for CassandraStore {
         &self,
         keys: Vec<ClientKey>,
     ) -> Result<Vec<Option<u64>>, StoreError> {
-        // One read per (conversation, sender): a pulled batch is mostly a few of them.
+        // One read per (conversation, sender), of at most MAX_IN_IDS ids: a pulled batch is
+        // mostly a few of them.
         let mut groups: BTreeMap<(&str, &str), Vec<String>> = BTreeMap::new();
         for k in &keys {
             if k.conv.is_empty() || k.from.is_empty() {
@@ -914,11 +919,17 @@ impl MessageStore for CassandraStore {
                 .or_default()
                 .push(k.client_id.clone());
         }
-        let reads: Vec<_> = groups
+        let mut lookups: Vec<(&str, &str, Vec<String>)> = Vec::new();
+        for ((conv, from), mut ids) in groups {
+            ids.sort();
+            ids.dedup();
+            for chunk in ids.chunks(MAX_IN_IDS) {
+                lookups.push((conv, from, chunk.to_vec()));
+            }
+        }
+        let reads: Vec<_> = lookups
             .into_iter()
-            .map(|((conv, from), mut ids)| async move {
-                ids.sort();
-                ids.dedup();
+            .map(|(conv, from, ids)| async move {
                 let rows: Vec<(String, Option<i64>)> = self
                     .rows(Read::ClientIds, (conv, from, ids), "read client ids")
                     .await?;
