@@ -39,11 +39,63 @@ use chat_common::{
     partitions,
 };
 use chat_protocol::{jetstream::live_partitions, subjects};
-use chat_store::{EmbeddedStore, MessageStore};
+use chat_store::{AnyStore, Backend, MessageStore};
 pub use config::Config;
 pub use per_message::STAMPER_HEADER;
 use per_message::{Applied, Ctx, PartitionSettings};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Opens the configured message store backend.
+pub async fn open_store(config: &Config) -> anyhow::Result<AnyStore> {
+    match config.store {
+        Backend::Embedded => AnyStore::embedded(&config.store_dir)
+            .await
+            .with_context(|| format!("cannot open the store in {}", config.store_dir.display())),
+        Backend::Cassandra => AnyStore::cassandra(&config.cassandra)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open the cassandra store (keyspace {})",
+                    config.cassandra.keyspace
+                )
+            }),
+    }
+}
+
+/// `sequencer migrate-store`: creates or upgrades the configured store's schema (idempotent)
+/// and says what it did. The embedded store needs none (it creates its tables when opened).
+pub async fn migrate_store(config: &Config) -> anyhow::Result<String> {
+    match config.store {
+        Backend::Embedded => Ok(format!(
+            "embedded store in {}: nothing to migrate (it creates its tables when opened)",
+            config.store_dir.display()
+        )),
+        Backend::Cassandra => {
+            let c = &config.cassandra;
+            let report = chat_store::cassandra::migrate(c).await.with_context(|| {
+                format!(
+                    "cannot migrate keyspace {} at {}",
+                    c.keyspace,
+                    c.contact_points.join(",")
+                )
+            })?;
+            let latest = chat_store::cassandra::schema::LATEST;
+            Ok(if report.applied.is_empty() {
+                format!(
+                    "keyspace {}: schema version {latest}, nothing to do",
+                    c.keyspace
+                )
+            } else {
+                format!(
+                    "keyspace {}: applied schema versions {:?} (was {}), now at {latest}",
+                    c.keyspace,
+                    report.applied,
+                    report.before.map_or("none".to_owned(), |v| v.to_string())
+                )
+            })
+        }
+    }
+}
 
 /// Runs the sequencer until `shutdown`, then drains: stop pulling (what is in flight is
 /// finished and acked, the rest handed back), stop the store writer and the API responders,
@@ -61,10 +113,7 @@ pub async fn run(
         config.group_max_members >= 1,
         "group_max_members must be at least 1"
     );
-    let store_dir = config.store_dir.clone();
-    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(store_dir))
-        .await?
-        .with_context(|| format!("cannot open the store in {}", config.store_dir.display()))?;
+    let store = open_store(&config).await?;
     let client =
         chat_common::connect_nats(&config.nats_url, "sequencer", &config.nats_auth).await?;
     let js = async_nats::jetstream::ContextBuilder::new()
@@ -83,9 +132,13 @@ pub async fn run(
     };
     // Before stamping or following anything: a store ahead of the stream (power loss) puts
     // the stream's lost tail back first.
-    repair::run(&js, &store, count, &instance)
-        .await
-        .context("cannot repair the stamped stream from the store")?;
+    // Built for the embedded store only: a Cassandra store left ahead of a stream that lost its
+    // tail (a power cut of every NATS node in interval mode) is not repaired yet.
+    if let chat_store::AnyStore::Embedded(embedded) = &store {
+        repair::run(&js, embedded, count, &instance)
+            .await
+            .context("cannot repair the stamped stream from the store")?;
+    }
     let (applied_tx, applied) = Applied::new(store.applied_stream_seq().await?);
 
     let ready = Readiness::default();
@@ -190,4 +243,46 @@ pub async fn run(
     .await;
     tracing::info!("sequencer stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn migrate_store_on_the_embedded_backend_has_nothing_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            store_dir: dir.path().join("store"),
+            ..Config::default()
+        };
+        let report = migrate_store(&config).await.unwrap();
+        assert!(report.contains("nothing to migrate"), "{report}");
+        let store = open_store(&config).await.unwrap();
+        assert_eq!(store.backend(), Backend::Embedded);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_cassandra_store_is_a_clear_error() {
+        let mut config = Config {
+            store: Backend::Cassandra,
+            ..Config::default()
+        };
+        // Nothing listens on port 1 of the loopback address.
+        config.cassandra.contact_points = vec!["127.0.0.1:1".into()];
+        config.cassandra.connect_timeout_ms = 1000;
+        let err = open_store(&config).await.unwrap_err();
+        let shown = format!("{err:#}");
+        assert!(shown.contains("cassandra store (keyspace chat)"), "{shown}");
+        assert!(shown.contains("127.0.0.1:1"), "{shown}");
+        let err = migrate_store(&config).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("cannot migrate keyspace chat"),
+            "{err:#}"
+        );
+        // A setting that cannot work is refused before connecting.
+        config.cassandra.keyspace = "no spaces allowed".into();
+        let err = open_store(&config).await.unwrap_err();
+        assert!(format!("{err:#}").contains("keyspace"), "{err:#}");
+    }
 }

@@ -278,39 +278,6 @@ fn begin_read(db: &Database) -> Result<ReadTransaction, StoreError> {
     db.begin_read().map_err(backend("begin read transaction"))
 }
 
-/// Rejects what no transaction should see, before opening one.
-fn validate(changes: &[Change]) -> Result<(), StoreError> {
-    for change in changes {
-        match &change.event {
-            Event::Message(m) if m.seq == 0 => {
-                return Err(StoreError::Invalid {
-                    conv: m.conv.clone(),
-                    seq: m.seq,
-                    reason: "seq must be at least 1",
-                });
-            }
-            Event::Message(_) => {}
-            Event::Receipt(r) => {
-                let reason = if r.conv.is_empty() {
-                    "conv must not be empty"
-                } else if r.user.is_empty() {
-                    "user must not be empty"
-                } else if r.stream_seq == 0 {
-                    "stream seq must be at least 1"
-                } else {
-                    continue;
-                };
-                return Err(StoreError::InvalidReceipt {
-                    conv: r.conv.clone(),
-                    user: r.user.clone(),
-                    reason,
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
 fn apply_blocking(
     db: &Database,
     changes: &[Change],
@@ -319,7 +286,7 @@ fn apply_blocking(
     if changes.is_empty() && through.is_none() {
         return Ok(());
     }
-    validate(changes)?;
+    crate::validate_changes(changes)?;
     let mut txn = db
         .begin_write()
         .map_err(backend("begin write transaction"))?;
