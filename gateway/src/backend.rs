@@ -141,24 +141,27 @@ async fn confirm_batches(client: async_nats::Client, mut rx: tokio::sync::mpsc::
                 Ok(None) | Err(_) => break,
             }
         }
-        let mut by_prefix: HashMap<&str, String> = HashMap::new();
+        let mut by_prefix: HashMap<&str, Vec<&Subject>> = HashMap::new();
         for reply in &batch {
             match subjects::split_reply(reply) {
-                Some((prefix, token)) => {
-                    let tokens = by_prefix.entry(prefix).or_default();
-                    if !tokens.is_empty() {
-                        tokens.push(',');
-                    }
-                    tokens.push_str(token);
-                }
+                Some((prefix, _)) => by_prefix.entry(prefix).or_default().push(reply),
                 None => {
                     let _ = client.publish(reply.clone(), Bytes::new()).await;
                 }
             }
         }
-        for (prefix, tokens) in by_prefix {
+        for (prefix, replies) in by_prefix {
+            if let [reply] = replies.as_slice() {
+                // Alone: a plain empty reply, which any requester understands.
+                let _ = client.publish((*reply).clone(), Bytes::new()).await;
+                continue;
+            }
+            let tokens: Vec<&str> = replies
+                .iter()
+                .filter_map(|r| subjects::split_reply(r).map(|(_, t)| t))
+                .collect();
             let _ = client
-                .publish(subjects::confirm_batch(prefix), tokens.into())
+                .publish(subjects::confirm_batch(prefix), tokens.join(",").into())
                 .await;
         }
         batch.clear();
