@@ -808,6 +808,29 @@ mod tests {
     }
 
     #[test]
+    fn typing_is_shed_from_a_half_full_queue_and_nothing_else_is() {
+        let typing = br#"{"type":"typing","conv":"dm~alice~bob","user":"bob","active":true}"#;
+        let message = br#"{"type":"message","conv":"dm~alice~bob","seq":1}"#;
+        let (out, _rx) = mpsc::channel(8);
+        // Empty, then up to half full: typing passes.
+        for _ in 0..3 {
+            assert!(!shed(typing, &out, 8));
+            out.try_send(Outbound::Frame("x".into())).unwrap();
+        }
+        assert!(!shed(typing, &out, 8), "5 of 8 free");
+        out.try_send(Outbound::Frame("x".into())).unwrap();
+        // Half full (4 of 8 free): typing is shed, messages never are.
+        assert!(shed(typing, &out, 8));
+        assert!(!shed(message, &out, 8));
+        while out.try_send(Outbound::Frame("x".into())).is_ok() {}
+        assert!(shed(typing, &out, 8));
+        assert!(
+            !shed(message, &out, 8),
+            "a full queue cuts the connection instead"
+        );
+    }
+
+    #[test]
     fn watches_are_counted_per_gateway_and_pushes_shed_when_the_queue_is_half_full() {
         let hub = hub();
         let (alice, carol) = (
