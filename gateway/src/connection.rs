@@ -124,6 +124,8 @@ pub(crate) struct Shared {
     pub groups: Arc<GroupHub>,
     /// Presence reports and pushes, typing (`presence.rs`).
     pub presence: Arc<PresenceHub>,
+    /// Per-user abuse budgets: groups, members, new conversations (`limits.rs`).
+    pub user_limits: crate::limits::UserLimits,
 }
 
 impl Shared {
@@ -140,6 +142,7 @@ impl Shared {
             shutdown,
             groups: Arc::default(),
             presence: Arc::new(PresenceHub::new(config)),
+            user_limits: crate::limits::UserLimits::new(&config.abuse, None),
         }
     }
 }
@@ -615,7 +618,8 @@ impl<B: Backend> Reader<'_, B> {
         self.submit(conv_id, conv, id, inbound).await
     }
 
-    /// The common tail of `send` and `group`: the user's send rate, then the publish to
+    /// The common tail of `send` and `group`: the user's send rate and abuse budgets
+    /// (`limits.rs`), then the publish to
     /// `CHAT_IN` with `Nats-Msg-Id` = [`api::dedupe_id`]; `sent` (with the gateway's receive
     /// time) once JetStream stored it, `unavailable` otherwise.
     async fn submit(
@@ -630,6 +634,13 @@ impl<B: Backend> Reader<'_, B> {
             let message = "send rate exceeded; retry later with the same id".to_owned();
             return self
                 .send_failed(ErrorCode::RateLimited, message, id, conv, Some(retry_ms))
+                .await;
+        }
+        let limits = &self.shared.user_limits;
+        if let Err(r) = crate::limits::admit(&self.backend, limits, user, &conv_id, &inbound).await
+        {
+            return self
+                .send_failed(r.code, r.message, id, conv, r.retry_after_ms)
                 .await;
         }
         // A media message is published only once the media service confirmed its upload.

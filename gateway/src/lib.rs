@@ -19,6 +19,9 @@
 //!   answered by the sequencer. At connect, before `hello`, the user's groups
 //!   (`groups_only`).
 //! - Empty replies to delivery confirmation requests (see below).
+//! - `$KV.CHAT_LIMITS.<budget>.<user>` (JetStream key-value, bucket `CHAT_LIMITS`): the user's
+//!   abuse budgets, read and written with compare-and-set by every gateway, for group `create`
+//!   and `add` frames and the first message of a one-to-one conversation (`limits.rs`).
 //! - `chat.presence.report.<gateway>` (core NATS): batched connects, disconnects, watches and
 //!   the periodic full state, for the presence service; `chat.api.presence` and
 //!   `chat.api.presence_settings` requests; `typing` frames on `chat.user.<user>` (one-to-one)
@@ -57,6 +60,7 @@ pub mod config;
 mod connection;
 pub mod error;
 mod groups;
+mod limits;
 mod media;
 pub mod metrics;
 mod order;
@@ -90,8 +94,9 @@ use crate::{
     registry::Registry,
 };
 pub use crate::{
-    config::{AuthConfig, Config, ConfigError},
+    config::{AuthConfig, Config, ConfigError, KeyConfig},
     error::UpgradeError,
+    limits::AbuseConfig,
     presence::PresenceConfig,
 };
 
@@ -116,6 +121,8 @@ struct StateInner {
     read_buffer_bytes: usize,
     write_buffer_bytes: usize,
     max_frame_bytes: usize,
+    /// Failed authentications per client address (`abuse.auth_failures_per_minute`).
+    auth_failures: limits::AuthFailures,
     /// Upgraded connections, so shutdown can wait for them.
     connections: TaskTracker,
 }
@@ -129,6 +136,12 @@ impl AppState {
         shutdown: CancellationToken,
     ) -> Result<Self, ConfigError> {
         let verifier = config.validate()?;
+        let mut shared = Shared::new(config, shutdown);
+        // Per-user budgets in the shared bucket, so they hold across gateways.
+        shared.user_limits = limits::UserLimits::new(
+            &config.abuse,
+            Some(async_nats::jetstream::new(nats.clone())),
+        );
         let backend = NatsBackend::new(
             nats,
             Config::ms(config.publish_timeout_ms),
@@ -138,11 +151,12 @@ impl AppState {
             inner: Arc::new(StateInner {
                 verifier,
                 backend,
-                shared: Arc::new(Shared::new(config, shutdown)),
+                shared: Arc::new(shared),
                 registry: Registry::new(config.max_connections_per_user),
                 read_buffer_bytes: config.read_buffer_bytes,
                 write_buffer_bytes: config.write_buffer_bytes,
                 max_frame_bytes: config.max_frame_bytes,
+                auth_failures: limits::AuthFailures::new(&config.abuse),
                 connections: TaskTracker::new(),
             }),
         })
@@ -162,6 +176,8 @@ impl AppState {
             limiter.shrink_to_fit();
         }
         shared.presence.prune();
+        shared.user_limits.prune();
+        self.inner.auth_failures.prune();
     }
 }
 
@@ -178,23 +194,36 @@ struct WsParams {
     device: Option<String>,
 }
 
-/// Authenticates, checks the device id and the per-user connection limit, subscribes to the
-/// user's subject, then upgrades. Every refusal is an HTTP error with a JSON code.
+/// Refuses addresses that failed to authenticate too often, authenticates, checks the device
+/// id and the per-user connection limit, subscribes to the user's subject, then upgrades. Every
+/// refusal is an HTTP error with a JSON code.
 async fn ws_handler(
     State(state): State<AppState>,
+    limits::Peer(peer): limits::Peer,
     query: Result<Query<WsParams>, QueryRejection>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, UpgradeError> {
     let inner = &state.inner;
+    let address = inner.auth_failures.client(peer, &headers);
+    // Before the token is looked at: guessing costs the guesser, not our CPU.
+    inner
+        .auth_failures
+        .check(address)
+        .map_err(|retry_after_ms| UpgradeError::TooManyAuthFailures { retry_after_ms })?;
     // An unreadable query string carries no usable token: it is refused as unauthorized.
     let params = query.map(|Query(p)| p).unwrap_or_default();
-    let token = params
+    let verified = params
         .token
         .as_deref()
         .or_else(|| bearer(&headers))
-        .ok_or(UpgradeError::MissingToken)?;
-    let (user, claims) = inner.verifier.verify(token)?;
+        .ok_or(UpgradeError::MissingToken)
+        .and_then(|token| inner.verifier.verify(token).map_err(UpgradeError::from));
+    let (user, claims) = verified.inspect_err(|err| {
+        if err.is_auth_failure() {
+            inner.auth_failures.failed(address);
+        }
+    })?;
     let device = match params.device.as_deref() {
         Some(d) => DeviceId::parse(d).map_err(UpgradeError::InvalidDevice)?,
         None => generated_device_id(),
@@ -222,8 +251,10 @@ async fn ws_handler(
             )));
         }
     };
+    // A token accepted within the leeway after its `exp` lives as long as that leeway.
     let remaining = claims
         .exp
+        .saturating_add(inner.verifier.leeway_secs())
         .saturating_mul(1000)
         .saturating_sub(chat_protocol::now_ms());
     let session = Session {
@@ -292,6 +323,7 @@ pub async fn run(
         admin::metrics_handle();
         metrics::describe();
         presence::describe();
+        limits::describe();
     }
     let nats = chat_common::connect_nats(&config.nats_url, "gateway", &config.nats_auth).await?;
     // A listener failure stops this gateway's connections without cancelling the caller's token.
@@ -323,7 +355,9 @@ pub async fn run(
     background.close();
 
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-    let served = axum::serve(listener, app(state.clone()))
+    // With the peer address of each connection, for the failed-authentication limit.
+    let service = app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let served = axum::serve(listener, service)
         .with_graceful_shutdown(stop.clone().cancelled_owned())
         .await;
     stop.cancel();
