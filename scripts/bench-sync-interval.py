@@ -6,7 +6,7 @@ Starts the pinned nats-server (scripts/setup.sh) once per config (nats/dev.conf:
 R1 file stream, publishes N messages of SIZE bytes with WINDOW publishes in flight (pipelined,
 as the sequencer publishes stamps), and prints msgs/s, p50/p99 ack latency and the command.
 
-    .venv/bin/pip install nats-py==2.16.0     # once
+    SETUP_BENCH=1 scripts/setup.sh           # once: installs nats-py into .venv
     .venv/bin/python scripts/bench-sync-interval.py [--messages 20000] [--size 256] [--window 64]
 """
 

