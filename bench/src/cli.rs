@@ -119,6 +119,11 @@ pub struct Pipeline {
     /// `chat_protocol::subjects::DEFAULT_PARTITIONS`, 16)
     #[arg(long, value_name = "N")]
     pub partitions: Option<u32>,
+    /// Run nats-server with `jetstream { sync_interval: always }`: every write fsynced before
+    /// its ack (`nats/durable.conf`, the mode that survives a power loss). The baseline is
+    /// measured on the same server
+    #[arg(long)]
+    pub sync_always: bool,
 }
 
 #[derive(Debug, Clone, Args, Serialize)]

@@ -134,7 +134,8 @@ async fn pipeline(
     if p.pairs == 0 {
         bail!("--pairs must be at least 1");
     }
-    let sys = System::start_partitioned(true, &[], p.partitions).await?;
+    let nats_config = p.sync_always.then_some(system::SYNC_ALWAYS);
+    let sys = System::start_configured(true, &[], &[], p.partitions, nats_config).await?;
     let b = baseline_on(&sys, load).await?;
     let pop = Population::connect(&sys, p.pairs, 1).await?;
     println!("{} pairs connected ({} sockets)", p.pairs, p.pairs * 2);
@@ -239,11 +240,12 @@ pub async fn run(cli: Cli) -> Result<()> {
                 bail!("--pairs and --max-rate must be positive");
             }
             let admin = format!("127.0.0.1:{}", chat_testkit::free_port());
-            let sys = System::start_full(
+            let sys = System::start_configured(
                 true,
                 &[],
                 &overload::gateway_env(&admin),
                 a.pipeline.partitions,
+                a.pipeline.sync_always.then_some(system::SYNC_ALWAYS),
             )
             .await?;
             let mut pop = Population::connect(&sys, a.pipeline.pairs, 1).await?;

@@ -17,6 +17,10 @@ use serde::Serialize;
 
 use crate::procstat::Proc;
 
+/// nats-server's durability mode that survives a power loss (`nats/durable.conf`): every
+/// JetStream write is fsynced before it is acked.
+pub const SYNC_ALWAYS: &str = "jetstream {\n  sync_interval: always\n}\n";
+
 /// Sends per second per user the cluster's gateway allows (see the module doc).
 pub const USER_SEND_LIMIT: f64 = 1000.0;
 
@@ -72,8 +76,20 @@ impl System {
         gateway_env: &[(&str, String)],
         partitions: Option<u32>,
     ) -> Result<Self> {
+        Self::start_configured(services, fanout_env, gateway_env, partitions, None).await
+    }
+
+    /// Like [`System::start_full`], with lines for nats-server's configuration file (such as
+    /// [`SYNC_ALWAYS`]).
+    pub async fn start_configured(
+        services: bool,
+        fanout_env: &[(&str, String)],
+        gateway_env: &[(&str, String)],
+        partitions: Option<u32>,
+        nats_config: Option<&str>,
+    ) -> Result<Self> {
         let n = usize::from(services);
-        let mut cluster = Cluster::with_partitions(
+        let mut cluster = Cluster::with_nats_config(
             ClusterConfig {
                 gateways: n,
                 sequencers: n,
@@ -82,6 +98,7 @@ impl System {
                 sequencer_balance: true,
             },
             partitions,
+            nats_config,
         )
         .await;
         for f in &mut cluster.fanouts {

@@ -106,6 +106,8 @@ async fn dm_delivers_every_message_once() {
             "10",
             "--baseline-msgs",
             "1000",
+            // The power-loss durability mode (`max` runs the default one).
+            "--sync-always",
         ],
         dir.path(),
     );
@@ -115,6 +117,7 @@ async fn dm_delivers_every_message_once() {
     assert_eq!(r["accounting_ok"], true);
     assert!(r["ratio_to_jetstream"].as_f64().is_some());
     assert_eq!(v["settings"]["pipeline"]["pairs"], 10);
+    assert_eq!(v["settings"]["pipeline"]["sync_always"], true);
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -289,6 +289,16 @@ impl Cluster {
 
     /// [`Cluster::new`] with `partitions` conversation partitions (default: the default count).
     pub async fn with_partitions(config: ClusterConfig, partitions: Option<u32>) -> Self {
+        Self::with_nats_config(config, partitions, None).await
+    }
+
+    /// [`Cluster::with_partitions`] with lines for nats-server's configuration file (e.g.
+    /// `jetstream { sync_interval: always }`).
+    pub async fn with_nats_config(
+        config: ClusterConfig,
+        partitions: Option<u32>,
+        nats_config: Option<&str>,
+    ) -> Self {
         let mut dir = tempfile::Builder::new()
             .prefix("chat-faults-")
             .tempdir()
@@ -298,7 +308,10 @@ impl Cluster {
             eprintln!("{KEEP_DIR_ENV}: keeping {}", dir.path().display());
         }
         fs::create_dir_all(dir.path().join("logs")).expect("logs dir");
-        let nats = tokio::task::block_in_place(NatsServer::start);
+        let nats = tokio::task::block_in_place(|| match nats_config {
+            Some(extra) => NatsServer::start_with_config(extra),
+            None => NatsServer::start(),
+        });
         let client = nats.client().await;
         provision_all(
             &client,
