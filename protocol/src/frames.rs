@@ -562,6 +562,9 @@ pub enum ErrorCode {
     TokenExpired,
     /// The user already has the maximum number of connections on this gateway (HTTP 429).
     TooManyConnections,
+    /// The gateway is at its limit of handshakes in progress or of connections (HTTP 503 with
+    /// `Retry-After`): retry after it, with jittered backoff, at this or another gateway.
+    Overloaded,
     /// A media message references an upload that does not exist, is not (yet) complete in
     /// the object store, or was not made by the sender for this conversation.
     MediaNotFound,
@@ -589,6 +592,7 @@ impl ErrorCode {
             Self::Unauthorized => "unauthorized",
             Self::TokenExpired => "token_expired",
             Self::TooManyConnections => "too_many_connections",
+            Self::Overloaded => "overloaded",
             Self::MediaNotFound => "media_not_found",
             Self::MediaMismatch => "media_mismatch",
         }
@@ -878,6 +882,7 @@ mod tests {
             ErrorCode::Unauthorized,
             ErrorCode::TokenExpired,
             ErrorCode::TooManyConnections,
+            ErrorCode::Overloaded,
             ErrorCode::MediaNotFound,
             ErrorCode::MediaMismatch,
         ] {
