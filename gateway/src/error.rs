@@ -4,7 +4,7 @@
 
 use axum::{
     Json,
-    http::StatusCode,
+    http::{HeaderValue, StatusCode, header::RETRY_AFTER},
     response::{IntoResponse, Response},
 };
 use chat_protocol::{auth::TokenError, frames::ErrorCode, ids::IdError};
@@ -24,6 +24,8 @@ pub enum UpgradeError {
     InvalidDevice(#[source] IdError),
     #[error("too many connections for this user")]
     TooManyConnections,
+    #[error("the gateway is at capacity; retry after {retry_after_s} s, with jittered backoff")]
+    Overloaded { retry_after_s: u64 },
     #[error("service temporarily unavailable")]
     Unavailable(#[source] anyhow::Error),
 }
@@ -35,6 +37,7 @@ impl UpgradeError {
             Self::TokenExpired => ErrorCode::TokenExpired,
             Self::InvalidDevice(_) => ErrorCode::InvalidId,
             Self::TooManyConnections => ErrorCode::TooManyConnections,
+            Self::Overloaded { .. } => ErrorCode::Overloaded,
             Self::Unavailable(_) => ErrorCode::Unavailable,
         }
     }
@@ -46,7 +49,7 @@ impl UpgradeError {
             }
             Self::InvalidDevice(_) => StatusCode::BAD_REQUEST,
             Self::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded { .. } | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -76,7 +79,13 @@ impl IntoResponse for UpgradeError {
         // The Display strings above are written for clients: they name the problem, not the
         // internals (those stay in `source`, which is only logged).
         let body = serde_json::json!({ "code": code, "message": self.to_string() });
-        (self.status(), Json(body)).into_response()
+        let mut response = (self.status(), Json(body)).into_response();
+        if let Self::Overloaded { retry_after_s } = self {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(retry_after_s));
+        }
+        response
     }
 }
 
@@ -101,5 +110,11 @@ mod tests {
             UpgradeError::TooManyConnections.status(),
             StatusCode::TOO_MANY_REQUESTS
         );
+        let resp = UpgradeError::Overloaded { retry_after_s: 2 }.into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[RETRY_AFTER], "2");
+        let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["code"], "overloaded");
     }
 }
