@@ -22,8 +22,10 @@
 //!   ([`Handler::resubscribe`]), and only then answers the barriers that were waiting. What
 //!   was published while it was away is lost, as with any core NATS subscription: devices
 //!   recover it with `sync` and the seqs (`docs/protocol.md`).
-//! - **Keepalive.** It pings the server every [`KEEPALIVE`]; two pings unanswered mean a dead
-//!   connection, and it reconnects. It answers the server's pings.
+//! - **Keepalive.** It pings the server every [`KEEPALIVE`]; a ping (keepalive or barrier)
+//!   unanswered for two of those means a dead connection, and it reconnects. (Counting pings
+//!   instead would take a burst of barriers, during a wave of connects, for a dead server.) It
+//!   answers the server's pings.
 //! - **Not supported:** TLS, and NKey or JWT credentials (user/password and token from the URL
 //!   are). A `tls://` URL, or a server that requires TLS, is refused at startup.
 
@@ -51,8 +53,8 @@ use self::proto::{Connect, ServerOp};
 
 /// How often the push connection pings the server to find out that it is gone.
 pub(crate) const KEEPALIVE: Duration = Duration::from_secs(20);
-/// Pings without a pong before the connection counts as dead.
-const MAX_PINGS_OUT: usize = 2;
+/// Keepalive periods a ping may go unanswered before the connection counts as dead.
+const MAX_PINGS_OUT: u32 = 2;
 /// Deadline for connecting, up to the server's first `PONG`.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
@@ -112,7 +114,7 @@ struct State {
     /// Barriers waiting for the next `PING` to be written.
     waiting: Vec<oneshot::Sender<()>>,
     /// `PING`s written and not answered yet, oldest first, each with the barriers it answers.
-    pings: VecDeque<Vec<oneshot::Sender<()>>>,
+    pings: VecDeque<(tokio::time::Instant, Vec<oneshot::Sender<()>>)>,
     /// `SUB`/`UNSUB` are queued for the current connection (from the moment it is up, before
     /// the handler resubscribed: a subscription made meanwhile is then sent twice, which the
     /// server ignores; before that, the resubscription covers it).
@@ -236,7 +238,7 @@ impl PushClient {
         state.writable = false;
         state.out.clear();
         let pings = std::mem::take(&mut state.pings);
-        for waiters in pings {
+        for (_, waiters) in pings {
             state.waiting.extend(waiters);
         }
     }
@@ -267,14 +269,18 @@ impl PushClient {
                     _ = self.inner.wake.notified() => {}
                     _ = keepalive.tick() => {
                         let mut state = self.lock();
-                        if state.pings.len() >= MAX_PINGS_OUT {
+                        if state
+                            .pings
+                            .front()
+                            .is_some_and(|(at, _)| at.elapsed() >= KEEPALIVE * MAX_PINGS_OUT)
+                        {
                             return Err(std::io::Error::new(
                                 std::io::ErrorKind::TimedOut,
                                 "no pong from the server",
                             ));
                         }
                         state.out.extend_from_slice(proto::PING);
-                        state.pings.push_back(Vec::new());
+                        state.pings.push_back((tokio::time::Instant::now(), Vec::new()));
                     }
                 }
                 {
@@ -282,7 +288,9 @@ impl PushClient {
                     if !state.waiting.is_empty() && state.writable {
                         let waiters = std::mem::take(&mut state.waiting);
                         state.out.extend_from_slice(proto::PING);
-                        state.pings.push_back(waiters);
+                        state
+                            .pings
+                            .push_back((tokio::time::Instant::now(), waiters));
                     }
                     std::mem::swap(&mut bytes, &mut state.out);
                 }
@@ -350,7 +358,7 @@ impl PushClient {
     /// A `PONG`: the barriers of the oldest `PING` are live.
     fn pong(&self) {
         let waiters = self.lock().pings.pop_front();
-        for w in waiters.into_iter().flatten() {
+        for w in waiters.into_iter().flat_map(|(_, w)| w) {
             let _ = w.send(());
         }
     }
