@@ -8,18 +8,26 @@
 # cargo build --bins, then nats-server (store in .run/nats), `chat admin provision`, SeaweedFS
 # (`weed mini`, loopback only, S3 credentials generated once into .run/seaweed/s3.json, data in
 # .run/seaweed/data), sequencer (store in .run/store), fanout-worker, presence, gateway and the
-# media service, each logging to .run/logs/<name>.log and awaited on its readiness endpoint. Ctrl-C or
-# SIGTERM stops them all (media and gateway first, nats-server last).
+# media service, then the web app's development server (web/server/dev-server.mjs: the built app,
+# a same-origin proxy to the gateway and the media service, and development tokens; the app is
+# built by scripts/web.sh build), each logging to .run/logs/<name>.log and awaited on its readiness
+# endpoint. Ctrl-C or SIGTERM stops them all (web, media and gateway first, nats-server last).
 #
 # Environment:
 #   PROFILE=release        build and run release binaries (default: debug; release builds are slow)
 #   DEV_CHECK=1            same as --check
+#   DEV_SKIP_BUILD=1       run what is built (no cargo build, no web build; the browser test uses it)
+#   DEV_WEB=0              without the web app (and without Node.js)
+#   CHAT_RUN_DIR           where state and logs go (default: .run in the repo; with --check a
+#                          fresh temporary directory, so a check runs beside a running instance)
 #   CHAT_DEV_SECRET        HS256 secret the gateway accepts (default: dev-secret-change-me)
-#   NATS_PORT (4222), NATS_MONITOR_PORT (8222), GATEWAY_PORT (8080), GATEWAY_ADMIN_PORT (9090),
+#   NATS_CONF              nats-server config (default: nats/dev.conf; nats/durable.conf fsyncs
+#                          every write: see "Durability modes" in nats/README.md)
+#   WEB_PORT (8081), NATS_PORT (4222), NATS_MONITOR_PORT (8222), GATEWAY_PORT (8080), GATEWAY_ADMIN_PORT (9090),
 #   SEQUENCER_ADMIN_PORT (9091), FANOUT_ADMIN_PORT (9092), MEDIA_PORT (8070),
 #   MEDIA_ADMIN_PORT (9093), PRESENCE_ADMIN_PORT (9094), S3_PORT (8333); SeaweedFS's own: WEED_MASTER_PORT (9333),
 #   WEED_VOLUME_PORT (9340), WEED_FILER_PORT (8888), WEED_ADMIN_PORT (23646), each gRPC port
-#   being the port + 10000
+#   being the port + 10000; with --check every port not given is a free one
 set -euo pipefail
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
@@ -27,6 +35,8 @@ REPO_DIR="$(cd -- "${SCRIPT_DIR}/.." && pwd -P)"
 cd "${REPO_DIR}"
 
 CHECK="${DEV_CHECK:-0}"
+SKIP_BUILD="${DEV_SKIP_BUILD:-0}"
+WEB="${DEV_WEB:-1}"
 for arg in "$@"; do
     case "${arg}" in
         --check) CHECK=1 ;;
@@ -43,6 +53,52 @@ done
 
 PROFILE="${PROFILE:-debug}"
 HOST=127.0.0.1
+
+# --check runs beside an instance started without it: each port not given in the environment is
+# a free one, and the state goes to a fresh directory (unless CHAT_RUN_DIR is given), removed
+# when the check passes and kept (with its logs) when it fails.
+CHECK_TMP=""
+if [[ "${CHECK}" == 1 ]]; then
+    USED_PORTS=" "
+    # free_port: a loopback port that is free, and whose +10000 (SeaweedFS's gRPC) is too.
+    free_port() {
+        local p
+        while :; do
+            p="$(python3 -c '
+import random, socket
+def free(p):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", p))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+while True:
+    p = random.randint(20000, 55000)
+    if free(p) and free(p + 10000):
+        print(p)
+        break
+')"
+            [[ "${USED_PORTS}" == *" ${p} "* || "${USED_PORTS}" == *" $((p + 10000)) "* ]] && continue
+            USED_PORTS+="${p} $((p + 10000)) "
+            echo "${p}"
+            return
+        done
+    }
+    for var in NATS_PORT NATS_MONITOR_PORT GATEWAY_PORT GATEWAY_ADMIN_PORT SEQUENCER_ADMIN_PORT \
+        FANOUT_ADMIN_PORT MEDIA_PORT MEDIA_ADMIN_PORT PRESENCE_ADMIN_PORT S3_PORT WEB_PORT \
+        WEED_MASTER_PORT WEED_VOLUME_PORT WEED_FILER_PORT WEED_ADMIN_PORT; do
+        if [[ -z "${!var:-}" ]]; then
+            printf -v "${var}" '%s' "$(free_port)"
+        fi
+    done
+    if [[ -z "${CHAT_RUN_DIR:-}" ]]; then
+        CHECK_TMP="$(mktemp -d "${TMPDIR:-/tmp}/chat-dev-check.XXXXXX")"
+        CHAT_RUN_DIR="${CHECK_TMP}"
+    fi
+fi
 NATS_PORT="${NATS_PORT:-4222}"
 NATS_MONITOR_PORT="${NATS_MONITOR_PORT:-8222}"
 GATEWAY_PORT="${GATEWAY_PORT:-8080}"
@@ -58,6 +114,7 @@ WEED_FILER_PORT="${WEED_FILER_PORT:-8888}"
 WEED_ADMIN_PORT="${WEED_ADMIN_PORT:-23646}"
 MEDIA_BUCKET=chat-media
 PRESENCE_ADMIN_PORT="${PRESENCE_ADMIN_PORT:-9094}"
+WEB_PORT="${WEB_PORT:-8081}"
 DEFAULT_SECRET="dev-secret-change-me"
 SECRET="${CHAT_DEV_SECRET:-${DEFAULT_SECRET}}"
 
@@ -65,8 +122,13 @@ NATS_URL="nats://${HOST}:${NATS_PORT}"
 WS_URL="ws://${HOST}:${GATEWAY_PORT}/ws"
 MEDIA_URL="http://${HOST}:${MEDIA_PORT}"
 S3_URL="http://${HOST}:${S3_PORT}"
-RUN_DIR="${REPO_DIR}/.run"
+WEB_URL="http://${HOST}:${WEB_PORT}/"
+RUN_DIR="${CHAT_RUN_DIR:-${REPO_DIR}/.run}"
+mkdir -p "${RUN_DIR}"
+RUN_DIR="$(cd -- "${RUN_DIR}" && pwd -P)"
 LOG_DIR="${RUN_DIR}/logs"
+# How messages name the state dir: relative when it is in this repo.
+RUN_SHOWN="${RUN_DIR#"${REPO_DIR}"/}"
 
 log() { echo "dev.sh: $*" >&2; }
 die() {
@@ -110,7 +172,14 @@ on_exit() {
     trap - EXIT INT TERM
     if ((${#PIDS[@]} > 0)); then
         stop_all
-        log "stopped everything (logs in .run/logs/)"
+        log "stopped everything (logs in ${RUN_SHOWN}/logs/)"
+    fi
+    if [[ -n "${CHECK_TMP}" ]]; then
+        if [[ "${rc}" == 0 ]]; then
+            rm -rf "${CHECK_TMP}"
+        else
+            log "the check's state and logs are kept in ${CHECK_TMP}"
+        fi
     fi
     exit "${rc}"
 }
@@ -124,7 +193,7 @@ set -m
 show_log() {
     local file="${LOG_DIR}/$1.log"
     if [[ -s "${file}" ]]; then
-        echo "---- last lines of .run/logs/$1.log ----" >&2
+        echo "---- last lines of ${RUN_SHOWN}/logs/$1.log ----" >&2
         tail -n 25 "${file}" >&2
         echo "----" >&2
     fi
@@ -134,7 +203,7 @@ show_log() {
 start() {
     local name="$1"
     shift
-    log "starting ${name} (log: .run/logs/${name}.log)"
+    log "starting ${name} (log: ${RUN_SHOWN}/logs/${name}.log)"
     "$@" </dev/null >"${LOG_DIR}/${name}.log" 2>&1 &
     PIDS+=("$!")
     NAMES+=("${name}")
@@ -164,7 +233,7 @@ wait_ready() {
     until http_ok "${port}" "${path}"; do
         if ! alive "${pid}"; then
             show_log "${name}"
-            die "${name} exited during startup (see .run/logs/${name}.log)"
+            die "${name} exited during startup (see ${RUN_SHOWN}/logs/${name}.log)"
         fi
         if ((SECONDS >= deadline)); then
             show_log "${name}"
@@ -183,10 +252,19 @@ SETUP_SEAWEEDFS=1 SETUP_SCHEMATHESIS=1 "${SCRIPT_DIR}/setup.sh"
 
 TARGET_DIR="${CARGO_TARGET_DIR:-${REPO_DIR}/target}"
 case "${PROFILE}" in
-    debug) cargo build --bins ;;
-    release) cargo build --release --bins ;;
+    debug | release) ;;
     *) die "PROFILE must be debug or release, not ${PROFILE}" ;;
 esac
+if [[ "${SKIP_BUILD}" != "1" ]]; then
+    if [[ "${PROFILE}" == release ]]; then cargo build --release --bins; else cargo build --bins; fi
+    if [[ "${WEB}" == "1" ]]; then
+        "${SCRIPT_DIR}/web.sh" build || die "the web app did not build (DEV_WEB=0 runs without it)"
+    fi
+fi
+if [[ "${WEB}" == "1" ]]; then
+    command -v node >/dev/null 2>&1 || die "node not found; install Node.js 20.19+ (or run without the web app: DEV_WEB=0)"
+    [[ -f "${REPO_DIR}/web/app/dist/index.html" ]] || die "the web app is not built (scripts/web.sh build)"
+fi
 BIN="${TARGET_DIR}/${PROFILE}"
 for b in chat sequencer fanout-worker presence gateway media; do
     [[ -x "${BIN}/${b}" ]] || die "${BIN}/${b} was not built"
@@ -204,7 +282,7 @@ for spec in "NATS_PORT:${NATS_PORT}" "NATS_MONITOR_PORT:${NATS_MONITOR_PORT}" \
     "MEDIA_PORT:${MEDIA_PORT}" "MEDIA_ADMIN_PORT:${MEDIA_ADMIN_PORT}" "S3_PORT:${S3_PORT}" \
     "WEED_MASTER_PORT:${WEED_MASTER_PORT}" "WEED_VOLUME_PORT:${WEED_VOLUME_PORT}" \
     "WEED_FILER_PORT:${WEED_FILER_PORT}" "WEED_ADMIN_PORT:${WEED_ADMIN_PORT}" \
-    "PRESENCE_ADMIN_PORT:${PRESENCE_ADMIN_PORT}"; do
+    "PRESENCE_ADMIN_PORT:${PRESENCE_ADMIN_PORT}" "WEB_PORT:${WEB_PORT}"; do
     if port_open "${spec#*:}"; then
         busy+=("${spec}")
     fi
@@ -217,7 +295,7 @@ fi
 
 mkdir -p "${RUN_DIR}/nats" "${RUN_DIR}/store" "${RUN_DIR}/seaweed/data" "${LOG_DIR}"
 
-# S3 credentials of this machine's SeaweedFS: made once, kept in .run/ (never committed).
+# S3 credentials of this machine's SeaweedFS: made once, kept in the state dir (never committed).
 S3_CONFIG="${RUN_DIR}/seaweed/s3.json"
 if [[ ! -s "${S3_CONFIG}" ]]; then
     key="dev$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')"
@@ -235,7 +313,7 @@ S3_SECRET="$(sed -n 's/.*"secretKey":"\([^"]*\)".*/\1/p' "${S3_CONFIG}")"
 # start
 # ---------------------------------------------------------------------------
 # Command-line -p/-m override the listen and monitor ports of dev.conf.
-start nats "${REPO_DIR}/.venv/bin/nats-server" -c nats/dev.conf -sd "${RUN_DIR}/nats" \
+start nats "${REPO_DIR}/.venv/bin/nats-server" -c "${NATS_CONF:-nats/dev.conf}" -sd "${RUN_DIR}/nats" \
     -a "${HOST}" -p "${NATS_PORT}" -m "${NATS_MONITOR_PORT}"
 wait_ready nats "${NATS_MONITOR_PORT}" /healthz 30
 
@@ -252,7 +330,7 @@ start seaweedfs "${REPO_DIR}/.venv/bin/weed" mini -dir="${RUN_DIR}/seaweed/data"
     -s3.config="${S3_CONFIG}" -bucket="${MEDIA_BUCKET}"
 deadline=$((SECONDS + 60))
 until grep -q "All enabled components are running" "${LOG_DIR}/seaweedfs.log" && port_open "${S3_PORT}"; do
-    alive "${PIDS[-1]}" || { show_log seaweedfs; die "seaweedfs exited during startup (see .run/logs/seaweedfs.log)"; }
+    alive "${PIDS[-1]}" || { show_log seaweedfs; die "seaweedfs exited during startup (see ${RUN_SHOWN}/logs/seaweedfs.log)"; }
     ((SECONDS < deadline)) || { show_log seaweedfs; die "seaweedfs not ready on ${S3_URL} after 60s"; }
     sleep 0.2
 done
@@ -297,6 +375,15 @@ start media env NO_COLOR=1 \
     CHAT_MEDIA_S3__SECRET_ACCESS_KEY="${S3_SECRET}" \
     "${BIN}/media"
 wait_ready media "${MEDIA_ADMIN_PORT}" /readyz 60
+
+if [[ "${WEB}" == "1" ]]; then
+    start web env CHAT_WEB_LISTEN="${HOST}:${WEB_PORT}" \
+        CHAT_WEB_GATEWAY_URL="http://${HOST}:${GATEWAY_PORT}" \
+        CHAT_WEB_MEDIA_URL="${MEDIA_URL}" \
+        CHAT_DEV_SECRET="${SECRET}" \
+        node "${REPO_DIR}/web/server/dev-server.mjs"
+    wait_ready web "${WEB_PORT}" /healthz 30
+fi
 
 # The CLI reads these too, so the printed commands need no extra flags.
 export CHAT_URL="${WS_URL}" CHAT_DEV_SECRET="${SECRET}"
@@ -365,7 +452,13 @@ print(v)' "$1"; }
     curl -fsS -o "${sample}.back" "$(field download.url <<<"${download}")" || die "check: download failed"
     cmp -s "${sample}" "${sample}.back" || die "check: the downloaded bytes differ"
     echo "media ${media_id}: uploaded to SeaweedFS and downloaded back, identical"
-    echo "dev.sh --check: OK (nats-server, SeaweedFS, sequencer, fanout-worker, presence, gateway, media and the chat CLI work together)"
+    if [[ "${WEB}" == "1" ]]; then
+        page="$(curl -fsS "${WEB_URL}")" || die "check: the web app is not served at ${WEB_URL}"
+        grep -q '<div id="app">' <<<"${page}" || die "check: ${WEB_URL} does not serve the app"
+        curl -fsS "${WEB_URL}dev/token?user=alice" | grep -q '"token"' || die "check: no development token from ${WEB_URL}dev/token"
+        echo "web app served at ${WEB_URL}, with development tokens"
+    fi
+    echo "dev.sh --check: OK (nats-server, SeaweedFS, sequencer, fanout-worker, presence, gateway, media, the web server and the chat CLI work together)"
     exit 0
 fi
 
@@ -376,13 +469,18 @@ alice_token="$("${BIN}/chat" token alice)"
 bob_token="$("${BIN}/chat" token bob)"
 cat <<EOF
 
-Everything is running. Ctrl-C stops it all. Logs: .run/logs/, data: .run/nats, .run/store, .run/seaweed.
+Everything is running. Ctrl-C stops it all. Logs: ${RUN_SHOWN}/logs/, data: ${RUN_SHOWN}/nats, ${RUN_SHOWN}/store, ${RUN_SHOWN}/seaweed.
 
+EOF
+if [[ "${WEB}" == "1" ]]; then
+    echo "  web      ${WEB_URL}  (open it and sign in as alice; as bob in another browser or a private window)"
+fi
+cat <<EOF
   gateway  ${WS_URL}?token=<token>&device=<any-id>
   media    ${MEDIA_URL} (API: ${MEDIA_URL}/openapi.json, curl examples in docs/protocol.md "Media")
   admin    http://${HOST}:${GATEWAY_ADMIN_PORT}/metrics (gateway), :${SEQUENCER_ADMIN_PORT} (sequencer), :${FANOUT_ADMIN_PORT} (fan-out), :${PRESENCE_ADMIN_PORT} (presence), :${MEDIA_ADMIN_PORT} (media)
   NATS     ${NATS_URL} (monitoring http://${HOST}:${NATS_MONITOR_PORT})
-  S3       ${S3_URL} (SeaweedFS, bucket ${MEDIA_BUCKET}; credentials in .run/seaweed/s3.json)
+  S3       ${S3_URL} (SeaweedFS, bucket ${MEDIA_BUCKET}; credentials in ${RUN_SHOWN}/seaweed/s3.json)
 
 Try it from the repo root in two more terminals:
 EOF

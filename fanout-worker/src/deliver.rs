@@ -35,8 +35,18 @@ use tokio_util::sync::CancellationToken;
 
 use crate::budget::Spend;
 
+/// Stamped messages whose recipients are not all resolved yet (so not acked yet).
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
 /// One stamped message waiting for its recipients to be resolved before it is acked.
 struct Outstanding {
+    inflight: Arc<InFlight>,
+    /// When it was stamped (its `ts`), for the delivery latency.
+    stamped_ms: u64,
     remaining: AtomicUsize,
     failed: AtomicBool,
     msg: Mutex<Option<jetstream::Message>>,
@@ -65,8 +75,20 @@ impl Outstanding {
         if let Err(err) = result {
             tracing::warn!(error = %err, "ack failed; the message will be pushed again");
         }
+        self.inflight.count.fetch_sub(1, Ordering::AcqRel);
+        self.inflight.changed.notify_waiters();
+    }
+
+    /// A gateway confirmed that a device's connection queued the message.
+    fn confirmed(&self) {
+        let age_ms = chat_protocol::now_ms().saturating_sub(self.stamped_ms);
+        metrics::histogram!(DELIVERY_SECONDS).record(age_ms as f64 / 1000.0);
     }
 }
+
+/// Histogram: from a message's stamp (its `ts`) to a gateway's confirmation that a recipient's
+/// device connection queued it (one sample per confirmed recipient).
+pub const DELIVERY_SECONDS: &str = "fanout_delivery_seconds";
 
 struct Waiting {
     notification: PushNotification,
@@ -81,6 +103,7 @@ pub struct Deliverer {
     inbox: String,
     next_token: AtomicU64,
     waiting: Mutex<HashMap<u64, Waiting>>,
+    inflight: Arc<InFlight>,
 }
 
 impl Deliverer {
@@ -100,6 +123,7 @@ impl Deliverer {
             inbox,
             next_token: AtomicU64::new(0),
             waiting: Mutex::new(HashMap::new()),
+            inflight: Arc::default(),
         });
         tokio::spawn(this.clone().match_replies(replies, shutdown.clone()));
         tokio::spawn(this.clone().expire(presence_timeout, shutdown));
@@ -150,7 +174,8 @@ impl Deliverer {
 
     /// Pushes stamped message `m` (the payload of `msg`) to each of `members`, in order: the
     /// sender's own devices without a confirmation request (no notification for the sender),
-    /// every other member with one. `msg` is acked once every recipient is resolved, or naked
+    /// every other member with one (for a membership event only the users it names: the
+    /// others get no notification for it). `msg` is acked once every recipient is resolved, or naked
     /// when a publish or a notification failed. Each publish first takes one delivery from
     /// `budget` (group deliveries), if given. The returned receiver is told when every
     /// recipient is resolved (at the latest after the presence timeout).
@@ -162,16 +187,28 @@ impl Deliverer {
         budget: Option<&Spend<'_>>,
     ) -> tokio::sync::oneshot::Receiver<()> {
         let (resolved, on_resolved) = tokio::sync::oneshot::channel();
+        self.inflight.count.fetch_add(1, Ordering::AcqRel);
         let outstanding = Arc::new(Outstanding {
+            inflight: self.inflight.clone(),
+            stamped_ms: m.ts,
             resolved: Mutex::new(Some(resolved)),
             // One per recipient asked for a confirmation, plus one held until `msg` is in place.
             remaining: AtomicUsize::new(1),
             failed: AtomicBool::new(false),
             msg: Mutex::new(None),
         });
+        // A membership event notifies only the users it makes join or leave ("you were added
+        // to …"); the group's other members learn of it when they next open the app.
+        let named: Vec<&str> = m
+            .event
+            .as_ref()
+            .map(|e| chat_protocol::membership::named(e, &m.from))
+            .unwrap_or_default();
         for user in members {
-            if user.as_str() == m.from {
-                // The sender's own devices: no notification if none is connected.
+            let notifies = m.event.is_none() || named.contains(&user.as_str());
+            if user.as_str() == m.from || !notifies {
+                // The sender's own devices, or nothing worth a notification: pushed, and no
+                // notification if no device is connected.
                 if !self.push(user, None, &msg.payload, budget).await {
                     outstanding.failed.store(true, Ordering::Release);
                 }
@@ -293,6 +330,7 @@ impl Deliverer {
                 };
                 metrics::counter!("fanout_online_total").increment(resolved.len() as u64);
                 for w in resolved {
+                    w.outstanding.confirmed();
                     w.outstanding.resolve_one().await;
                 }
                 continue;
@@ -309,8 +347,23 @@ impl Deliverer {
                 }
             } else {
                 metrics::counter!("fanout_online_total").increment(1);
+                waiting.outstanding.confirmed();
             }
             waiting.outstanding.resolve_one().await;
+        }
+    }
+
+    /// Waits until every message pushed so far has all its recipients resolved and is acked
+    /// (at most the presence timeout after its last push, while replies are still matched).
+    pub async fn idle(&self) {
+        loop {
+            let changed = self.inflight.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.inflight.count.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            changed.await;
         }
     }
 

@@ -19,7 +19,10 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -64,6 +67,8 @@ pub struct GroupFanout {
     settings: GroupSettings,
     views: Mutex<Views>,
     queues: Mutex<HashMap<String, VecDeque<Queued>>>,
+    /// Set by [`GroupFanout::hand_back`]: queued events are naked instead of delivered.
+    handing_back: AtomicBool,
     stop: CancellationToken,
 }
 
@@ -84,6 +89,7 @@ impl GroupFanout {
             views: Mutex::new(Views::new(settings.view_max_members)),
             settings,
             queues: Mutex::default(),
+            handing_back: AtomicBool::new(false),
             stop,
         });
         tokio::spawn(this.clone().keep_alive());
@@ -122,6 +128,19 @@ impl GroupFanout {
         tokio::spawn(self.clone().drain(conv));
     }
 
+    /// At shutdown, once nothing more is pulled: every conversation finishes the event it is
+    /// delivering and hands the rest of its queue back (nak). Returns when every queue is
+    /// empty.
+    pub async fn hand_back(&self) {
+        self.handing_back.store(true, Ordering::Release);
+        loop {
+            if self.queues.lock().expect("queues lock").is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Delivers `conv`'s queued events in order until its queue is empty. The event being
     /// delivered stays at the front of the queue until it is done, so it keeps getting
     /// in-progress acks while it waits for the budget.
@@ -152,6 +171,15 @@ impl GroupFanout {
             };
             if self.stop.is_cancelled() {
                 // Not acked: redelivered to whichever worker owns the partition next.
+                done();
+                continue;
+            }
+            if self.handing_back.load(Ordering::Acquire) {
+                // Draining: handed back now, redelivered (ahead of newer events) to the next
+                // owner, which delivers it once.
+                if let Err(err) = next.msg.ack_with(AckKind::Nak(None)).await {
+                    tracing::debug!(error = %err, "nak at drain failed; redelivered after ack_wait");
+                }
                 done();
                 continue;
             }

@@ -42,6 +42,8 @@ pub mod view;
 pub struct Config {
     /// NATS server URL.
     pub nats_url: String,
+    /// How this worker authenticates to NATS (`chat_common::nats`).
+    pub nats_auth: chat_common::nats::NatsAuth,
     /// Admin endpoint (`/healthz`, `/readyz`, `/metrics`); empty disables it.
     pub admin_listen: String,
     /// Partitions this worker competes for (default: all).
@@ -83,12 +85,16 @@ pub struct Config {
     pub balance_expire_ms: u64,
     /// This worker's id among the live workers (default: host name and process id).
     pub instance_id: String,
+    /// How often the lag of the consumers this worker pulls is read and exported
+    /// (`chat_common::lag`); 0 disables it.
+    pub lag_interval_ms: u64,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_auth: Default::default(),
             admin_listen: "127.0.0.1:9092".into(),
             partitions: None,
             pull_batch: 256,
@@ -108,6 +114,7 @@ impl Default for Config {
             balance_heartbeat_ms: 1000,
             balance_expire_ms: 3000,
             instance_id: String::new(),
+            lag_interval_ms: 10_000,
         }
     }
 }
@@ -133,14 +140,17 @@ async fn consume<H, Fut>(
     }
 }
 
-/// Runs the worker until `shutdown`, then stops pulling, finishes the message in hand, and
-/// drains the NATS client.
+/// Runs the worker until `shutdown`, then drains: stop pulling (deliveries received but not
+/// handled are handed back with a nak), finish the events in hand and wait until each of their
+/// recipients is resolved, so they are acked (group events still queued behind their budget are
+/// handed back), then drain the NATS client. Nothing is left to come back after `ack_wait`,
+/// so the next owner delivers nothing twice.
 pub async fn run(
     config: Config,
     admin_listener: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client = chat_common::connect_nats(&config.nats_url, "fanout-worker").await?;
+    let client = chat_common::connect_nats(&config.nats_url, "fanout", &config.nats_auth).await?;
     let js = async_nats::jetstream::new(client.clone());
     let count = chat_protocol::jetstream::live_partitions(&js).await?;
     let partitions = partitions::select(config.partitions.as_deref(), count)?;
@@ -162,6 +172,11 @@ pub async fn run(
         group: subjects::FANOUT_GROUP,
         batch: config.pull_batch,
         expires: Duration::from_secs(2),
+        lag: chat_common::lag::Lag::start(
+            js.clone(),
+            Duration::from_millis(config.lag_interval_ms),
+            stop_delivery.clone(),
+        ),
     };
     let instance = if config.instance_id.is_empty() {
         chat_common::default_instance_id()
@@ -201,30 +216,30 @@ pub async fn run(
     );
     let (direct_balance, group_balance) = (direct_balance?, group_balance?);
     let mut consuming = tokio::task::JoinSet::new();
+    let group_fanout = config.groups.then(|| {
+        groups::GroupFanout::start(
+            deliverer.clone(),
+            client.clone(),
+            budget::Budget::new(
+                config.group_conv_deliveries_per_second,
+                config.group_conv_burst,
+                config.group_deliveries_per_second,
+                config.group_burst,
+            ),
+            groups::GroupSettings {
+                small_group_max_members: config.small_group_max_members as usize,
+                view_max_members: config.group_view_max_members,
+                group_info_timeout: Duration::from_millis(config.group_info_timeout_ms),
+                retry_delay: Duration::from_millis(config.group_retry_delay_ms),
+            },
+            stop_delivery.clone(),
+        )
+    });
     // Starts delivering `partitions` (each kind this worker runs).
     let start = {
         let (js, settings, shutdown) = (js.clone(), settings.clone(), shutdown.clone());
         let deliverer = deliverer.clone();
-        let mut group_fanout: Option<std::sync::Arc<groups::GroupFanout>> = None;
-        if config.groups {
-            group_fanout = Some(groups::GroupFanout::start(
-                deliverer.clone(),
-                client.clone(),
-                budget::Budget::new(
-                    config.group_conv_deliveries_per_second,
-                    config.group_conv_burst,
-                    config.group_deliveries_per_second,
-                    config.group_burst,
-                ),
-                groups::GroupSettings {
-                    small_group_max_members: config.small_group_max_members as usize,
-                    view_max_members: config.group_view_max_members,
-                    group_info_timeout: Duration::from_millis(config.group_info_timeout_ms),
-                    retry_delay: Duration::from_millis(config.group_retry_delay_ms),
-                },
-                stop_delivery.clone(),
-            ));
-        }
+        let group_fanout = group_fanout.clone();
         let direct = config.direct;
         move |consuming: &mut tokio::task::JoinSet<()>, partitions: &[u32]| {
             if direct {
@@ -268,7 +283,12 @@ pub async fn run(
         }
     };
     start(&mut consuming, &partitions);
-    ready.set(true);
+    let readiness = tokio::spawn(admin::ready_while_connected(
+        client.clone(),
+        ready.clone(),
+        || true,
+        shutdown.clone(),
+    ));
     tracing::info!(partitions = ?partitions, direct = config.direct, groups = config.groups, "fan-out worker running");
     // Every partition, those added when the count grows too (`nats/README.md`).
     let mut count = if config.partitions.is_none() {
@@ -295,16 +315,30 @@ pub async fn run(
             Err(err) => tracing::debug!(error = %err, "reading the partition count failed"),
         }
     }
+    tracing::info!("fan-out worker draining");
     let consuming = async move { while consuming.join_next().await.is_some() {} };
     ready.set(false);
+    let _ = readiness.await;
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     chat_common::within_grace("stop consumers", grace, consuming).await;
-    // Unresolved pushes are not acked: their messages come back to the next worker.
+    // Group events not started yet go back; the one each group is delivering is finished.
+    if let Some(groups) = &group_fanout {
+        chat_common::within_grace("hand back queued group events", grace, groups.hand_back()).await;
+    }
+    // Acks follow the recipients: wait for the gateways' confirmations (at most the presence
+    // timeout), or the pushes made would be made again by the next owner.
+    chat_common::within_grace("resolve pushes in flight", grace, deliverer.idle()).await;
     stop_delivery.cancel();
     stop_admin.cancel();
     if let Some(task) = admin_task {
         let _ = task.await;
     }
-    client.drain().await.ok();
+    chat_common::within_grace("drain nats", grace, async {
+        if let Err(err) = client.drain().await {
+            tracing::warn!(error = %err, "nats drain failed");
+        }
+    })
+    .await;
+    tracing::info!("fan-out worker stopped");
     Ok(())
 }

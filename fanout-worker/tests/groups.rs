@@ -275,6 +275,56 @@ async fn members_get_a_group_from_their_join_until_their_removal() {
     worker.stop().await;
 }
 
+/// Offline members of a small group get a push notification for each message, and for a
+/// membership event only when it is about them (being added); a rename notifies nobody.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_events_notify_only_the_users_they_are_about() {
+    let env = env().await;
+    let worker = Worker::start(&env, |_| {}).await;
+    // Only alice has a device; dave and erin are offline.
+    let mut alice = env.user("alice").await;
+    let g = "g~hike";
+    env.group(g, "alice", "op1", GroupOp::Create, &["dave"])
+        .await; // 1
+    env.group(g, "alice", "op2", GroupOp::Rename, &[]).await; // 2
+    env.group(g, "alice", "op3", GroupOp::Add, &["erin"]).await; // 3
+    env.send(g, "alice", "m1").await; // 4
+    assert_eq!(alice.seqs_until(g, 4).await, [1, 2, 3, 4]);
+    let mut push = env.js.get_stream(subjects::STREAM_PUSH).await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let notified = loop {
+        let last = push.info().await.unwrap().state.last_sequence;
+        let mut seen = Vec::new();
+        for seq in 1..=last {
+            let raw = push.get_raw_message(seq).await.unwrap();
+            let n: chat_protocol::api::PushNotification =
+                serde_json::from_slice(&raw.payload).unwrap();
+            seen.push((n.user, n.seq));
+        }
+        seen.sort();
+        // The message (seq 4) notifies both; it comes after every event before it.
+        if seen.contains(&("dave".into(), 4)) && seen.contains(&("erin".into(), 4)) {
+            break seen;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "notifications: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        notified,
+        vec![
+            ("dave".to_owned(), 1),
+            ("dave".to_owned(), 4),
+            ("erin".to_owned(), 3),
+            ("erin".to_owned(), 4)
+        ],
+        "dave for his joining, erin for hers, both for the message; nobody for the rename"
+    );
+    worker.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_worker_seeds_its_view_and_delivers_by_membership() {
     let env = env().await;

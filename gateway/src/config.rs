@@ -15,6 +15,8 @@ pub struct Config {
     /// Admin listener (`/healthz`, `/readyz`, `/metrics`); empty disables it.
     pub admin_listen: String,
     pub nats_url: String,
+    /// How the gateway authenticates to NATS (`chat_common::nats`).
+    pub nats_auth: chat_common::nats::NatsAuth,
     pub auth: AuthConfig,
     /// Largest inbound WebSocket message; larger closes the connection with 1009.
     pub max_frame_bytes: usize,
@@ -67,6 +69,7 @@ impl Default for Config {
             listen: "127.0.0.1:8080".into(),
             admin_listen: "127.0.0.1:9090".into(),
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_auth: Default::default(),
             auth: AuthConfig::default(),
             max_frame_bytes: 131_072,
             max_body_bytes: 65_536,

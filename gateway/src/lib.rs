@@ -314,7 +314,7 @@ pub async fn run(
         push::describe();
     }
     let servers = PushClient::servers(&config.nats_url).context("push connection")?;
-    let nats = chat_common::connect_nats(&config.nats_url, "chat-gateway").await?;
+    let nats = chat_common::connect_nats(&config.nats_url, "gateway", &config.nats_auth).await?;
     // A listener failure stops this gateway's connections without cancelling the caller's token.
     let stop = shutdown.child_token();
     let push = PushClient::new();

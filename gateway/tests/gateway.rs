@@ -507,10 +507,11 @@ async fn bad_frames_get_error_codes_and_nothing_reaches_nats() {
     let cases: Vec<(String, ErrorCode, Option<&str>)> = vec![
         ("{not json".into(), ErrorCode::BadJson, None),
         (r#"{"type":"dance"}"#.into(), ErrorCode::UnknownType, None),
+        // A send that fails to decode (no body) still names the send it answers.
         (
             r#"{"type":"send","conv":"dm~alice~bob","id":"m1"}"#.into(),
             ErrorCode::InvalidFrame,
-            None,
+            Some("m1"),
         ),
         (
             r#"{"conv":"dm~alice~bob"}"#.into(),

@@ -23,6 +23,8 @@ pub struct Config {
     /// Admin listener (`/healthz`, `/readyz`, `/metrics`); empty disables it.
     pub admin_listen: String,
     pub nats_url: String,
+    /// How the service authenticates to NATS (`chat_common::nats`).
+    pub nats_auth: chat_common::nats::NatsAuth,
     pub auth: AuthConfig,
     pub s3: S3Config,
     /// Largest upload with one presigned PUT.
@@ -63,6 +65,7 @@ impl Default for Config {
             listen: "127.0.0.1:8070".into(),
             admin_listen: "127.0.0.1:9093".into(),
             nats_url: "nats://127.0.0.1:4222".into(),
+            nats_auth: Default::default(),
             auth: AuthConfig::default(),
             s3: S3Config::default(),
             max_single_upload_bytes: 64 * 1024 * 1024,

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// NATS server URL.
     pub nats_url: String,
+    /// How this replica authenticates to NATS (`chat_common::nats`).
+    pub nats_auth: chat_common::nats::NatsAuth,
     /// Admin endpoint (`/healthz`, `/readyz`, `/metrics`); empty disables it.
     pub admin_listen: String,
     /// This replica's id among the live presence replicas (default: host name and pid).
@@ -43,7 +45,8 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
-            admin_listen: "127.0.0.1:9093".into(),
+            nats_auth: Default::default(),
+            admin_listen: "127.0.0.1:9094".into(),
             instance_id: String::new(),
             online_ttl_ms: 90_000,
             debounce_ms: 1000,

@@ -131,7 +131,7 @@ pub async fn run(
         admin::metrics_handle();
         metrics::describe();
     }
-    let client = chat_common::connect_nats(&config.nats_url, "chat-presence").await?;
+    let client = chat_common::connect_nats(&config.nats_url, "presence", &config.nats_auth).await?;
     let js = jetstream::new(client.clone());
     let kv = js
         .get_key_value(subjects::PRESENCE_BUCKET)

@@ -546,6 +546,8 @@ pub enum ErrorCode {
     GroupFull,
     /// `create` of a group that already exists.
     AlreadyExists,
+    /// The change would leave the group without an admin (demoting its last admin).
+    LastAdmin,
     /// The group does not exist.
     NotFound,
     /// The sender exceeded its send rate; `retry_after_ms` says when to retry.
@@ -584,6 +586,7 @@ impl ErrorCode {
             Self::NotAdmin => "not_admin",
             Self::GroupFull => "group_full",
             Self::AlreadyExists => "already_exists",
+            Self::LastAdmin => "last_admin",
             Self::NotFound => "not_found",
             Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",
@@ -615,12 +618,32 @@ pub mod close {
     pub const TOKEN_EXPIRED: u16 = 4002;
 }
 
-/// Why a client frame could not be decoded; maps onto an [`ErrorCode`].
+/// Why a client frame could not be decoded; maps onto an [`ErrorCode`]. Carries whatever of
+/// the frame's `id`, `req` and `conv` could be read (string fields of a JSON object), so the
+/// client can tell which of its frames in flight failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct DecodeError {
     pub code: ErrorCode,
     pub message: String,
+    pub id: Option<String>,
+    pub req: Option<String>,
+    pub conv: Option<String>,
+}
+
+/// The longest `id` / `req` / `conv` echoed from a frame that failed to decode (longer ones
+/// cannot be valid and are not echoed).
+const ECHO_MAX_BYTES: usize = 256;
+
+impl From<DecodeError> for ErrorFrame {
+    fn from(e: DecodeError) -> Self {
+        ErrorFrame {
+            id: e.id,
+            req: e.req,
+            conv: e.conv,
+            ..ErrorFrame::new(e.code, e.message)
+        }
+    }
 }
 
 impl ClientFrame {
@@ -631,12 +654,33 @@ impl ClientFrame {
             Ok(frame) => return Ok(frame),
             Err(err) => err,
         };
-        let fail = |code, message: String| DecodeError { code, message };
         let value: serde_json::Value = match serde_json::from_slice(bytes) {
             Ok(v) => v,
-            Err(e) => return Err(fail(ErrorCode::BadJson, format!("frame is not JSON: {e}"))),
+            Err(e) => {
+                return Err(DecodeError {
+                    code: ErrorCode::BadJson,
+                    message: format!("frame is not JSON: {e}"),
+                    id: None,
+                    req: None,
+                    conv: None,
+                });
+            }
         };
-        let Some(obj) = value.as_object() else {
+        let obj = value.as_object();
+        let echo = |field: &str| {
+            obj.and_then(|o| o.get(field))
+                .and_then(|v| v.as_str())
+                .filter(|v| v.len() <= ECHO_MAX_BYTES)
+                .map(str::to_owned)
+        };
+        let fail = |code, message: String| DecodeError {
+            code,
+            message,
+            id: echo("id"),
+            req: echo("req"),
+            conv: echo("conv"),
+        };
+        let Some(obj) = obj else {
             return Err(fail(
                 ErrorCode::InvalidFrame,
                 "frame must be a JSON object".into(),
@@ -662,6 +706,107 @@ impl ClientFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_frame_that_fails_to_decode_echoes_what_of_id_req_and_conv_it_has() {
+        /// A frame, the code it gets, and the `id`, `req`, `conv` its error echoes.
+        type Case<'a> = (
+            &'a str,
+            ErrorCode,
+            Option<&'a str>,
+            Option<&'a str>,
+            Option<&'a str>,
+        );
+        let cases: &[Case] = &[
+            (
+                r#"{"type":"send","id":"m1","body":"hi"}"#,
+                ErrorCode::InvalidFrame,
+                Some("m1"),
+                None,
+                None,
+            ),
+            (
+                r#"{"type":"send","id":"m2","conv":"dm~a~b"}"#,
+                ErrorCode::InvalidFrame,
+                Some("m2"),
+                None,
+                Some("dm~a~b"),
+            ),
+            (
+                r#"{"type":"send","id":"m3","conv":"dm~a~b","body":7}"#,
+                ErrorCode::InvalidFrame,
+                Some("m3"),
+                None,
+                Some("dm~a~b"),
+            ),
+            (
+                r#"{"type":"history","req":"h1","conv":"dm~a~b","limit":"x"}"#,
+                ErrorCode::InvalidFrame,
+                None,
+                Some("h1"),
+                Some("dm~a~b"),
+            ),
+            (
+                r#"{"type":"history","req":"h2","conv":"dm~a~b","limit":-1}"#,
+                ErrorCode::InvalidFrame,
+                None,
+                Some("h2"),
+                Some("dm~a~b"),
+            ),
+            (
+                r#"{"type":"history","req":"h3","conv":"dm~a~b","limit":"5"}"#,
+                ErrorCode::InvalidFrame,
+                None,
+                Some("h3"),
+                Some("dm~a~b"),
+            ),
+            (
+                r#"{"type":"group","op":"explode","id":"g1","conv":"g~x"}"#,
+                ErrorCode::InvalidFrame,
+                Some("g1"),
+                None,
+                Some("g~x"),
+            ),
+            (
+                r#"{"type":"warp","req":"w1"}"#,
+                ErrorCode::UnknownType,
+                None,
+                Some("w1"),
+                None,
+            ),
+            // Only strings are echoed; what is not an object has nothing to echo.
+            (
+                r#"{"type":"send","id":5,"conv":["x"]}"#,
+                ErrorCode::InvalidFrame,
+                None,
+                None,
+                None,
+            ),
+            (r#"["send"]"#, ErrorCode::InvalidFrame, None, None, None),
+            (
+                r#"{"type":"send","id":"m4""#,
+                ErrorCode::BadJson,
+                None,
+                None,
+                None,
+            ),
+        ];
+        for (raw, code, id, req, conv) in cases {
+            let err = ClientFrame::decode(raw.as_bytes()).expect_err(raw);
+            let frame = ErrorFrame::from(err);
+            assert_eq!(&frame.code, code, "{raw}");
+            assert_eq!(frame.id.as_deref(), *id, "{raw}");
+            assert_eq!(frame.req.as_deref(), *req, "{raw}");
+            assert_eq!(frame.conv.as_deref(), *conv, "{raw}");
+        }
+        let long = "x".repeat(ECHO_MAX_BYTES + 1);
+        let raw = format!(r#"{{"type":"send","id":"{long}"}}"#);
+        let frame = ErrorFrame::from(ClientFrame::decode(raw.as_bytes()).unwrap_err());
+        assert_eq!(
+            frame.id, None,
+            "an id longer than any valid one is not echoed"
+        );
+    }
 
     #[test]
     fn decodes_a_send() {

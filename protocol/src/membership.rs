@@ -159,8 +159,8 @@ pub fn plan(
                 .any(|m| m.admin && !demoted.contains(&m.user))
             {
                 return Err(refuse(
-                    ErrorCode::InvalidFrame,
-                    "a group keeps at least one admin",
+                    ErrorCode::LastAdmin,
+                    "a group keeps at least one admin: promote another member first",
                 ));
             }
             Ok(GroupEvent::Demoted { members: demoted })
@@ -526,10 +526,7 @@ mod tests {
             Ok(GroupEvent::Left { admin: None })
         );
         let demote = op(GroupOp::Demote, "al", &["al"], None);
-        assert_eq!(
-            code(plan(&demote, true, &current, 9)),
-            ErrorCode::InvalidFrame
-        );
+        assert_eq!(code(plan(&demote, true, &current, 9)), ErrorCode::LastAdmin);
         let with_members = op(GroupOp::Leave, "al", &["bo"], None);
         assert_eq!(
             code(plan(&with_members, true, &current, 9)),

@@ -21,9 +21,14 @@ pub mod config;
 pub mod per_message;
 mod reads;
 pub mod records;
+pub mod repair;
+pub mod sync_token;
 
 use std::{
-    sync::{Arc, atomic::AtomicUsize},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -34,11 +39,63 @@ use chat_common::{
     partitions,
 };
 use chat_protocol::{jetstream::live_partitions, subjects};
-use chat_store::{EmbeddedStore, MessageStore};
+use chat_store::{AnyStore, Backend, MessageStore};
 pub use config::Config;
 pub use per_message::STAMPER_HEADER;
 use per_message::{Applied, Ctx, PartitionSettings};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+/// Opens the configured message store backend.
+pub async fn open_store(config: &Config) -> anyhow::Result<AnyStore> {
+    match config.store {
+        Backend::Embedded => AnyStore::embedded(&config.store_dir)
+            .await
+            .with_context(|| format!("cannot open the store in {}", config.store_dir.display())),
+        Backend::Cassandra => AnyStore::cassandra(&config.cassandra)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot open the cassandra store (keyspace {})",
+                    config.cassandra.keyspace
+                )
+            }),
+    }
+}
+
+/// `sequencer migrate-store`: creates or upgrades the configured store's schema (idempotent)
+/// and says what it did. The embedded store needs none (it creates its tables when opened).
+pub async fn migrate_store(config: &Config) -> anyhow::Result<String> {
+    match config.store {
+        Backend::Embedded => Ok(format!(
+            "embedded store in {}: nothing to migrate (it creates its tables when opened)",
+            config.store_dir.display()
+        )),
+        Backend::Cassandra => {
+            let c = &config.cassandra;
+            let report = chat_store::cassandra::migrate(c).await.with_context(|| {
+                format!(
+                    "cannot migrate keyspace {} at {}",
+                    c.keyspace,
+                    c.contact_points.join(",")
+                )
+            })?;
+            let latest = chat_store::cassandra::schema::LATEST;
+            Ok(if report.applied.is_empty() {
+                format!(
+                    "keyspace {}: schema version {latest}, nothing to do",
+                    c.keyspace
+                )
+            } else {
+                format!(
+                    "keyspace {}: applied schema versions {:?} (was {}), now at {latest}",
+                    c.keyspace,
+                    report.applied,
+                    report.before.map_or("none".to_owned(), |v| v.to_string())
+                )
+            })
+        }
+    }
+}
 
 /// Runs the sequencer until `shutdown`, then drains: stop pulling (what is in flight is
 /// finished and acked, the rest handed back), stop the store writer and the API responders,
@@ -56,11 +113,9 @@ pub async fn run(
         config.group_max_members >= 1,
         "group_max_members must be at least 1"
     );
-    let store_dir = config.store_dir.clone();
-    let store = tokio::task::spawn_blocking(move || EmbeddedStore::open(store_dir))
-        .await?
-        .with_context(|| format!("cannot open the store in {}", config.store_dir.display()))?;
-    let client = chat_common::connect_nats(&config.nats_url, "sequencer").await?;
+    let store = open_store(&config).await?;
+    let client =
+        chat_common::connect_nats(&config.nats_url, "sequencer", &config.nats_auth).await?;
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(5))
         .backpressure_on_inflight(true)
@@ -75,6 +130,15 @@ pub async fn run(
     } else {
         config.instance_id.clone()
     };
+    // Before stamping or following anything: a store ahead of the stream (power loss) puts
+    // the stream's lost tail back first.
+    // Built for the embedded store only: a Cassandra store left ahead of a stream that lost its
+    // tail (a power cut of every NATS node in interval mode) is not repaired yet.
+    if let chat_store::AnyStore::Embedded(embedded) = &store {
+        repair::run(&js, embedded, count, &instance)
+            .await
+            .context("cannot repair the stamped stream from the store")?;
+    }
     let (applied_tx, applied) = Applied::new(store.applied_stream_seq().await?);
 
     let ready = Readiness::default();
@@ -85,14 +149,32 @@ pub async fn run(
     if let Some(listener) = admin_listener {
         tasks.spawn(admin::serve(listener, ready.clone(), stop_rest.clone()));
     }
+    // Ready while connected, consuming, and (when it follows the stream) the store writer is.
+    let consuming_flag = Arc::new(AtomicBool::new(false));
+    let store_healthy = Arc::new(AtomicBool::new(!config.follow_stamped));
+    tasks.spawn(admin::ready_while_connected(
+        client.clone(),
+        ready.clone(),
+        {
+            let (consuming, store) = (consuming_flag.clone(), store_healthy.clone());
+            move || consuming.load(Ordering::Relaxed) && store.load(Ordering::Relaxed)
+        },
+        stop_consuming.clone(),
+    ));
     if config.follow_stamped {
         tasks.spawn(per_message::store_writer::run(
             js.clone(),
             store.clone(),
             applied_tx,
+            store_healthy,
             stop_rest.clone(),
         ));
     }
+    let lag = chat_common::lag::Lag::start(
+        js.clone(),
+        Duration::from_millis(config.lag_interval_ms),
+        stop_rest.clone(),
+    );
     if config.serve_api {
         let (client, store, applied, stop) = (
             client.clone(),
@@ -128,6 +210,7 @@ pub async fn run(
         catch_up: Duration::from_millis(config.api_catch_up_ms),
         held_bytes: AtomicUsize::new(0),
         max_held_bytes: config.max_held_mib.max(1) * 1024 * 1024,
+        lag,
     });
     let settings = PartitionSettings {
         pull_batch: config.pull_batch.max(1),
@@ -141,16 +224,65 @@ pub async fn run(
         balance,
         stop_consuming,
     ));
-    ready.set(true);
+    consuming_flag.store(true, Ordering::Relaxed);
     tracing::info!(partitions = ?partitions, of = count, "sequencer running");
 
     shutdown.cancelled().await;
     ready.set(false);
+    tracing::info!("sequencer draining");
     let grace = Duration::from_millis(config.shutdown_grace_ms);
     chat_common::within_grace("stop consumers", grace, consuming).await;
     stop_rest.cancel();
     tasks.close();
     chat_common::within_grace("stop store writer and api", grace, tasks.wait()).await;
-    client.drain().await.ok();
+    chat_common::within_grace("drain nats", grace, async {
+        if let Err(err) = client.drain().await {
+            tracing::warn!(error = %err, "nats drain failed");
+        }
+    })
+    .await;
+    tracing::info!("sequencer stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn migrate_store_on_the_embedded_backend_has_nothing_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config {
+            store_dir: dir.path().join("store"),
+            ..Config::default()
+        };
+        let report = migrate_store(&config).await.unwrap();
+        assert!(report.contains("nothing to migrate"), "{report}");
+        let store = open_store(&config).await.unwrap();
+        assert_eq!(store.backend(), Backend::Embedded);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_cassandra_store_is_a_clear_error() {
+        let mut config = Config {
+            store: Backend::Cassandra,
+            ..Config::default()
+        };
+        // Nothing listens on port 1 of the loopback address.
+        config.cassandra.contact_points = vec!["127.0.0.1:1".into()];
+        config.cassandra.connect_timeout_ms = 1000;
+        let err = open_store(&config).await.unwrap_err();
+        let shown = format!("{err:#}");
+        assert!(shown.contains("cassandra store (keyspace chat)"), "{shown}");
+        assert!(shown.contains("127.0.0.1:1"), "{shown}");
+        let err = migrate_store(&config).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("cannot migrate keyspace chat"),
+            "{err:#}"
+        );
+        // A setting that cannot work is refused before connecting.
+        config.cassandra.keyspace = "no spaces allowed".into();
+        let err = open_store(&config).await.unwrap_err();
+        assert!(format!("{err:#}").contains("keyspace"), "{err:#}");
+    }
 }

@@ -516,6 +516,81 @@ async fn sync_pages_through_changed_conversations_and_resumes_from_its_token() {
     seq.stop().await;
 }
 
+/// `hello` announces `sync_page_max` 1000 and `limit` is honoured up to it, also within one
+/// conversation (the store pages at most 500 at a time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_page_carries_up_to_its_limit_of_one_conversation() {
+    let (nats, client, js) = setup().await;
+    let seq = Sequencer::spawn(&nats, "s1");
+    let sends: Vec<(String, String, String)> = (0..1200)
+        .map(|i| {
+            (
+                "dm~alice~bob".to_owned(),
+                "alice".to_owned(),
+                format!("m{i}"),
+            )
+        })
+        .collect();
+    send_pipelined(&js, &sends).await;
+    assert_eq!(stamped(&js, 1200).await.len(), 1200);
+    for (limit, want, more) in [
+        (600, 600, true),
+        (1000, 1000, true),
+        (5000, 1000, true),
+        (7, 7, true),
+    ] {
+        let page = sync_page(sync(&client, "bob", None, &[], None, limit).await);
+        assert_eq!(page.messages.len(), want, "limit {limit}");
+        assert_eq!(
+            page.messages,
+            in_conv("dm~alice~bob", 1..=want as u64),
+            "limit {limit}"
+        );
+        assert_eq!(page.next.is_some(), more, "limit {limit}");
+    }
+    // The rest on the next page, from the updated cursor.
+    let first = sync_page(sync(&client, "bob", None, &[], None, 1000).await);
+    let rest = sync(
+        &client,
+        "bob",
+        None,
+        &[("dm~alice~bob", 1000)],
+        first.next.as_deref(),
+        1000,
+    )
+    .await;
+    let rest = sync_page(rest);
+    assert_eq!(rest.messages, in_conv("dm~alice~bob", 1001..=1200));
+    assert!(rest.next.is_none() && rest.token.is_some());
+
+    // A limit of 0 asks for nothing: refused, never "one item and more to come".
+    let SyncReply::Error(e) = sync(&client, "bob", None, &[], None, 0).await else {
+        panic!("sync with limit 0 must be refused")
+    };
+    assert_eq!(e.code, ErrorCode::InvalidFrame);
+    let HistoryReply::Error(e) = history_range(&client, "bob", "dm~alice~bob", None, None, 0).await
+    else {
+        panic!("history with limit 0 must be refused")
+    };
+    assert_eq!(e.code, ErrorCode::InvalidFrame);
+    let reply: ConversationsReply = ask(
+        &client,
+        subjects::CONVERSATIONS_API,
+        &ConversationsRequest {
+            user: "bob".into(),
+            after: None,
+            limit: 0,
+            groups_only: false,
+        },
+    )
+    .await;
+    let ConversationsReply::Error(e) = reply else {
+        panic!("conversations with limit 0 must be refused")
+    };
+    assert_eq!(e.code, ErrorCode::InvalidFrame);
+    seq.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stamps_dense_seqs_in_send_order_and_serves_history() {
     let (nats, client, js) = setup().await;
@@ -1171,6 +1246,42 @@ async fn group_membership_changes_take_their_place_in_the_order_and_bound_what_m
         panic!("no such group")
     };
     assert_eq!(e.code, ErrorCode::NotFound);
+
+    // A send to a group that does not exist; demoting the last admin.
+    send(&js, "g~nope", "alice", "a2", "anyone?").await;
+    assert_eq!(
+        refusal(&mut alice_inbox).await,
+        (ErrorCode::NotFound, Some("a2".into()))
+    );
+    group_op(&js, G, "alice", "op6", GroupOp::Demote, None, &["alice"]).await;
+    assert_eq!(
+        refusal(&mut alice_inbox).await,
+        (ErrorCode::LastAdmin, Some("op6".into()))
+    );
+    // Being added is nothing to read: a new member starts with no unread message.
+    group_op(&js, G, "alice", "op7", GroupOp::Add, None, &["dave"]).await;
+    assert_eq!(stamped(&js, 8).await.len(), 8);
+    let ConversationsReply::Page { convs, .. } = ask(
+        &client,
+        subjects::CONVERSATIONS_API,
+        &ConversationsRequest {
+            user: "dave".into(),
+            after: None,
+            limit: 10,
+            groups_only: false,
+        },
+    )
+    .await
+    else {
+        panic!("expected a page")
+    };
+    assert_eq!(
+        convs
+            .iter()
+            .map(|c| (c.conv.as_str(), c.joined, c.latest, c.unread))
+            .collect::<Vec<_>>(),
+        vec![(G, 8, 8, 0)]
+    );
     seq.stop().await;
 }
 

@@ -29,6 +29,55 @@ use crate::{
     StoreErrorKind, StoredMessage, StoredReceipt, UserConversations,
 };
 
+/// Calls `$m!(case, case, ...)` with every conformance case: the one list that each
+/// backend's test file expands into one test per case (see `store/tests/embedded.rs`).
+#[macro_export]
+macro_rules! conformance_cases {
+    ($m:ident) => {
+        $m!(
+            empty_store,
+            round_trip_preserves_fields,
+            empty_apply_is_noop,
+            page_before_boundaries,
+            page_after_boundaries,
+            page_limit_is_clamped,
+            page_unknown_conversation,
+            pages_cross_partition_boundaries,
+            idempotent_reappend,
+            conflicting_append_is_rejected_atomically,
+            conflict_within_batch_is_rejected,
+            seq_zero_is_invalid,
+            seq_for_client_id,
+            client_id_keeps_first_seq,
+            latest_seq_tracks_max,
+            applied_stream_seq_is_monotonic,
+            conversations_do_not_interleave,
+            index_keys_are_unambiguous,
+            concurrent_appends,
+            sender_watermarks_raised_by_own_message,
+            receipt_watermarks_only_grow,
+            receipts_converge_in_any_order,
+            watermarks_sorted_and_isolated_per_conversation,
+            invalid_receipt_is_rejected,
+            user_index_positions_are_max,
+            user_index_touches_only_members,
+            user_conversations_since_filters,
+            group_membership_follows_events,
+            group_changes_apply_once,
+            group_index_follows_conversation_until_leave,
+            user_conversations_from_conv_is_inclusive,
+            user_conversations_paging_visits_each_once,
+            user_conversations_limit_is_clamped,
+            user_index_prefix_ids_do_not_bleed,
+            user_conversations_reports_applied,
+            conflict_writes_no_receipts_or_index,
+            apply_through_only,
+            concurrent_receipts_converge,
+            media_round_trips,
+        );
+    };
+}
+
 /// Runs every conformance case, each against a fresh store from `make`.
 pub async fn run_all<S, F, Fut>(make: F)
 where
@@ -43,6 +92,7 @@ where
     page_after_boundaries(make().await).await;
     page_limit_is_clamped(make().await).await;
     page_unknown_conversation(make().await).await;
+    pages_cross_partition_boundaries(make().await).await;
     idempotent_reappend(make().await).await;
     conflicting_append_is_rejected_atomically(make().await).await;
     conflict_within_batch_is_rejected(make().await).await;
@@ -385,6 +435,64 @@ pub async fn page_unknown_conversation<S: MessageStore>(store: S) {
         assert_eq!(page(&store, conv, after(0, 10)).await, (vec![], false));
         assert_eq!(store.latest_seq(conv).await.unwrap(), None);
     }
+}
+
+/// Pages that start, end or pass over seqs 10,000 and 20,000 (where a backend may split a
+/// conversation into partitions) see every message once, in order, with exact `more`.
+pub async fn pages_cross_partition_boundaries<S: MessageStore>(store: S) {
+    let mut all = range_msgs("long", 9_990, 10_010, 0);
+    all.extend(range_msgs("long", 19_995, 20_005, 0));
+    all.push(msg("long", 30_001, "bob", "b30001", 40_000));
+    store.apply(messages(all.clone()), None).await.unwrap();
+    let want: Vec<u64> = all.iter().map(|m| m.seq).collect();
+    assert_eq!(store.latest_seq("long").await.unwrap(), Some(30_001));
+
+    // Newest first, 7 at a time, back to the oldest.
+    let mut got = Vec::new();
+    let mut cursor = None;
+    loop {
+        let (seqs, more) = page(&store, "long", before(cursor, 7)).await;
+        got.splice(0..0, seqs.iter().copied());
+        if !more {
+            break;
+        }
+        cursor = seqs.first().copied();
+    }
+    assert_eq!(got, want);
+    // Oldest first, 9 at a time.
+    let mut got: Vec<u64> = Vec::new();
+    let mut cursor = 0;
+    loop {
+        let (seqs, more) = page(&store, "long", after(cursor, 9)).await;
+        got.extend(&seqs);
+        if !more {
+            break;
+        }
+        cursor = *seqs.last().unwrap();
+    }
+    assert_eq!(got, want);
+    // Right at the boundaries.
+    assert_eq!(
+        page(&store, "long", before(Some(10_001), 2)).await,
+        (vec![9_999, 10_000], true)
+    );
+    assert_eq!(
+        page(&store, "long", after(10_000, 2)).await,
+        (vec![10_001, 10_002], true)
+    );
+    assert_eq!(
+        page(&store, "long", after(20_005, 5)).await,
+        (vec![30_001], false)
+    );
+    assert_eq!(
+        page(&store, "long", before(Some(19_995), 3)).await,
+        (vec![10_008, 10_009, 10_010], true)
+    );
+    let got = store.page("long", after(10_009, 3)).await.unwrap();
+    assert_eq!(
+        got.messages,
+        vec![all[20].clone(), all[21].clone(), all[22].clone()]
+    );
 }
 
 /// Re-appending identical messages (alone or mixed with new ones) is Ok.

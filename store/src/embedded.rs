@@ -206,6 +206,61 @@ impl EmbeddedStore {
         &self.inner.path
     }
 
+    /// Every stored message whose stream seq is above `after`, in stream order: what a
+    /// `CHAT_MSGS` that lost its tail in a power loss no longer holds, for the sequencer's
+    /// startup repair to publish again. Scans every message (the table is keyed by
+    /// conversation): for that rare repair, never for the message path.
+    pub async fn messages_after_stream_seq(
+        &self,
+        after: u64,
+    ) -> Result<Vec<StoredMessage>, StoreError> {
+        self.blocking("read messages after a stream seq", move |db| {
+            let txn = begin_read(db)?;
+            let table = txn
+                .open_table(MESSAGES)
+                .map_err(backend("open messages table"))?;
+            let mut out = Vec::new();
+            for row in table.iter().map_err(backend("scan messages"))? {
+                let (key, value) = row.map_err(backend("scan messages"))?;
+                let (conv, seq) = key.value();
+                let record = decode(conv, seq, value.value())?;
+                if record.stream_seq > after {
+                    out.push(record.into_message(conv, seq));
+                }
+            }
+            out.sort_by_key(|m| m.stream_seq);
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Lowers the applied watermark to `to` (it never rises here): after a power loss took
+    /// `CHAT_MSGS` back to `to` and the store holds no message above it, the writer must
+    /// follow the stream again from there. Only the sequencer's startup repair calls it.
+    pub async fn rewind_applied_stream_seq(&self, to: u64) -> Result<(), StoreError> {
+        self.blocking("rewind applied stream seq", move |db| {
+            let mut txn = db
+                .begin_write()
+                .map_err(backend("begin write transaction"))?;
+            txn.set_durability(Durability::Immediate)
+                .map_err(backend("set durability"))?;
+            {
+                let mut meta = txn.open_table(META).map_err(backend("open meta table"))?;
+                let applied = meta
+                    .get(APPLIED_STREAM_SEQ)
+                    .map_err(backend("read applied stream seq"))?
+                    .map_or(0, |g| g.value());
+                if to < applied {
+                    meta.insert(APPLIED_STREAM_SEQ, to)
+                        .map_err(backend("rewind applied stream seq"))?;
+                }
+            }
+            txn.commit().map_err(backend("commit"))?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Runs a blocking closure against the database on tokio's blocking pool.
     async fn blocking<T, F>(&self, op: &'static str, f: F) -> Result<T, StoreError>
     where
@@ -223,39 +278,6 @@ fn begin_read(db: &Database) -> Result<ReadTransaction, StoreError> {
     db.begin_read().map_err(backend("begin read transaction"))
 }
 
-/// Rejects what no transaction should see, before opening one.
-fn validate(changes: &[Change]) -> Result<(), StoreError> {
-    for change in changes {
-        match &change.event {
-            Event::Message(m) if m.seq == 0 => {
-                return Err(StoreError::Invalid {
-                    conv: m.conv.clone(),
-                    seq: m.seq,
-                    reason: "seq must be at least 1",
-                });
-            }
-            Event::Message(_) => {}
-            Event::Receipt(r) => {
-                let reason = if r.conv.is_empty() {
-                    "conv must not be empty"
-                } else if r.user.is_empty() {
-                    "user must not be empty"
-                } else if r.stream_seq == 0 {
-                    "stream seq must be at least 1"
-                } else {
-                    continue;
-                };
-                return Err(StoreError::InvalidReceipt {
-                    conv: r.conv.clone(),
-                    user: r.user.clone(),
-                    reason,
-                });
-            }
-        }
-    }
-    Ok(())
-}
-
 fn apply_blocking(
     db: &Database,
     changes: &[Change],
@@ -264,7 +286,7 @@ fn apply_blocking(
     if changes.is_empty() && through.is_none() {
         return Ok(());
     }
-    validate(changes)?;
+    crate::validate_changes(changes)?;
     let mut txn = db
         .begin_write()
         .map_err(backend("begin write transaction"))?;

@@ -26,14 +26,20 @@
 //! - **the applied watermark**: every `CHAT_MSGS` message up to it is stored.
 //!
 //! Every change goes through one method, [`MessageStore::apply`], which writes
-//! a batch in one durable transaction.
+//! a batch of changes (in one durable transaction where the backend has them).
 //!
-//! Callers program against the [`MessageStore`] trait. There is one backend
-//! today, [`EmbeddedStore`], a single-node store in an embedded
-//! [redb](https://docs.rs/redb) file with durable (fsync'd) commits. A
-//! Cassandra backend is planned behind the same trait; the backend-independent
-//! behaviour is pinned down by the test suite in [`conformance`], which every
-//! backend must pass.
+//! Callers program against the [`MessageStore`] trait. Two backends implement
+//! it, and [`AnyStore`] is whichever one a service's configuration selects:
+//! - [`EmbeddedStore`], a single-node store in an embedded
+//!   [redb](https://docs.rs/redb) file with durable (fsync'd) commits, the
+//!   default on one machine;
+//! - `CassandraStore` (feature `cassandra`, on by default), a keyspace of a
+//!   Cassandra or ScyllaDB cluster through the pure-Rust `scylla` driver, for
+//!   production: see `store/README.md` for its schema, costs and setup.
+//!
+//! The backend-independent behaviour is pinned down by the test suite in
+//! [`conformance`], which every backend passes (`store/tests/embedded.rs`,
+//! `store/tests/cassandra.rs`).
 //!
 //! The store does not validate ids (the caller has already checked that they
 //! are ASCII `[A-Za-z0-9_~-]`), does not decide who may join or leave (the
@@ -44,11 +50,17 @@
 use std::future::Future;
 use std::path::PathBuf;
 
+mod any;
+#[cfg(feature = "cassandra")]
+pub mod cassandra;
 mod embedded;
 
 #[doc(hidden)]
 pub mod conformance;
 
+pub use any::{AnyStore, Backend};
+#[cfg(feature = "cassandra")]
+pub use cassandra::{CassandraConfig, CassandraStore};
 pub use embedded::EmbeddedStore;
 
 /// Largest number of messages a single [`MessageStore::page`] call returns.
@@ -364,15 +376,47 @@ pub enum StoreError {
         #[source]
         source: tokio::task::JoinError,
     },
+    /// The Cassandra / ScyllaDB backend could not reach the cluster, or a setting is
+    /// unusable (the source says which).
+    #[error("cannot connect the message store to {contact_points}")]
+    Connect {
+        /// The configured contact points, comma-separated.
+        contact_points: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The keyspace does not have the schema this build needs (`have`: the recorded version,
+    /// `None` if there is no schema at all): run `sequencer migrate-store`.
+    #[error(
+        "keyspace {keyspace} has message store schema version {have:?}, this build needs {want}: \
+         run `sequencer migrate-store`"
+    )]
+    Schema {
+        keyspace: String,
+        have: Option<i32>,
+        want: i32,
+    },
+    /// A Cassandra / ScyllaDB request failed while performing `op` (a timeout, an unavailable
+    /// replica, a lost connection: may be transient). Part of an `apply` may have been written,
+    /// all of it correct; applying the batch again completes it.
+    #[error("message store cluster failed to {op}")]
+    Cassandra {
+        /// What the store was doing, e.g. "write batch".
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// The category of a [`StoreError`], for callers to branch on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum StoreErrorKind {
-    /// [`StoreError::Open`]: the store could not be opened.
+    /// [`StoreError::Open`], [`StoreError::Connect`], [`StoreError::Schema`]: the store could
+    /// not be opened.
     Open,
-    /// [`StoreError::Backend`]: I/O or backend failure; may be transient.
+    /// [`StoreError::Backend`], [`StoreError::Cassandra`]: I/O or backend failure; may be
+    /// transient.
     Backend,
     /// [`StoreError::Corrupt`]: a stored record is undecodable.
     Corrupt,
@@ -389,8 +433,10 @@ impl StoreError {
     /// The category of this error.
     pub fn kind(&self) -> StoreErrorKind {
         match self {
-            StoreError::Open { .. } => StoreErrorKind::Open,
-            StoreError::Backend { .. } => StoreErrorKind::Backend,
+            StoreError::Open { .. } | StoreError::Connect { .. } | StoreError::Schema { .. } => {
+                StoreErrorKind::Open
+            }
+            StoreError::Backend { .. } | StoreError::Cassandra { .. } => StoreErrorKind::Backend,
             StoreError::Corrupt { .. } => StoreErrorKind::Corrupt,
             StoreError::Conflict { .. } => StoreErrorKind::Conflict,
             StoreError::Invalid { .. } | StoreError::InvalidReceipt { .. } => {
@@ -409,9 +455,14 @@ impl StoreError {
 /// or not at all (though a dropped `apply` may still complete in the
 /// background).
 pub trait MessageStore: Send + Sync + 'static {
-    /// Applies `changes` in one durable transaction: when this returns `Ok`,
-    /// the whole batch survives a crash; on any error nothing of it is
-    /// written.
+    /// Applies `changes`: when this returns `Ok`, the whole batch survives a
+    /// crash. A refused batch ([`StoreError::Conflict`], [`StoreError::Invalid`],
+    /// [`StoreError::InvalidReceipt`]) writes nothing. On a backend failure the
+    /// embedded store has written nothing either (one transaction); the
+    /// Cassandra store, which has no transaction across partitions, may have
+    /// written part of the batch, every row of it correct (a message is stored
+    /// whole or not at all), and has not raised the applied watermark: applying
+    /// the same batch again completes it. Either way, re-applying converges.
     ///
     /// For [`Event::Message`] `m`:
     /// - stores `m` at `(m.conv, m.seq)`. Idempotent: re-putting an identical
@@ -487,9 +538,12 @@ pub trait MessageStore: Send + Sync + 'static {
     /// the scan: a caller using it as the next `since` never misses a change,
     /// because every change up to it is already in the index.
     ///
-    /// Cost: scans the user's index entries from `from_conv` on, until
-    /// `limit + 1` match, i.e. up to all of the user's conversations per call
-    /// when few changed since `since`.
+    /// Cost: the embedded store scans the user's index entries from
+    /// `from_conv` on, until `limit + 1` match, i.e. up to all of the user's
+    /// conversations per call when few changed since `since`. The Cassandra
+    /// store reads, for `since > 0`, only the entries that changed after
+    /// `since` (one partition ordered by position, plus one row per group the
+    /// user is in); for `since = 0`, the user's entries from `from_conv` on.
     fn user_conversations(
         &self,
         user: &str,
@@ -538,4 +592,37 @@ pub trait MessageStore: Send + Sync + 'static {
     /// Highest `CHAT_MSGS` stream sequence applied to this store (0 if none):
     /// a follower resumes after it.
     fn applied_stream_seq(&self) -> impl Future<Output = Result<u64, StoreError>> + Send;
+}
+
+/// Rejects what no backend stores (seq 0, unusable receipts), before anything is written.
+pub(crate) fn validate_changes(changes: &[Change]) -> Result<(), StoreError> {
+    for change in changes {
+        match &change.event {
+            Event::Message(m) if m.seq == 0 => {
+                return Err(StoreError::Invalid {
+                    conv: m.conv.clone(),
+                    seq: m.seq,
+                    reason: "seq must be at least 1",
+                });
+            }
+            Event::Message(_) => {}
+            Event::Receipt(r) => {
+                let reason = if r.conv.is_empty() {
+                    "conv must not be empty"
+                } else if r.user.is_empty() {
+                    "user must not be empty"
+                } else if r.stream_seq == 0 {
+                    "stream seq must be at least 1"
+                } else {
+                    continue;
+                };
+                return Err(StoreError::InvalidReceipt {
+                    conv: r.conv.clone(),
+                    user: r.user.clone(),
+                    reason,
+                });
+            }
+        }
+    }
+    Ok(())
 }

@@ -29,46 +29,7 @@ macro_rules! conformance_tests {
     };
 }
 
-conformance_tests!(
-    empty_store,
-    round_trip_preserves_fields,
-    empty_apply_is_noop,
-    page_before_boundaries,
-    page_after_boundaries,
-    page_limit_is_clamped,
-    page_unknown_conversation,
-    idempotent_reappend,
-    conflicting_append_is_rejected_atomically,
-    conflict_within_batch_is_rejected,
-    seq_zero_is_invalid,
-    seq_for_client_id,
-    client_id_keeps_first_seq,
-    latest_seq_tracks_max,
-    applied_stream_seq_is_monotonic,
-    conversations_do_not_interleave,
-    index_keys_are_unambiguous,
-    concurrent_appends,
-    sender_watermarks_raised_by_own_message,
-    receipt_watermarks_only_grow,
-    receipts_converge_in_any_order,
-    watermarks_sorted_and_isolated_per_conversation,
-    invalid_receipt_is_rejected,
-    user_index_positions_are_max,
-    user_index_touches_only_members,
-    user_conversations_since_filters,
-    group_membership_follows_events,
-    group_changes_apply_once,
-    group_index_follows_conversation_until_leave,
-    user_conversations_from_conv_is_inclusive,
-    user_conversations_paging_visits_each_once,
-    user_conversations_limit_is_clamped,
-    user_index_prefix_ids_do_not_bleed,
-    user_conversations_reports_applied,
-    conflict_writes_no_receipts_or_index,
-    apply_through_only,
-    concurrent_receipts_converge,
-    media_round_trips,
-);
+chat_store::conformance_cases!(conformance_tests);
 
 /// `run_all` (the entry point other backends use) passes too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

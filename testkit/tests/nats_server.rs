@@ -212,3 +212,33 @@ fn logs_are_kept() {
     assert!(logs.contains("Server is ready"), "{logs}");
     assert!(server.log_path().starts_with(server.dir()));
 }
+
+/// The streams of `nats/*.json` reserve their `max_bytes` (CHAT_IN: 10 GiB) against the
+/// server's store limit, which by default is 75 % of the free disk: the test kit sets an
+/// explicit limit, so a stream reserving more than this disk holds is still created, with or
+/// without a `jetstream` block of the test's own.
+#[tokio::test]
+async fn streams_may_reserve_more_than_the_free_disk() {
+    const RESERVE: i64 = 512 << 30; // 512 GiB: more than this disk (and CI's) holds
+    for server in [
+        NatsServer::start(),
+        NatsServer::start_with_config("jetstream {\n  max_memory_store: 64MB\n}\n"),
+    ] {
+        let client = async_nats::connect(server.url()).await.expect("connect");
+        let js = jetstream::new(client);
+        let created = js
+            .create_stream(stream::Config {
+                name: "BIG".to_owned(),
+                subjects: vec!["big.>".to_owned()],
+                storage: stream::StorageType::File,
+                max_bytes: RESERVE,
+                ..Default::default()
+            })
+            .await;
+        let info = created
+            .unwrap_or_else(|e| panic!("a {RESERVE}-byte reservation was refused: {e}"))
+            .cached_info()
+            .clone();
+        assert_eq!(info.config.max_bytes, RESERVE);
+    }
+}

@@ -463,7 +463,7 @@ impl<B: Backend> Conn<'_, B> {
             Ok(frame) => frame,
             Err(err) => {
                 metrics::frame_in("invalid");
-                return ctx.reply(ServerFrame::Error(ErrorFrame::new(err.code, err.message)));
+                return ctx.reply(ServerFrame::Error(err.into()));
             }
         };
         match frame {

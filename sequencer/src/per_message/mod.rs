@@ -46,6 +46,8 @@ pub struct Ctx<S> {
     /// above which they stop pulling.
     pub held_bytes: AtomicUsize,
     pub max_held_bytes: usize,
+    /// Where the lag of each owned partition's consumer is reported.
+    pub lag: chat_common::lag::Lag,
 }
 
 /// How often a process that competes for every partition looks for new ones (the partition
@@ -123,6 +125,7 @@ async fn own<S: MessageStore>(
     shutdown: CancellationToken,
 ) {
     let name = sequencer_consumer(p);
+    let lag = ctx.lag.clone();
     let mut owner = partition::Partition::new(ctx, p, settings);
     loop {
         if let Some(b) = balance.as_mut()
@@ -143,6 +146,7 @@ async fn own<S: MessageStore>(
         });
         tracing::info!(partition = p, "pulling partition");
         metrics::gauge!("sequencer_partitions_pulled").increment(1.0);
+        let tracked = lag.track(chat_protocol::subjects::STREAM_INBOUND, &name, p);
         let mut backoff = Duration::from_millis(100);
         while !lost.is_cancelled() {
             match owner.run(&lost).await {
@@ -158,6 +162,7 @@ async fn own<S: MessageStore>(
             }
         }
         metrics::gauge!("sequencer_partitions_pulled").decrement(1.0);
+        drop(tracked);
         if let Some(w) = watcher {
             w.abort();
         }

@@ -10,14 +10,21 @@
 //!
 //! Order across faults rests on three rules (`nats/README.md`, "Fencing"):
 //! - a conversation's messages are stamped in stream order, and never while an older one of
-//!   the same conversation might still come back: a pin moves only after the old owner's
-//!   deliveries were handed back for redelivery (which the server serves before new ones), and
-//!   within one pull stream a gap in the consumer sequence (deliveries lost on the way) holds
-//!   every dispatch back until the lost ones were redelivered ([`HOLD_BACK`]);
-//! - a fenced publish (someone else stamped a conversation this owner thought it owned), or a
-//!   pause long enough that the pin may have moved ([`FREEZE`]), makes the owner abandon
-//!   everything it holds: it naks its inputs (they go back, ahead of newer ones) and holds
-//!   back, so a stale owner stamps nothing more;
+//!   the same conversation might still come back: a released pin moves only after the old
+//!   owner's deliveries were handed back for redelivery (which the server serves before new
+//!   ones, in the order of the naks: oldest first); a new pull stream, which has just won the
+//!   pin, stamps nothing after its first delivery until the consumer has no delivery out
+//!   beyond what this process holds (at most [`HOLD_BACK`]), since what a killed or paused
+//!   holder had in hand comes back only after `ack_wait`; and within one pull stream a
+//!   gap in the consumer sequence (deliveries lost on the way) holds every dispatch back the
+//!   same way;
+//! - a fenced publish (someone else stamped a conversation this owner thought it owned) makes
+//!   the owner abandon everything it holds: it naks its inputs (they go back, ahead of newer
+//!   ones) and ends its pull stream; a pause long enough that the pin may have moved
+//!   ([`FREEZE`]) does the same, since what that stream still brings
+//!   (delivered before or during the pause, and meanwhile redelivered to the new owner) must
+//!   not be stamped with a freshly loaded head: only a new stream that wins the pin again
+//!   brings work. So a stale owner stamps nothing more;
 //! - when it stops owning the partition (balance, shutdown) it finishes what is in flight,
 //!   acks that, and naks the rest before the pin can move.
 
@@ -50,9 +57,10 @@ use super::{
 /// A pause of the owner's loop this long means the pin may have moved meanwhile (it moves
 /// after `priority_timeout`, 2.5 s, without pulls): everything held is abandoned.
 pub const FREEZE: Duration = Duration::from_millis(1500);
-/// How long dispatching waits after deliveries may have been lost (a consumer sequence gap, an
-/// abandon): longer than `ack_wait` (1.5 s), so every lost delivery was redelivered and sorted
-/// into its conversation's queue before anything after it is stamped.
+/// How long dispatching waits after deliveries may have been lost or may still be out with an
+/// earlier pin holder (a consumer sequence gap, the first delivery of a new pull stream):
+/// longer than `ack_wait` (1.5 s), so every such delivery was redelivered and sorted into its
+/// conversation's queue before anything after it is stamped.
 pub const HOLD_BACK: Duration = Duration::from_millis(2000);
 /// Held inputs older than this get a progress ack, so a long queue does not make the server
 /// redeliver them (`ack_wait` is 1.5 s).
@@ -116,6 +124,24 @@ impl Conv {
         }
         self.queue.insert(at, item);
     }
+
+    /// Takes the stamped input `sseq` out of the queue. It is not necessarily the front any
+    /// more: a redelivery of an older input of the conversation may have been queued ahead of
+    /// it while it was in flight (popping the front would drop that one, held but never
+    /// stamped).
+    fn done(&mut self, sseq: u64) {
+        if let Some(at) = self.queue.iter().position(|q| q.sseq == sseq) {
+            self.queue.remove(at);
+        }
+    }
+}
+
+/// What a tick found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tick {
+    Ok,
+    /// The loop was paused for [`FREEZE`] or longer.
+    Froze,
 }
 
 /// How a publish failed.
@@ -180,6 +206,12 @@ pub struct Partition<S> {
     paused_until: Option<Instant>,
     /// No dispatch at all: the partition is being released.
     releasing: bool,
+    /// Holding back after the first delivery of a new pull stream, until no delivery is out
+    /// with anyone but this process ([`Partition::settle`]).
+    settling: bool,
+    /// Set when fenced: the pull stream ends, like after a freeze, so only a stream pinned
+    /// anew may bring this process more work.
+    end_stream: bool,
     last_dseq: Option<u64>,
     last_tick: Instant,
     last_progress: Instant,
@@ -197,6 +229,8 @@ impl<S: MessageStore> Partition<S> {
             epoch: 0,
             paused_until: None,
             releasing: false,
+            settling: false,
+            end_stream: false,
             last_dseq: None,
             last_tick: Instant::now(),
             last_progress: Instant::now(),
@@ -206,7 +240,7 @@ impl<S: MessageStore> Partition<S> {
     /// Pulls and stamps the partition until `stop` (then releases it) or until the pull fails
     /// (`Err`: the caller pulls again; what is held was released).
     pub async fn run(&mut self, stop: &CancellationToken) -> Result<(), async_nats::Error> {
-        let consumer: jetstream::consumer::PullConsumer = self
+        let mut consumer: jetstream::consumer::PullConsumer = self
             .ctx
             .js
             .get_stream(subjects::STREAM_INBOUND)
@@ -228,6 +262,7 @@ impl<S: MessageStore> Partition<S> {
         // A new pull stream starts without a pin: whatever an earlier stream of ours (or an
         // earlier owner) left unacked is redelivered before anything new once we are pinned.
         self.last_dseq = None;
+        self.end_stream = false;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.last_tick = Instant::now();
@@ -238,10 +273,22 @@ impl<S: MessageStore> Partition<S> {
             tokio::select! {
                 biased;
                 _ = &mut stopped => break Ok(()),
-                _ = tick.tick() => self.on_tick().await,
+                _ = tick.tick() => {
+                    if self.on_tick().await == Tick::Froze {
+                        // Whatever this stream still brings was delivered to a process whose
+                        // pin may have moved: only a new stream, pinned again, may bring work.
+                        break Ok(());
+                    }
+                    if self.settling {
+                        self.settle(&mut consumer).await;
+                    }
+                }
                 Some((epoch, done)) = self.work.next(), if !self.work.is_empty() => {
                     if epoch == self.epoch {
                         self.on_done(done).await;
+                        if std::mem::take(&mut self.end_stream) {
+                            break Ok(());
+                        }
                     }
                 }
                 chunk = messages.next(), if !full => match chunk {
@@ -259,7 +306,7 @@ impl<S: MessageStore> Partition<S> {
         result
     }
 
-    async fn on_tick(&mut self) {
+    async fn on_tick(&mut self) -> Tick {
         let now = Instant::now();
         let gap = now.duration_since(self.last_tick);
         self.last_tick = now;
@@ -267,11 +314,12 @@ impl<S: MessageStore> Partition<S> {
             tracing::warn!(
                 partition = self.partition,
                 paused_ms = gap.as_millis() as u64,
-                "the owner was paused long enough to lose its pin: abandoning what it holds"
+                "the owner was paused long enough to lose its pin: abandoning what it holds \
+                 and its pull stream"
             );
             metrics::counter!("sequencer_freezes_total").increment(1);
-            self.abandon().await;
-            return;
+            self.give_back().await;
+            return Tick::Froze;
         }
         if now.duration_since(self.last_progress) >= PROGRESS_EVERY / 2 {
             self.last_progress = now;
@@ -285,6 +333,7 @@ impl<S: MessageStore> Partition<S> {
             metrics::gauge!("sequencer_held_bytes")
                 .set(self.ctx.held_bytes.load(Ordering::Relaxed) as f64);
         }
+        Tick::Ok
     }
 
     /// Forgets idle conversations beyond the cache bound, least recently used first.
@@ -318,7 +367,19 @@ impl<S: MessageStore> Partition<S> {
             let msg = msg?;
             let info = msg.info()?;
             let (sseq, dseq) = (info.stream_sequence, info.consumer_sequence);
-            if let Some(last) = self.last_dseq
+            if self.last_dseq.is_none() {
+                // The first delivery of a new pull stream: this process has just won the pin.
+                // What the previous holder had in hand (a killed or paused owner, or this
+                // process before it ended a stream) is redelivered only once its `ack_wait`
+                // runs out, after newer inputs may already have been delivered here: hold
+                // back until it is back and sorted into its conversations.
+                tracing::info!(
+                    partition = self.partition,
+                    "pinned: holding back until earlier deliveries are redelivered"
+                );
+                self.hold_back();
+                self.settling = true;
+            } else if let Some(last) = self.last_dseq
                 && dseq != last + 1
             {
                 // Deliveries went missing on the way: they come back after `ack_wait`.
@@ -400,6 +461,36 @@ impl<S: MessageStore> Partition<S> {
             self.dispatch(&key).await;
         }
         Ok(())
+    }
+
+    /// Ends a hold-back early once the consumer has no delivery outstanding beyond what this
+    /// process holds: nothing another (killed, paused) holder had in hand is still to come
+    /// back. Without an answer the hold-back runs its full [`HOLD_BACK`].
+    async fn settle(&mut self, consumer: &mut jetstream::consumer::PullConsumer) {
+        if self.paused_until.is_none() {
+            self.settling = false;
+            return;
+        }
+        let Ok(info) = consumer.info().await else {
+            return;
+        };
+        if info.num_ack_pending <= self.held.len() {
+            tracing::info!(
+                partition = self.partition,
+                "pinned: no earlier delivery outstanding, stamping"
+            );
+            self.resume().await;
+        }
+    }
+
+    /// Ends a hold-back: every conversation with queued work is dispatched.
+    async fn resume(&mut self) {
+        self.paused_until = None;
+        self.settling = false;
+        let keys: Vec<String> = self.convs.keys().cloned().collect();
+        for key in keys {
+            self.dispatch(&key).await;
+        }
     }
 
     fn hold_back(&mut self) {
@@ -541,11 +632,7 @@ impl<S: MessageStore> Partition<S> {
                     .paused_until
                     .is_some_and(|until| Instant::now() >= until)
                 {
-                    self.paused_until = None;
-                    let keys: Vec<String> = self.convs.keys().cloned().collect();
-                    for key in keys {
-                        self.dispatch(&key).await;
-                    }
+                    self.resume().await;
                 }
             }
             Done::Retry { conv } => {
@@ -641,10 +728,7 @@ impl<S: MessageStore> Partition<S> {
         c.busy = Busy::Idle;
         match result {
             Ok(ack) => {
-                // Normally the front; an older message redelivered meanwhile sorts before it.
-                if let Some(at) = c.queue.iter().position(|q| q.sseq == sseq) {
-                    c.queue.remove(at);
-                }
+                c.done(sseq);
                 if !ack.duplicate && sseq < c.stamped_sseq {
                     // Stamped after a newer input of its conversation: the fencing rules should
                     // make this impossible; count it, so an operator sees it if they ever fail.
@@ -691,10 +775,12 @@ impl<S: MessageStore> Partition<S> {
                 tracing::warn!(
                     partition = self.partition,
                     conv = %conv,
-                    "fenced: another owner stamped this conversation; abandoning the partition's work"
+                    "fenced: another owner stamped this conversation; abandoning the partition's \
+                     work and its pull stream"
                 );
                 metrics::counter!("sequencer_fenced_total").increment(1);
-                self.abandon().await;
+                self.give_back().await;
+                self.end_stream = true;
             }
             Err(PublishFailure::InProcess) => {
                 c.state = None;
@@ -717,19 +803,25 @@ impl<S: MessageStore> Partition<S> {
         }
     }
 
-    /// Gives back everything held (nak: redelivered ahead of newer messages), forgets every
-    /// conversation's state and ignores the results of work in flight; dispatching resumes
-    /// after [`HOLD_BACK`].
-    async fn abandon(&mut self) {
+    /// Naks everything held, forgets every conversation's state and ignores the results of
+    /// work in flight.
+    async fn give_back(&mut self) {
         metrics::counter!("sequencer_abandons_total").increment(1);
         self.epoch += 1;
         self.work = FuturesUnordered::new();
         self.convs.clear();
-        for (_, held) in self.held.drain() {
+        self.nak_held().await;
+    }
+
+    /// Naks everything held, oldest stream seq first: the server redelivers naked messages in
+    /// the order the naks arrive, so each conversation's inputs come back in their order.
+    async fn nak_held(&mut self) {
+        let mut held: Vec<(u64, Held)> = self.held.drain().collect();
+        held.sort_unstable_by_key(|(sseq, _)| *sseq);
+        for (_, held) in held {
             self.ctx.held_bytes.fetch_sub(held.bytes, Ordering::Relaxed);
             let _ = held.msg.ack_with(AckKind::Nak(None)).await;
         }
-        self.hold_back();
     }
 
     /// Stops owning the partition: no new dispatch, what is in flight is finished (bounded)
@@ -759,10 +851,7 @@ impl<S: MessageStore> Partition<S> {
         self.epoch += 1;
         self.work = FuturesUnordered::new();
         self.convs.clear();
-        for (_, held) in self.held.drain() {
-            self.ctx.held_bytes.fetch_sub(held.bytes, Ordering::Relaxed);
-            let _ = held.msg.ack_with(AckKind::Nak(None)).await;
-        }
+        self.nak_held().await;
         self.paused_until = None;
         self.releasing = false;
     }
@@ -820,6 +909,12 @@ fn plan(
 ) -> Result<Planned, membership::Refused> {
     match valid {
         Valid::Send(m) => {
+            if state.roster.is_some() && !state.exists {
+                return Err(membership::Refused {
+                    code: ErrorCode::NotFound,
+                    message: "no such group".into(),
+                });
+            }
             if let Some(roster) = &state.roster
                 && !roster.contains(&m.from)
             {
@@ -844,7 +939,13 @@ fn plan(
                 .unwrap_or_default();
             debug_assert!(conv.is_group());
             let event = membership::plan(op, state.exists, &current, group_max_members)?;
-            Ok((op.from.clone(), op.id.clone(), String::new(), Some(event), None))
+            Ok((
+                op.from.clone(),
+                op.id.clone(),
+                String::new(),
+                Some(event),
+                None,
+            ))
         }
         Valid::Receipt(_) => unreachable!("receipts are coalesced, not planned"),
     }
@@ -992,6 +1093,33 @@ mod tests {
                 read,
             },
         )
+    }
+
+    fn queued(sseq: u64) -> Queued {
+        let (_, r) = receipt("a", sseq, 0);
+        Queued {
+            sseq,
+            valid: Valid::Receipt(r),
+        }
+    }
+
+    #[test]
+    fn a_stamped_input_leaves_the_queue_even_when_an_older_one_was_queued_ahead_of_it() {
+        let mut conv = Conv {
+            id: ConvId::parse("dm~a~b").unwrap(),
+            state: None,
+            busy: Busy::Working,
+            queue: VecDeque::new(),
+            last_used: Instant::now(),
+            stamped_sseq: 0,
+        };
+        conv.enqueue(queued(5));
+        conv.enqueue(queued(7));
+        // 5 is in flight when a redelivery of 3 arrives and goes ahead of it.
+        conv.enqueue(queued(3));
+        conv.done(5);
+        let left: Vec<u64> = conv.queue.iter().map(|q| q.sseq).collect();
+        assert_eq!(left, vec![3, 7]);
     }
 
     #[test]

@@ -12,7 +12,13 @@
 //! Every commit is announced on [`Applied`], which is what readers (the APIs, the stamper
 //! loading a conversation) wait on for read-your-writes.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
 use chat_protocol::{ids::ConvId, subjects};
@@ -36,6 +42,12 @@ const GATHER: Duration = Duration::from_millis(5);
 /// recreated: after a nats-server restart the ordered consumer is gone, and readers wait on
 /// this writer.
 const PULL_EXPIRY: Duration = Duration::from_millis(1000);
+
+/// How long the follow may go without a message before the writer asks the stream whether it
+/// holds more than the store applied, and if so follows again from the store's watermark.
+/// The ordered consumer alone notices a consumer lost with a restarted server only ~16 s later
+/// (its pull fails with "consumer not found"), and every read waits on this writer meanwhile.
+const STALL: Duration = Duration::from_millis(1000);
 
 /// The store's applied watermark as this process's writer last committed it.
 #[derive(Debug, Clone)]
@@ -75,18 +87,22 @@ impl Applied {
     }
 }
 
-/// Follows the stream into `store` until `shutdown`, restarting after failures.
+/// Follows the stream into `store` until `shutdown`, restarting after failures. `healthy` is
+/// true while it follows (the readiness of the process), false after a failure until it
+/// follows again.
 pub async fn run<S: MessageStore>(
     js: jetstream::Context,
     store: S,
     applied: watch::Sender<u64>,
+    healthy: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(50);
     while !shutdown.is_cancelled() {
-        match follow(&js, &store, &applied, &shutdown).await {
+        match follow(&js, &store, &applied, &healthy, &shutdown).await {
             Ok(()) => return,
             Err(err) => {
+                healthy.store(false, Ordering::Relaxed);
                 tracing::warn!(error = %err, "store writer failed, restarting");
                 metrics::counter!("sequencer_store_writer_restarts_total").increment(1);
                 tokio::select! {
@@ -103,6 +119,7 @@ async fn follow<S: MessageStore>(
     js: &jetstream::Context,
     store: &S,
     applied: &watch::Sender<u64>,
+    healthy: &AtomicBool,
     shutdown: &CancellationToken,
 ) -> Result<(), async_nats::Error> {
     let start = store.applied_stream_seq().await? + 1;
@@ -111,7 +128,7 @@ async fn follow<S: MessageStore>(
         *a = (*a).max(start - 1);
         moved
     });
-    let stream = js.get_stream(subjects::STREAM_STAMPED).await?;
+    let mut stream = js.get_stream(subjects::STREAM_STAMPED).await?;
     let consumer = stream
         .create_consumer(OrderedConfig {
             deliver_policy: DeliverPolicy::ByStartSequence {
@@ -128,11 +145,27 @@ async fn follow<S: MessageStore>(
         from_stream_seq = start,
         "following stamped messages into the store"
     );
+    let mut applied_through = start - 1;
+    healthy.store(true, Ordering::Relaxed);
     let stopped = shutdown.cancelled();
     tokio::pin!(stopped);
+    let stall = tokio::time::sleep(STALL);
+    tokio::pin!(stall);
     loop {
         let first = tokio::select! {
             first = messages.next() => first,
+            _ = &mut stall => {
+                let last = stream.info().await?.state.last_sequence;
+                if last > applied_through {
+                    return Err(format!(
+                        "no stamped message for {STALL:?} while the stream holds {last} and the \
+                         store {applied_through}"
+                    )
+                    .into());
+                }
+                stall.as_mut().reset(tokio::time::Instant::now() + STALL);
+                continue;
+            }
             _ = &mut stopped => return Ok(()),
         };
         let Some(first) = first else { return Ok(()) };
@@ -164,6 +197,8 @@ async fn follow<S: MessageStore>(
             .record(started.elapsed().as_secs_f64());
         metrics::histogram!("sequencer_store_batch_size").record(n as f64);
         metrics::counter!("sequencer_followed_total").increment(n as u64);
+        applied_through = applied_through.max(through);
+        stall.as_mut().reset(tokio::time::Instant::now() + STALL);
         applied.send_if_modified(|a| {
             let moved = through > *a;
             *a = (*a).max(through);

@@ -24,7 +24,7 @@ impl<S: MessageStore> Responder<S> {
         }
         // `after` is exclusive; the store's `from_conv` is inclusive.
         let from = req.after.as_ref().map(|a| format!("{a}\0"));
-        let limit = req.limit.clamp(1, CONVERSATIONS_PAGE_MAX);
+        let limit = page_limit(req.limit, CONVERSATIONS_PAGE_MAX)?;
         let listed = self
             .store
             .user_conversations(user.as_str(), 0, from.as_deref(), limit)
@@ -52,7 +52,7 @@ impl<S: MessageStore> Responder<S> {
                 name: (!summary.name.is_empty()).then(|| summary.name.clone()),
                 member_count: member_count(&conv, summary),
                 latest: summary.latest,
-                unread: unread(summary, read),
+                unread: unread(&conv, summary, read),
                 admin: summary.admin,
                 joined: summary.joined,
                 left: summary.left,

@@ -30,7 +30,7 @@ impl<S: MessageStore> Responder<S> {
             (None, Some(to)) => Some(to + 1),
             (b, None) => b,
         };
-        let limit = req.limit.clamp(1, HISTORY_PAGE_MAX);
+        let limit = page_limit(req.limit, HISTORY_PAGE_MAX)?;
         let (query, before) = match (req_after, req_before) {
             (Some(after), Some(before)) if before <= after.saturating_add(1) => {
                 return Ok((Vec::new(), false));

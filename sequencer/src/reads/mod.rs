@@ -163,6 +163,18 @@ fn not_member() -> Refusal {
     )
 }
 
+/// A request's page size: 1 up to `max` (larger asks are served `max`); 0 asks for nothing
+/// and is refused, so a client bug does not read as "one item and more to come".
+fn page_limit(limit: u32, max: u32) -> Result<u32, Refusal> {
+    if limit == 0 {
+        return Err(error_frame(
+            ErrorCode::InvalidFrame,
+            "limit must be at least 1",
+        ));
+    }
+    Ok(limit.min(max))
+}
+
 fn unavailable() -> Refusal {
     error_frame(ErrorCode::Unavailable, "not available right now, retry")
 }
@@ -205,11 +217,16 @@ fn marks_of<'a>(
 }
 
 /// Messages of a conversation the user has not read: after its read watermark and after it
-/// joined.
-fn unread(summary: &ConvSummary, read: u64) -> u64 {
-    summary
-        .latest
-        .saturating_sub(read.max(summary.joined.saturating_sub(1)))
+/// joined. In a group the event that made the user a member does not count (it is the user's
+/// own joining, not something to read); in a one-to-one conversation `joined` is 1 and every
+/// message counts.
+fn unread(conv: &ConvId, summary: &ConvSummary, read: u64) -> u64 {
+    let seen = if conv.is_group() {
+        summary.joined
+    } else {
+        summary.joined.saturating_sub(1)
+    };
+    summary.latest.saturating_sub(read.max(seen))
 }
 
 /// Member count as clients see it: a one-to-one conversation always has two.

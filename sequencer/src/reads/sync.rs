@@ -4,28 +4,7 @@ use chat_store::MessageStore;
 
 use super::*;
 
-/// Sync tokens and continuations are opaque to clients: `v1.<stream seq>` and
-/// `v1.<stream seq>.<conv>` (the snapshot a paged sync ends with, and where it goes on).
-mod token {
-    pub fn encode(snapshot: u64) -> String {
-        format!("v1.{snapshot}")
-    }
-
-    pub fn encode_next(snapshot: u64, from_conv: &str) -> String {
-        format!("v1.{snapshot}.{from_conv}")
-    }
-
-    /// The stream seq of a token.
-    pub fn decode(token: &str) -> Option<u64> {
-        token.strip_prefix("v1.")?.parse().ok()
-    }
-
-    /// The snapshot and the conversation a continuation resumes at.
-    pub fn decode_next(next: &str) -> Option<(u64, &str)> {
-        let (snapshot, conv) = next.strip_prefix("v1.")?.split_once('.')?;
-        Some((snapshot.parse().ok()?, conv))
-    }
-}
+use crate::sync_token as token;
 
 impl<S: MessageStore> Responder<S> {
     pub(super) async fn sync(&self, payload: &[u8]) -> SyncReply {
@@ -65,7 +44,7 @@ impl<S: MessageStore> Responder<S> {
                 return Err(unavailable());
             }
         }
-        let limit = req.limit.clamp(1, SYNC_PAGE_MAX) as usize;
+        let limit = page_limit(req.limit, SYNC_PAGE_MAX)? as usize;
         let from_conv = resume.map(|(_, conv)| conv);
         let listed = self
             .store
@@ -111,7 +90,7 @@ impl<S: MessageStore> Responder<S> {
                 name: (!summary.name.is_empty()).then(|| summary.name.clone()),
                 member_count: count,
                 latest: summary.latest,
-                unread: unread(&summary, read),
+                unread: unread(&conv, &summary, read),
                 members,
                 left: summary.left,
             });
@@ -125,33 +104,38 @@ impl<S: MessageStore> Responder<S> {
             if summary.latest <= cursor {
                 continue;
             }
-            let want = u32::try_from(limit - messages.len()).unwrap_or(u32::MAX);
-            let page = self
-                .store
-                .page(
-                    conv.as_str(),
-                    PageQuery::After {
-                        after: cursor,
-                        limit: want,
-                    },
-                )
-                .await
-                .map_err(store_failed)?;
-            let mut cut = page.more;
-            for m in page.messages {
-                if m.seq > summary.latest {
-                    // Stamped after the user left (or after the index was read).
-                    cut = false;
+            // The store pages at most `MAX_PAGE_LIMIT` messages at a time: read as many pages
+            // as the request's limit takes.
+            let mut after = cursor;
+            let mut cut = false;
+            'pages: while messages.len() < limit {
+                let want = u32::try_from(limit - messages.len()).unwrap_or(u32::MAX);
+                let page = self
+                    .store
+                    .page(conv.as_str(), PageQuery::After { after, limit: want })
+                    .await
+                    .map_err(store_failed)?;
+                let full = page.more;
+                for m in page.messages {
+                    if m.seq > summary.latest {
+                        // Stamped after the user left (or after the index was read).
+                        break 'pages;
+                    }
+                    if budget + weight(&m) > PAGE_MAX_BODY_BYTES && !messages.is_empty() {
+                        cut = true;
+                        break 'pages;
+                    }
+                    budget += weight(&m);
+                    after = m.seq;
+                    messages.push(to_frame(m));
+                }
+                if !full {
                     break;
                 }
-                if budget + weight(&m) > PAGE_MAX_BODY_BYTES && !messages.is_empty() {
-                    cut = true;
-                    break;
-                }
-                budget += weight(&m);
-                messages.push(to_frame(m));
+                // More of this conversation remains: another page, or the client's next one.
+                cut = true;
             }
-            if cut {
+            if cut && after < summary.latest {
                 // The client resumes this conversation from its updated cursor.
                 next_conv = Some(summary.conv);
                 break;

@@ -1,0 +1,300 @@
+{{/* Names and labels. */}}
+{{- define "chat.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "chat.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "chat.selectorLabels" -}}
+app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .name }}
+{{- end -}}
+
+{{- define "chat.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* Secret names: the existing one, or the one this chart creates. */}}
+{{- define "chat.jwtSecret" -}}
+{{- default (printf "%s-jwt" (include "chat.fullname" .)) .Values.jwt.existingSecret -}}
+{{- end -}}
+{{- define "chat.s3Secret" -}}
+{{- default (printf "%s-s3" (include "chat.fullname" .)) .Values.s3.existingSecret -}}
+{{- end -}}
+{{- define "chat.s3Credentials" -}}
+{{- if or .Values.s3.existingSecret .Values.s3.accessKeyId }}true{{ end -}}
+{{- end -}}
+{{- define "chat.cassandraSecret" -}}
+{{- default (printf "%s-cassandra" (include "chat.fullname" .)) .Values.store.cassandra.existingSecret -}}
+{{- end -}}
+
+{{/* The key of the JWT secret that holds the verification key, and the setting it goes to. */}}
+{{- define "chat.jwtKind" -}}
+{{- if .Values.jwt.rs256PublicKey -}}rs256
+{{- else if .Values.jwt.eddsaPublicKey -}}eddsa
+{{- else if .Values.jwt.hs256Secret -}}hs256
+{{- else if .Values.jwt.existingSecret -}}{{ required "jwt.kind is required with jwt.existingSecret (rs256, eddsa or hs256)" .Values.jwt.kind }}
+{{- else -}}{{ fail "jwt: set one of hs256Secret, rs256PublicKey, eddsaPublicKey or existingSecret (with kind)" }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Environment of the JWT verification key for a service with env prefix `.prefix`: a secret
+value (HS256) or a mounted PEM file.
+*/}}
+{{- define "chat.jwtEnv" -}}
+{{- $kind := include "chat.jwtKind" .root -}}
+{{- if eq $kind "hs256" }}
+- name: {{ .prefix }}_AUTH__HS256_SECRET
+  valueFrom:
+    secretKeyRef: { name: {{ include "chat.jwtSecret" .root }}, key: hs256-secret }
+{{- else if eq $kind "rs256" }}
+- name: {{ .prefix }}_AUTH__RS256_PUBLIC_KEY_FILE
+  value: /etc/chat/jwt/rs256-public.pem
+{{- else }}
+- name: {{ .prefix }}_AUTH__EDDSA_PUBLIC_KEY_FILE
+  value: /etc/chat/jwt/eddsa-public.pem
+{{- end }}
+{{- end -}}
+
+{{/* The drain budget of a component: preStop + steps x grace + 5 s, unless set. */}}
+{{- define "chat.terminationGrace" -}}
+{{- $c := .component -}}
+{{- if $c.terminationGracePeriodSeconds -}}
+{{- $c.terminationGracePeriodSeconds -}}
+{{- else -}}
+{{- add (int $c.preStopSleepSeconds) (div (mul (int .steps) (int $c.shutdownGraceMs)) 1000) 5 -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+One component: its Deployment (or StatefulSet), HorizontalPodAutoscaler and
+PodDisruptionBudget. Arguments (dict):
+  root       the chart's root context
+  name       component name (labels, object names)
+  component  its values block
+  bin        binary in the image
+  prefix     env var prefix of its settings
+  user       its NATS user (nats/auth.conf)
+  steps      drain steps, each bounded by shutdownGraceMs
+  ports      list of {name, port} served besides the admin port
+  env        extra env entries (YAML list, rendered by the caller)
+  volumes, volumeMounts, volumeClaimTemplates   YAML strings, optional
+  statefulSet  render a StatefulSet instead of a Deployment
+*/}}
+{{- define "chat.component" -}}
+{{- $root := .root -}}
+{{- $c := .component -}}
+{{- $fullname := printf "%s-%s" (include "chat.fullname" $root) .name -}}
+{{- $grace := include "chat.terminationGrace" (dict "component" $c "steps" .steps) -}}
+{{- $minGrace := add (int $c.preStopSleepSeconds) (div (mul (int .steps) (int $c.shutdownGraceMs)) 1000) -}}
+{{- if lt (int $grace) (int $minGrace) -}}
+{{- fail (printf "%s.terminationGracePeriodSeconds (%s) is shorter than its drain: preStopSleepSeconds + %d steps x shutdownGraceMs = %d s" .name $grace (int .steps) (int $minGrace)) -}}
+{{- end -}}
+apiVersion: apps/v1
+kind: {{ if .statefulSet }}StatefulSet{{ else }}Deployment{{ end }}
+metadata:
+  name: {{ $fullname }}
+  labels:
+    {{- include "chat.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .name }}
+spec:
+  {{- if not $c.autoscaling.enabled }}
+  replicas: {{ $c.replicas }}
+  {{- end }}
+  {{- if .statefulSet }}
+  serviceName: {{ $fullname }}
+  podManagementPolicy: Parallel
+  {{- else }}
+  strategy:
+    type: RollingUpdate
+    rollingUpdate: { maxSurge: 25%, maxUnavailable: 0 }
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "chat.selectorLabels" (dict "root" $root "name" .name) | nindent 6 }}
+  template:
+    metadata:
+      labels:
+        {{- include "chat.selectorLabels" (dict "root" $root "name" .name) | nindent 8 }}
+      annotations:
+        {{- if $root.Values.metrics.podAnnotations }}
+        prometheus.io/scrape: "true"
+        prometheus.io/port: {{ $root.Values.adminPort | quote }}
+        prometheus.io/path: /metrics
+        {{- end }}
+        {{- with $c.podAnnotations }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+    spec:
+      automountServiceAccountToken: false
+      terminationGracePeriodSeconds: {{ $grace }}
+      {{- with $root.Values.imagePullSecrets }}
+      imagePullSecrets:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      securityContext:
+        {{- toYaml $root.Values.podSecurityContext | nindent 8 }}
+      containers:
+        - name: {{ .name }}
+          image: {{ include "chat.image" $root }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          command: ["/usr/local/bin/{{ .bin }}"]
+          securityContext:
+            {{- toYaml $root.Values.securityContext | nindent 12 }}
+          ports:
+            - name: admin
+              containerPort: {{ $root.Values.adminPort }}
+            {{- range .ports }}
+            - name: {{ .name }}
+              containerPort: {{ .port }}
+            {{- end }}
+          env:
+            - name: LOG_FORMAT
+              value: {{ $root.Values.logFormat | quote }}
+            - name: RUST_LOG
+              value: {{ $root.Values.logLevel | quote }}
+            - name: POD_NAME
+              valueFrom:
+                fieldRef: { fieldPath: metadata.name }
+            - name: {{ .prefix }}_NATS_URL
+              value: {{ $root.Values.nats.url | quote }}
+            - name: {{ .prefix }}_ADMIN_LISTEN
+              value: "0.0.0.0:{{ $root.Values.adminPort }}"
+            - name: {{ .prefix }}_SHUTDOWN_GRACE_MS
+              value: {{ $c.shutdownGraceMs | quote }}
+            {{- if $root.Values.nats.auth.enabled }}
+            - name: {{ .prefix }}_NATS_AUTH__USER
+              value: {{ .user }}
+            - name: {{ .prefix }}_NATS_AUTH__PASSWORD
+              valueFrom:
+                secretKeyRef: { name: {{ $root.Values.nats.auth.secretName }}, key: {{ .user }} }
+            {{- end }}
+            {{- with .env }}
+            {{- . | nindent 12 }}
+            {{- end }}
+            {{- with $c.extraEnv }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
+          {{- with ($c.probes | default dict).liveness | default $root.Values.probes.liveness }}
+          livenessProbe:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          {{- with ($c.probes | default dict).readiness | default $root.Values.probes.readiness }}
+          readinessProbe:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          {{- with ($c.probes | default dict).startup | default $root.Values.probes.startup }}
+          startupProbe:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
+          {{- if gt (int $c.preStopSleepSeconds) 0 }}
+          lifecycle:
+            preStop:
+              sleep:
+                seconds: {{ $c.preStopSleepSeconds }}
+          {{- end }}
+          resources:
+            {{- toYaml $c.resources | nindent 12 }}
+          {{- with .volumeMounts }}
+          volumeMounts:
+            {{- . | nindent 12 }}
+          {{- end }}
+      {{- with .volumes }}
+      volumes:
+        {{- . | nindent 8 }}
+      {{- end }}
+      {{- with $c.nodeSelector }}
+      nodeSelector:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $c.tolerations }}
+      tolerations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- with $c.affinity }}
+      affinity:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
+      {{- if $c.topologySpreadConstraints }}
+      topologySpreadConstraints:
+        {{- toYaml $c.topologySpreadConstraints | nindent 8 }}
+      {{- else }}
+      # Replicas on different nodes where possible: one node going down takes one replica.
+      topologySpreadConstraints:
+        - maxSkew: 1
+          topologyKey: kubernetes.io/hostname
+          whenUnsatisfiable: ScheduleAnyway
+          labelSelector:
+            matchLabels:
+              {{- include "chat.selectorLabels" (dict "root" $root "name" .name) | nindent 14 }}
+      {{- end }}
+  {{- with .volumeClaimTemplates }}
+  volumeClaimTemplates:
+    {{- . | nindent 4 }}
+  {{- end }}
+{{- if $c.autoscaling.enabled }}
+---
+apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata:
+  name: {{ $fullname }}
+  labels:
+    {{- include "chat.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .name }}
+spec:
+  scaleTargetRef:
+    apiVersion: apps/v1
+    kind: {{ if .statefulSet }}StatefulSet{{ else }}Deployment{{ end }}
+    name: {{ $fullname }}
+  minReplicas: {{ $c.autoscaling.minReplicas }}
+  maxReplicas: {{ $c.autoscaling.maxReplicas }}
+  metrics:
+    - type: Resource
+      resource:
+        name: cpu
+        target:
+          type: Utilization
+          averageUtilization: {{ $c.autoscaling.targetCPUUtilizationPercentage }}
+    {{- with $c.autoscaling.metrics }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+  {{- with $c.autoscaling.behavior }}
+  behavior:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+{{- end }}
+{{- if $c.pdb.enabled }}
+---
+apiVersion: policy/v1
+kind: PodDisruptionBudget
+metadata:
+  name: {{ $fullname }}
+  labels:
+    {{- include "chat.labels" $root | nindent 4 }}
+    app.kubernetes.io/component: {{ .name }}
+spec:
+  {{- if $c.pdb.minAvailable }}
+  minAvailable: {{ $c.pdb.minAvailable }}
+  {{- else }}
+  maxUnavailable: {{ $c.pdb.maxUnavailable | default 1 }}
+  {{- end }}
+  selector:
+    matchLabels:
+      {{- include "chat.selectorLabels" (dict "root" $root "name" .name) | nindent 6 }}
+{{- end }}
+{{- end -}}
