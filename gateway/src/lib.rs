@@ -89,7 +89,7 @@ use crate::{
     admission::Admission,
     backend::NatsBackend,
     connection::{Session, Shared},
-    push::{Interest, PushClient},
+    push::{Interest, PushAuth, PushClient},
     router::{AttachError, Router},
 };
 pub use crate::{
@@ -314,6 +314,7 @@ pub async fn run(
         push::describe();
     }
     let servers = PushClient::servers(&config.nats_url).context("push connection")?;
+    let push_auth = PushAuth::load(&config.nats_auth).context("push connection")?;
     let nats = chat_common::connect_nats(&config.nats_url, "gateway", &config.nats_auth).await?;
     // A listener failure stops this gateway's connections without cancelling the caller's token.
     let stop = shutdown.child_token();
@@ -336,7 +337,8 @@ pub async fn run(
     let push_stop = CancellationToken::new();
     let push_task = tokio::spawn(push.clone().run(
         servers,
-        format!("chat-gateway-push {}", hub.gateway()),
+        push_auth,
+        format!("gateway-push {}", hub.gateway()),
         router.clone(),
         push_stop.clone(),
     ));

@@ -1648,3 +1648,63 @@ async fn handshakes_beyond_the_limit_are_refused_503_overloaded_then_admitted_ag
         ServerFrame::Hello { .. }
     ));
 }
+
+/// The gateway logs in to a nats-server that requires authentication with each way of
+/// `nats_auth`, its push connection included: the upgrade is answered only once the user's
+/// subscription on the push connection is live, and a push published after `hello` arrives.
+#[tokio::test]
+async fn the_push_connection_logs_in_with_a_password_file_or_an_nkey_seed() {
+    let key = nkeys::KeyPair::new_user();
+    let server = NatsServer::start_with_config(&format!(
+        "authorization {{\n  users: [\n    {{ user: gw, password: \"pw-gw\" }}\n    \
+         {{ user: admin, password: \"pw-admin\" }}\n    {{ nkey: {} }}\n  ]\n}}\n",
+        key.public_key()
+    ));
+    let admin =
+        async_nats::ConnectOptions::with_user_and_password("admin".into(), "pw-admin".into())
+            .connect(server.url())
+            .await
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, "pw-gw\n").unwrap();
+    let seed_file = dir.path().join("seed");
+    std::fs::write(&seed_file, key.seed().unwrap()).unwrap();
+    let ways = [
+        chat_common::nats::NatsAuth {
+            user: Some("gw".into()),
+            password_file: Some(password_file),
+            ..Default::default()
+        },
+        chat_common::nats::NatsAuth {
+            nkey_seed_file: Some(seed_file),
+            ..Default::default()
+        },
+    ];
+    for (n, auth) in ways.into_iter().enumerate() {
+        let way = format!("{auth:?}");
+        let (addr, shutdown, task) =
+            start_gateway(&server.url(), |c| c.nats_auth = auth.clone()).await;
+        let mut ws = connect_at(addr, "alice", "phone").await;
+        let frame = message_frame("dm~alice~bob", n as u64 + 1, "logged in");
+        admin
+            .publish(
+                subjects::user(&UserId::parse("alice").unwrap()),
+                frame.clone().into(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(next_text(&mut ws).await, frame, "{way}");
+        shutdown.cancel();
+        timeout(WAIT, task)
+            .await
+            .expect("the gateway stops")
+            .unwrap()
+            .unwrap();
+    }
+    assert!(
+        !server.logs().contains("Authorization Violation"),
+        "{}",
+        server.logs()
+    );
+}

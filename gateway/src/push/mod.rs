@@ -26,9 +26,16 @@
 //!   unanswered for two of those means a dead connection, and it reconnects. (Counting pings
 //!   instead would take a burst of barriers, during a wave of connects, for a dead server.) It
 //!   answers the server's pings.
-//! - **Not supported:** TLS, and NKey or JWT credentials (user/password and token from the URL
-//!   are). A `tls://` URL, or a server that requires TLS, is refused at startup.
+//! - **Credentials** ([`auth`]): the gateway's `nats_auth`, as its async-nats client uses it (a
+//!   user and password, an nkey seed, or a credentials file whose seed signs the server's
+//!   nonce); without it, a user and password or a token in `nats_url`. It logs in as the same
+//!   NATS user, which must be allowed to subscribe `chat.user.*` and `chat.grp.*`
+//!   (`nats/auth.conf`).
+//! - **Not supported:** TLS. `nats_auth` has no TLS settings and none of the project's server
+//!   configurations uses TLS. A `tls://` URL is refused at startup; a server that requires TLS
+//!   is not sent any credentials: the connect fails with that reason (logged, retried).
 
+mod auth;
 pub(crate) mod proto;
 
 use std::{
@@ -49,7 +56,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use self::proto::{Connect, ServerOp};
+pub(crate) use self::auth::PushAuth;
+use self::proto::ServerOp;
 
 /// How often the push connection pings the server to find out that it is gone.
 pub(crate) const KEEPALIVE: Duration = Duration::from_secs(20);
@@ -186,6 +194,7 @@ impl PushClient {
     pub(crate) async fn run(
         self,
         servers: Vec<ServerAddr>,
+        auth: PushAuth,
         name: String,
         handler: Arc<dyn Handler>,
         stop: CancellationToken,
@@ -196,7 +205,7 @@ impl PushClient {
             let server = &servers[next % servers.len()];
             next += 1;
             let connected = tokio::select! {
-                c = tokio::time::timeout(CONNECT_TIMEOUT, connect(server, &name)) => c,
+                c = tokio::time::timeout(CONNECT_TIMEOUT, connect(server, &auth, &name)) => c,
                 _ = stop.cancelled() => return,
             };
             match connected {
@@ -405,10 +414,14 @@ impl Interest for PushClient {
     }
 }
 
-/// Opens a TCP connection to `server`, reads its `INFO`, sends `CONNECT` and waits for the
-/// `PONG` that says the server took it. Returns the stream and whatever was read past the
-/// `PONG`.
-async fn connect(server: &ServerAddr, name: &str) -> std::io::Result<(TcpStream, BytesMut)> {
+/// Opens a TCP connection to `server`, reads its `INFO`, sends `CONNECT` with the credentials
+/// of `auth` and waits for the `PONG` that says the server took it. Returns the stream and
+/// whatever was read past the `PONG`.
+async fn connect(
+    server: &ServerAddr,
+    auth: &PushAuth,
+    name: &str,
+) -> std::io::Result<(TcpStream, BytesMut)> {
     let mut stream = TcpStream::connect((server.host(), server.port())).await?;
     stream.set_nodelay(true)?;
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
@@ -427,14 +440,13 @@ async fn connect(server: &ServerAddr, name: &str) -> std::io::Result<(TcpStream,
                             PushError::Tls(server.as_url_str().to_owned()),
                         ));
                     }
-                    let (user, pass) = (server.username(), server.password());
-                    let token = user.filter(|_| pass.is_none());
-                    let hello = proto::connect(&Connect {
-                        name,
-                        user: user.filter(|_| pass.is_some()),
-                        pass,
-                        token,
-                    });
+                    let credentials = auth.credentials(server, &info.nonce).map_err(|e| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::PermissionDenied,
+                            format!("cannot sign the server's nonce: {e}"),
+                        )
+                    })?;
+                    let hello = proto::connect(name, &credentials);
                     stream.write_all(&hello).await?;
                     sent_connect = true;
                 }

@@ -127,22 +127,30 @@ fn body(buf: &[u8], start: usize, skip: usize, total: usize) -> Option<(&[u8], u
     Some((&buf[start + skip..end], end + 2))
 }
 
-/// What the push connection says about itself in `CONNECT`.
-pub(crate) struct Connect<'a> {
-    pub name: &'a str,
-    pub user: Option<&'a str>,
-    pub pass: Option<&'a str>,
-    pub token: Option<&'a str>,
+/// The credential fields of `CONNECT`, each sent only when set
+/// (<https://docs.nats.io/reference/reference-protocols/nats-protocol#connect>). No `Debug`:
+/// it holds secrets.
+#[derive(Default)]
+pub(crate) struct Credentials {
+    pub user: Option<String>,
+    pub pass: Option<String>,
+    pub auth_token: Option<String>,
+    /// The user JWT (decentralized authentication), with `sig`.
+    pub jwt: Option<String>,
+    /// The public nkey, with `sig`.
+    pub nkey: Option<String>,
+    /// The server's nonce signed with the seed, base64url without padding.
+    pub sig: Option<String>,
 }
 
-/// `CONNECT {...}\r\nPING\r\n`: no echo, no verbose acks, headers understood (so a message
-/// published with headers is delivered as `HMSG`, not refused).
-pub(crate) fn connect(c: &Connect<'_>) -> Vec<u8> {
+/// `CONNECT {...}\r\nPING\r\n` for a client called `name`: no echo, no verbose acks, headers
+/// understood (so a message published with headers is delivered as `HMSG`, not refused).
+pub(crate) fn connect(name: &str, credentials: &Credentials) -> Vec<u8> {
     let mut info = serde_json::json!({
         "verbose": false,
         "pedantic": false,
         "tls_required": false,
-        "name": c.name,
+        "name": name,
         "lang": "rust",
         "version": env!("CARGO_PKG_VERSION"),
         "protocol": 1,
@@ -151,14 +159,25 @@ pub(crate) fn connect(c: &Connect<'_>) -> Vec<u8> {
         "no_responders": true,
     });
     let obj = info.as_object_mut().expect("an object");
-    if let Some(user) = c.user {
-        obj.insert("user".into(), user.into());
-    }
-    if let Some(pass) = c.pass {
-        obj.insert("pass".into(), pass.into());
-    }
-    if let Some(token) = c.token {
-        obj.insert("auth_token".into(), token.into());
+    let Credentials {
+        user,
+        pass,
+        auth_token,
+        jwt,
+        nkey,
+        sig,
+    } = credentials;
+    for (field, value) in [
+        ("user", user),
+        ("pass", pass),
+        ("auth_token", auth_token),
+        ("jwt", jwt),
+        ("nkey", nkey),
+        ("sig", sig),
+    ] {
+        if let Some(value) = value {
+            obj.insert(field.into(), value.as_str().into());
+        }
     }
     let mut out = b"CONNECT ".to_vec();
     out.extend_from_slice(info.to_string().as_bytes());
@@ -271,12 +290,14 @@ mod tests {
 
     #[test]
     fn writes_connect_sub_and_unsub() {
-        let c = connect(&Connect {
-            name: "gw",
-            user: Some("u"),
-            pass: Some("p"),
-            token: None,
-        });
+        let c = connect(
+            "gw",
+            &Credentials {
+                user: Some("u".into()),
+                pass: Some("p".into()),
+                ..Credentials::default()
+            },
+        );
         let text = String::from_utf8(c).unwrap();
         assert!(text.starts_with("CONNECT {") && text.ends_with("}\r\nPING\r\n"));
         let json: serde_json::Value =
@@ -287,6 +308,7 @@ mod tests {
             (json["user"].as_str(), json["pass"].as_str()),
             (Some("u"), Some("p"))
         );
+        assert!(json.get("sig").is_none() && json.get("auth_token").is_none());
         let mut out = Vec::new();
         sub(&mut out, "chat.user.bob", 3);
         unsub(&mut out, 3);
