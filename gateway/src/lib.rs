@@ -18,20 +18,23 @@
 //!   [`ReceiptsRequest`], [`ConversationsRequest`], [`GroupInfoRequest`] on behalf of the user,
 //!   answered by the sequencer. At connect, before `hello`, the user's groups
 //!   (`groups_only`).
-//! - Empty replies to delivery confirmation requests (see below).
+//! - Delivery confirmations (see below): a plain empty reply, or several to the same fan-out
+//!   worker within 2 ms as one batch to `<reply prefix>.c`.
 //! - `chat.presence.report.<gateway>` (core NATS): batched connects, disconnects, watches and
 //!   the periodic full state, for the presence service; `chat.api.presence` and
 //!   `chat.api.presence_settings` requests; `typing` frames on `chat.user.<user>` (one-to-one)
 //!   or `chat.typing.<conv>` (groups). See `presence.rs`.
 //!
 //! **Consumes**
-//! - `chat.user.<user>` (core NATS), one subscription per connection: complete server frames
-//!   (`message`, `receipt`, or `error` from the sequencer), forwarded to the socket unchanged.
-//!   Fan-out workers publish messages with a reply subject: each connection that queued the
-//!   frame answers with an empty message, and when no device of the user is connected the
-//!   requester gets "no responders" and notifies the user's phone instead.
+//! - `chat.user.<user>` (core NATS), one subscription per user connected here, on the
+//!   gateway's one push connection (`push/`, routed by `router.rs`): complete server frames
+//!   (`message`, `receipt`, or `error` from the sequencer), forwarded unchanged to each of the
+//!   user's connections here. Fan-out workers publish messages with a reply subject: the
+//!   gateway confirms once one of the user's connections here queued the frame (once per
+//!   gateway, however many devices), and when no device of the user is connected anywhere
+//!   the requester gets "no responders" and notifies the user's phone instead.
 //! - `chat.grp.<conv>` (core NATS), one subscription per large group with a member connected
-//!   here, shared by its connections: each event once, forwarded to the members' connections
+//!   here, on the push connection too: each event once, forwarded to the members' connections
 //!   within their membership (see `groups.rs`).
 //! - `chat.presence.push.<gateway>` (core NATS), one subscription per gateway: the presence
 //!   changes of the users its connections watch, handed to those connections.
@@ -342,10 +345,14 @@ pub async fn run(
         router.clone(),
         push_stop.clone(),
     ));
-    background.spawn(watch_readiness(
+    // Ready while both connections to NATS are up and not shutting down.
+    background.spawn(admin::ready_while_connected(
         nats.clone(),
-        push.clone(),
         ready.clone(),
+        {
+            let push = push.clone();
+            move || push.is_connected()
+        },
         stop.clone(),
     ));
     // Connections finish what is in flight and close with 1001 as soon as shutdown begins.
@@ -403,19 +410,4 @@ pub async fn run(
     }
     tracing::info!("gateway stopped");
     served.context("websocket listener failed")
-}
-
-/// Ready while connected to NATS (both connections) and not shutting down.
-async fn watch_readiness(
-    nats: async_nats::Client,
-    push: PushClient,
-    ready: Readiness,
-    stop: CancellationToken,
-) {
-    let mut every = tokio::time::interval(Duration::from_millis(500));
-    while stop.run_until_cancelled(every.tick()).await.is_some() {
-        let client = nats.connection_state() == async_nats::connection::State::Connected;
-        ready.set(client && push.is_connected());
-    }
-    ready.set(false);
 }
