@@ -1019,6 +1019,7 @@ mod tests {
             ErrorCode::NotAdmin,
             ErrorCode::GroupFull,
             ErrorCode::AlreadyExists,
+            ErrorCode::LastAdmin,
             ErrorCode::NotFound,
             ErrorCode::RateLimited,
             ErrorCode::Unavailable,

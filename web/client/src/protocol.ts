@@ -114,6 +114,7 @@ export type ErrorCode =
   | "not_admin"
   | "group_full"
   | "already_exists"
+  | "last_admin"
   | "not_found"
   | "rate_limited"
   | "unavailable"
@@ -122,6 +123,7 @@ export type ErrorCode =
   | "unauthorized"
   | "token_expired"
   | "too_many_connections"
+  | "overloaded"
   | "media_not_found"
   | "media_mismatch";
 
