@@ -170,8 +170,8 @@ async fn send_all(sys: &System, k: usize, n: u64, size: usize) -> Result<u64> {
 
 /// Syncs from `since` until the last page; returns the messages by (conv, seq), the pages,
 /// the duplicates, the time of the first page and the final token.
-struct SyncOutcome {
-    held: HashMap<(String, u64), String>,
+pub(crate) struct SyncOutcome {
+    pub(crate) held: HashMap<(String, u64), String>,
     pages: u64,
     duplicates: u64,
     first_page: Option<Instant>,
@@ -180,7 +180,7 @@ struct SyncOutcome {
     retries: u32,
 }
 
-async fn sync_all(ws: &mut Ws, since: Option<String>) -> Result<SyncOutcome> {
+pub(crate) async fn sync_all(ws: &mut Ws, since: Option<String>) -> Result<SyncOutcome> {
     let mut out = SyncOutcome {
         held: HashMap::new(),
         pages: 0,

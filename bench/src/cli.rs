@@ -44,6 +44,11 @@ pub enum Mode {
     /// Search for the highest offered rate sustained for --duration seconds (>= 99.9%
     /// delivered, backlog not growing, p99 < 500 ms), then a trial at half of it.
     Max(MaxArgs),
+    /// Overload: a reference phase at half the max sustained rate (--max-rate, from `max`),
+    /// --factor times it for --overload seconds, then half again: nothing acked lost, peak RSS
+    /// of every process, slow consumers cut and recovered through sync, typing shed first,
+    /// and the time until delivery latency is back.
+    Overload(OverloadArgs),
     /// N authenticated, subscribed idle connections: gateway memory per connection and idle
     /// CPU. The open-file limit is raised to the hard limit (inherited by the gateway), which
     /// bounds N: each side needs one descriptor per connection.
@@ -70,6 +75,7 @@ impl Mode {
             Self::Baseline(_) => "baseline",
             Self::Dm(_) => "dm",
             Self::Max(_) => "max",
+            Self::Overload(_) => "overload",
             Self::Idle(_) => "idle",
             Self::IdleClient(_) => "idle-client",
             Self::Catchup(_) => "catchup",
@@ -114,7 +120,8 @@ pub struct Pipeline {
     /// After the offered window, seconds to wait for every ack and delivery
     #[arg(long, default_value_t = 30.0)]
     pub drain: f64,
-    /// Conversation partitions to provision (default: the deployment default, 64)
+    /// Conversation partitions to provision (default: the deployment default,
+    /// `chat_protocol::subjects::DEFAULT_PARTITIONS`, 16)
     #[arg(long, value_name = "N")]
     pub partitions: Option<u32>,
 }
@@ -155,6 +162,51 @@ pub struct MaxArgs {
     /// Skip the final trial at half the best rate
     #[arg(long)]
     pub no_half: bool,
+    #[command(flatten)]
+    pub pipeline: Pipeline,
+    #[command(flatten)]
+    pub load: Load,
+    #[command(flatten)]
+    pub output: Output,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct OverloadArgs {
+    /// The max sustained rate measured by `bench max`, messages per second
+    #[arg(long)]
+    pub max_rate: f64,
+    /// The overload phase offers this many times --max-rate
+    #[arg(long, default_value_t = 1.5)]
+    pub factor: f64,
+    /// The reference phase before and the phase after the overload offer this many times
+    /// --max-rate
+    #[arg(long, default_value_t = 0.5)]
+    pub after_factor: f64,
+    /// Seconds of the reference phase
+    #[arg(long, default_value_t = 30.0)]
+    pub reference: f64,
+    /// Seconds of overload
+    #[arg(long, default_value_t = 120.0)]
+    pub overload: f64,
+    /// Seconds of the phase after the overload (recovery must happen within it)
+    #[arg(long, default_value_t = 240.0)]
+    pub after: f64,
+    /// Slow recipients, each flooded by a sender of its own while it stops reading
+    #[arg(long, default_value_t = 4)]
+    pub slow: usize,
+    /// Seconds each slow recipient stops reading
+    #[arg(long, default_value_t = 20.0)]
+    pub stall: f64,
+    /// How many seconds before the overload the slow recipients stop reading (within the
+    /// reference phase, while the pipeline still keeps up and their flood arrives at once)
+    #[arg(long, default_value_t = 15.0)]
+    pub stall_lead: f64,
+    /// Messages per second each slow recipient's sender sends it while it stalls
+    #[arg(long, default_value_t = 100.0)]
+    pub slow_rate: f64,
+    /// Body size of those messages, bytes
+    #[arg(long, default_value_t = 4096)]
+    pub slow_size: usize,
     #[command(flatten)]
     pub pipeline: Pipeline,
     #[command(flatten)]

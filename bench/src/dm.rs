@@ -46,6 +46,96 @@ pub struct TrialSpec {
     pub size: usize,
     /// After the offered window, how long to wait for every ack and delivery.
     pub drain_s: f64,
+    /// After `duration_s` at `rate`: an overload phase and a phase after it (`bench overload`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overload: Option<OverloadProfile>,
+}
+
+/// Two more phases of a trial: `rate` for `duration_s`, then `after_rate` for `after_s`.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct OverloadProfile {
+    pub rate: f64,
+    pub duration_s: f64,
+    pub after_rate: f64,
+    pub after_s: f64,
+}
+
+impl TrialSpec {
+    /// A single-rate trial.
+    pub fn steady(rate: f64, duration_s: f64, size: usize, drain_s: f64) -> Self {
+        Self {
+            rate,
+            duration_s,
+            size,
+            drain_s,
+            overload: None,
+        }
+    }
+
+    /// The offered (rate, seconds) phases in order.
+    fn phases(&self) -> Vec<(f64, f64)> {
+        let mut phases = vec![(self.rate, self.duration_s)];
+        if let Some(o) = self.overload {
+            phases.push((o.rate, o.duration_s));
+            phases.push((o.after_rate, o.after_s));
+        }
+        phases
+    }
+
+    /// The highest offered rate of any phase.
+    pub fn peak_rate(&self) -> f64 {
+        self.phases().iter().map(|p| p.0).fold(0.0, f64::max)
+    }
+}
+
+/// When each message of a trial is due: phases of fixed rates back to back.
+#[derive(Debug, Clone)]
+struct Schedule {
+    /// (start s, rate, first index, messages) per phase.
+    phases: Vec<(f64, f64, u64, u64)>,
+    total: u64,
+    window_s: f64,
+}
+
+impl Schedule {
+    fn of(spec: &TrialSpec) -> Self {
+        let mut phases = Vec::new();
+        let (mut start, mut first) = (0.0, 0);
+        for (rate, secs) in spec.phases() {
+            let n = (rate * secs).round() as u64;
+            phases.push((start, rate, first, n));
+            start += secs;
+            first += n;
+        }
+        Self {
+            phases,
+            total: first,
+            window_s: start,
+        }
+    }
+
+    /// Seconds after the trial's start at which message `i` is due.
+    fn intended_s(&self, i: u64) -> f64 {
+        for &(start, rate, first, n) in &self.phases {
+            if i < first + n {
+                return start + (i - first) as f64 / rate;
+            }
+        }
+        self.window_s
+    }
+
+    /// How many messages are due `elapsed_s` seconds after the start.
+    fn due(&self, elapsed_s: f64) -> u64 {
+        let mut due = 0;
+        for &(start, rate, _, n) in &self.phases {
+            if elapsed_s < start {
+                break;
+            }
+            // The epsilon absorbs rounding: at its own intended time a message is due.
+            due += ((((elapsed_s - start) * rate + 1e-7).floor() as u64) + 1).min(n);
+        }
+        due.min(self.total)
+    }
 }
 
 /// What one trial measured.
@@ -85,6 +175,10 @@ pub struct TrialResult {
     pub sent_latency: Latency,
     /// End-to-end: intended send time to the `message` frame at the recipient.
     pub delivery_latency: Latency,
+    /// Delivery p99 (ms) of the messages due in each second of a phased trial (`None`: nothing
+    /// delivered of that second); empty for single-rate trials.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub delivery_p99_ms_by_second: Vec<Option<f64>>,
     /// Consumer backlog sampled every second during the offered window.
     pub backlog: Vec<Backlog>,
     /// Least-squares growth of the backlog over the second half of the window, messages/s.
@@ -162,6 +256,7 @@ const ECHOED: u8 = 4;
 struct Trial {
     id: u32,
     spec: TrialSpec,
+    schedule: Schedule,
     start: Instant,
     window_end: Instant,
     offered: u64,
@@ -176,11 +271,13 @@ struct Trial {
     errors: BTreeMap<String, u64>,
     sent_h: Histogram<u64>,
     delivery_h: Histogram<u64>,
+    /// Delivery latency by the second of its intended send time (phased trials only).
+    by_second: Vec<Histogram<u64>>,
 }
 
 impl Trial {
     fn intended(&self, index: u64) -> Instant {
-        self.start + Duration::from_secs_f64(index as f64 / self.spec.rate)
+        self.start + Duration::from_secs_f64(self.schedule.intended_s(index))
     }
 
     /// Marks `flag` for `index`; `false` if it was already set (a duplicate).
@@ -302,7 +399,12 @@ impl Recorder {
             }
             t.last_delivery = Some(now);
             let at = t.intended(index);
-            stats::record(&mut t.delivery_h, now.saturating_duration_since(at));
+            let latency = now.saturating_duration_since(at);
+            stats::record(&mut t.delivery_h, latency);
+            let second = at.saturating_duration_since(t.start).as_secs() as usize;
+            if let Some(h) = t.by_second.get_mut(second) {
+                stats::record(h, latency);
+            }
         } else {
             t.dup[1] += 1;
         }
@@ -322,7 +424,7 @@ impl Recorder {
             return None;
         }
         t.retries += 1;
-        let intended_us = (index as f64 * 1e6 / t.spec.rate) as u64;
+        let intended_us = (t.schedule.intended_s(index) * 1e6) as u64;
         let (id, body) = message(trial, index, intended_us, t.spec.size);
         let wait = Duration::from_millis(e.retry_after_ms.unwrap_or(100));
         Some((wait, send_frame(conv, id, body)))
@@ -452,7 +554,7 @@ impl Population {
     /// Runs one open-loop trial.
     pub async fn trial(&mut self, sys: &System, spec: TrialSpec) -> Result<TrialResult> {
         let pairs = self.senders.len();
-        let per_user = spec.rate / pairs as f64;
+        let per_user = spec.peak_rate() / pairs as f64;
         if per_user > USER_SEND_LIMIT * 0.9 {
             bail!(
                 "{per_user:.0} sends/s per sender is too close to the gateway's per-user limit \
@@ -461,15 +563,22 @@ impl Population {
         }
         let id = self.next_trial;
         self.next_trial += 1;
-        let total = (spec.rate * spec.duration_s).round() as u64;
+        let schedule = Schedule::of(&spec);
+        let total = schedule.total;
         let closed_before = self.closed_sockets();
         let procs = sys.procs();
         let before = Snapshot::take(&procs);
         let start = Instant::now() + Duration::from_millis(20);
-        let window_end = start + Duration::from_secs_f64(spec.duration_s);
+        let window_end = start + Duration::from_secs_f64(schedule.window_s);
+        let seconds = if spec.overload.is_some() {
+            schedule.window_s.ceil() as usize + 1
+        } else {
+            0
+        };
         self.rec.lock().expect("recorder").trial = Some(Trial {
             id,
             spec,
+            schedule: schedule.clone(),
             start,
             window_end,
             offered: 0,
@@ -484,6 +593,7 @@ impl Population {
             errors: BTreeMap::new(),
             sent_h: stats::histogram(),
             delivery_h: stats::histogram(),
+            by_second: (0..seconds).map(|_| stats::histogram()).collect(),
         });
 
         let schedule = async {
@@ -493,12 +603,11 @@ impl Population {
                 let due = if now < start {
                     0
                 } else {
-                    let elapsed = now.duration_since(start).as_secs_f64();
-                    ((elapsed * spec.rate).floor() as u64 + 1).min(total)
+                    schedule.due(now.duration_since(start).as_secs_f64())
                 };
                 while i < due {
                     let (conv, tx) = &self.senders[(i % pairs as u64) as usize];
-                    let intended_us = (i as f64 * 1e6 / spec.rate) as u64;
+                    let intended_us = (schedule.intended_s(i) * 1e6) as u64;
                     let (mid, body) = message(id, i, intended_us, spec.size);
                     if tx.send(send_frame(conv, mid, body)).is_ok()
                         && let Some(t) = self.rec.lock().expect("recorder").trial.as_mut()
@@ -508,7 +617,7 @@ impl Population {
                     i += 1;
                 }
                 if i < total {
-                    let next = start + Duration::from_secs_f64(i as f64 / spec.rate);
+                    let next = start + Duration::from_secs_f64(schedule.intended_s(i));
                     tokio::time::sleep_until(next).await;
                 }
             }
@@ -583,6 +692,11 @@ impl Population {
             errors: t.errors,
             sent_latency: Latency::of(&t.sent_h),
             delivery_latency: Latency::of(&t.delivery_h),
+            delivery_p99_ms_by_second: t
+                .by_second
+                .iter()
+                .map(|h| (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64 / 1000.0))
+                .collect(),
             backlog_growth_per_s: growth(&backlog),
             backlog,
             drained,
@@ -629,6 +743,31 @@ mod tests {
         assert_eq!(parse_body(&body), Some((3, 1234)));
         assert_eq!(body.len(), 64);
         assert!(chat_protocol::ids::ClientMsgId::parse(&id).is_ok());
+    }
+
+    #[test]
+    fn phased_schedules_are_back_to_back() {
+        let mut spec = TrialSpec::steady(10.0, 2.0, 16, 1.0);
+        spec.overload = Some(OverloadProfile {
+            rate: 100.0,
+            duration_s: 1.0,
+            after_rate: 10.0,
+            after_s: 3.0,
+        });
+        let s = Schedule::of(&spec);
+        assert_eq!(s.total, 20 + 100 + 30);
+        assert!((s.window_s - 6.0).abs() < 1e-9);
+        assert!((s.intended_s(19) - 1.9).abs() < 1e-9);
+        assert!((s.intended_s(20) - 2.0).abs() < 1e-9);
+        assert!((s.intended_s(120) - 3.0).abs() < 1e-9);
+        // Every message is due once its time came, and not before.
+        for i in 0..s.total {
+            let t = s.intended_s(i);
+            assert!(s.due(t) > i, "message {i} due at {t}");
+            assert!(s.due(t - 1e-6) <= i, "message {i} due before {t}");
+        }
+        assert_eq!(s.due(100.0), s.total);
+        assert_eq!(spec.peak_rate(), 100.0);
     }
 
     #[test]

@@ -304,12 +304,8 @@ pub async fn run(sys: &System, spec: GroupSpec, generation: u32) -> Result<Group
     let dm = async {
         match population.as_mut() {
             Some(pop) => {
-                let dm_spec = TrialSpec {
-                    rate: spec.dm_rate,
-                    duration_s: spec.duration_s,
-                    size: spec.size,
-                    drain_s: spec.drain_s,
-                };
+                let dm_spec =
+                    TrialSpec::steady(spec.dm_rate, spec.duration_s, spec.size, spec.drain_s);
                 Some(pop.trial(sys, dm_spec).await)
             }
             None => None,

@@ -5,6 +5,7 @@
 //! Modes ([`cli::Mode`]): `baseline` (raw JetStream and core NATS through async-nats), `dm`
 //! (one-to-one traffic over real WebSockets, open loop, through gateway, `CHAT_IN`, sequencer
 //! with its store, `CHAT_MSGS`, fan-out worker and back), `max` (the highest sustained rate),
+//! `overload` (1.5× the max for 2 minutes, then half: losses, peak memory, slow consumers, recovery),
 //! `idle` (memory and CPU per idle connection), `catchup` (a device that missed K messages
 //! reconnecting), `group` (fan-out to large groups, with one-to-one load beside it) and
 //! `presence` (presence updates and their cost per online user, gateways simulated at the NATS
@@ -22,6 +23,7 @@ pub mod fleet;
 pub mod group;
 pub mod idle;
 pub mod max;
+pub mod overload;
 pub mod presence;
 pub mod procstat;
 pub mod report;
@@ -55,6 +57,9 @@ pub mod targets {
     pub const IDLE_CONNECTIONS: usize = 100_000;
     pub const CATCHUP_10K_MS: f64 = 1000.0;
 }
+
+/// `bench overload` waits at least this long for the last deliveries.
+const OVERLOAD_MIN_DRAIN_S: f64 = 600.0;
 
 fn out_dir(o: &Output) -> PathBuf {
     o.out
@@ -134,12 +139,7 @@ async fn pipeline(
     let b = baseline_on(&sys, load).await?;
     let pop = Population::connect(&sys, p.pairs, 1).await?;
     println!("{} pairs connected ({} sockets)", p.pairs, p.pairs * 2);
-    let spec = TrialSpec {
-        rate,
-        duration_s: duration,
-        size: load.size,
-        drain_s: p.drain,
-    };
+    let spec = TrialSpec::steady(rate, duration, load.size, p.drain);
     Ok((sys, b, pop, spec))
 }
 
@@ -262,6 +262,51 @@ pub async fn run(cli: Cli) -> Result<()> {
                     format!("{} held", r.held)
                 )
             );
+            let o = out_dir(&a.output);
+            (o.clone(), report::write(&o, mode, a, machine, &r)?)
+        }
+        Mode::Overload(a) => {
+            if a.pipeline.pairs == 0 || a.max_rate <= 0.0 {
+                bail!("--pairs and --max-rate must be positive");
+            }
+            let admin = format!("127.0.0.1:{}", chat_testkit::free_port());
+            let sys = System::start_full(
+                true,
+                &[],
+                &overload::gateway_env(&admin),
+                a.pipeline.partitions,
+            )
+            .await?;
+            let mut pop = Population::connect(&sys, a.pipeline.pairs, 1).await?;
+            println!(
+                "{} pairs connected ({} sockets)",
+                a.pipeline.pairs,
+                a.pipeline.pairs * 2
+            );
+            let spec = overload::OverloadSpec {
+                max_rate: a.max_rate,
+                factor: a.factor,
+                after_factor: a.after_factor,
+                reference_s: a.reference,
+                overload_s: a.overload,
+                after_s: a.after,
+                size: a.load.size,
+                // Everything acked must arrive before the result says so: the backlog of the
+                // overload can take minutes to drain (the wait ends as soon as it has).
+                drain_s: a.pipeline.drain.max(OVERLOAD_MIN_DRAIN_S),
+                slow: a.slow,
+                stall_s: a.stall,
+                stall_lead_s: a.stall_lead,
+                slow_rate: a.slow_rate,
+                slow_size: a.slow_size,
+            };
+            let r = overload::run(&sys, &mut pop, &admin, spec).await?;
+            print!("{}", r.summary());
+            drop(pop);
+            let problems = sys.stop();
+            if !problems.is_empty() {
+                println!("shutdown: {problems:?}");
+            }
             let o = out_dir(&a.output);
             (o.clone(), report::write(&o, mode, a, machine, &r)?)
         }

@@ -42,6 +42,15 @@ pub fn sample(pid: u32) -> Option<Sample> {
     })
 }
 
+/// The peak resident set of `pid` so far (`VmHWM`), KiB, or `None` if it is gone.
+pub fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 fn clock_ticks() -> f64 {
     // SAFETY: sysconf has no preconditions.
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -201,5 +210,8 @@ mod tests {
         let s = sample(std::process::id()).expect("own /proc entry");
         assert!(s.rss_kib > 0);
         assert!(sample(u32::MAX).is_none());
+        let peak = peak_rss_kib(std::process::id()).expect("own /proc entry");
+        assert!(peak >= s.rss_kib.min(peak) && peak > 0);
+        assert!(peak_rss_kib(u32::MAX).is_none());
     }
 }

@@ -61,6 +61,17 @@ impl System {
         fanout_env: &[(&str, String)],
         partitions: Option<u32>,
     ) -> Result<Self> {
+        Self::start_full(services, fanout_env, &[], partitions).await
+    }
+
+    /// Like [`System::start_partitioned`], with extra environment variables for the gateway
+    /// too (its admin listener, say).
+    pub async fn start_full(
+        services: bool,
+        fanout_env: &[(&str, String)],
+        gateway_env: &[(&str, String)],
+        partitions: Option<u32>,
+    ) -> Result<Self> {
         let n = usize::from(services);
         let mut cluster = Cluster::with_partitions(
             ClusterConfig {
@@ -76,6 +87,11 @@ impl System {
         for f in &mut cluster.fanouts {
             for (k, v) in fanout_env {
                 f.set_env(k, v);
+            }
+        }
+        for g in &mut cluster.gateways {
+            for (k, v) in gateway_env {
+                g.set_env(k, v);
             }
         }
         if services {

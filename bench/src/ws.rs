@@ -58,9 +58,22 @@ pub async fn connect(
     device: &str,
     bind: Option<IpAddr>,
 ) -> Result<Ws> {
+    connect_with(url, secret, user, device, bind, None).await
+}
+
+/// Like [`connect`], with the socket's receive buffer set to `recv_buffer` bytes (the kernel
+/// may round it): a client that reads slowly then fills the server's queue soon.
+pub async fn connect_with(
+    url: &str,
+    secret: &[u8],
+    user: &str,
+    device: &str,
+    bind: Option<IpAddr>,
+    recv_buffer: Option<u32>,
+) -> Result<Ws> {
     tokio::time::timeout(
         CONNECT_TIMEOUT,
-        connect_inner(url, secret, user, device, bind),
+        connect_inner(url, secret, user, device, bind, recv_buffer),
     )
     .await
     .map_err(|_| anyhow!("connect timed out after {CONNECT_TIMEOUT:?}"))?
@@ -72,6 +85,7 @@ async fn connect_inner(
     user: &str,
     device: &str,
     bind: Option<IpAddr>,
+    recv_buffer: Option<u32>,
 ) -> Result<Ws> {
     let user_id = UserId::parse(user).map_err(|e| anyhow!("user id {user}: {e}"))?;
     let token = mint_dev_token(secret, &user_id, 24 * 3600);
@@ -87,6 +101,9 @@ async fn connect_inner(
         socket
             .bind((ip, 0).into())
             .with_context(|| format!("bind {ip}"))?;
+    }
+    if let Some(bytes) = recv_buffer {
+        socket.set_recv_buffer_size(bytes).context("SO_RCVBUF")?;
     }
     let stream = socket.connect(addr).await.context("tcp connect")?;
     stream.set_nodelay(true)?;

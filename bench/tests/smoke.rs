@@ -276,3 +276,63 @@ async fn group_delivers_every_message_to_every_member_in_order() {
         assert_accounting(&r["dm"], 40);
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn overload_loses_nothing_acked_and_a_slow_recipient_recovers_through_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = bench(
+        "overload",
+        &[
+            "--max-rate",
+            "100",
+            "--reference",
+            "2",
+            "--overload",
+            "3",
+            "--after",
+            "3",
+            "--pairs",
+            "10",
+            "--slow",
+            "1",
+            "--stall",
+            "2",
+            "--stall-lead",
+            "1",
+            "--slow-rate",
+            "50",
+            "--slow-size",
+            "2048",
+        ],
+        dir.path(),
+    );
+    let r = &v["result"];
+    // 2 s at 50/s, 3 s at 150/s, 3 s at 50/s.
+    assert_accounting(&r["trial"], 100 + 450 + 150);
+    let seconds = r["trial"]["delivery_p99_ms_by_second"]
+        .as_array()
+        .expect("per-second p99");
+    assert!(seconds.len() >= 8, "{seconds:?}");
+    let slow = &r["slow"][0];
+    assert_eq!(n(&slow["acked"]), 100, "{slow:#}");
+    for field in ["missing_seqs", "mismatched", "acked_not_found"] {
+        assert_eq!(n(&slow[field]), 0, "{field}: {slow:#}");
+    }
+    // Cut (with the close code or, not reading at the time, without a close frame) or, on a
+    // fast machine, never behind enough to be cut: each a documented ending.
+    let ended = slow["ended"].as_str().expect("ended");
+    assert!(["close 4001", "eof", "not cut"].contains(&ended), "{ended}");
+    assert_eq!(r["nothing_lost"], true);
+    let peaks: Vec<(&str, u64)> = r["peak_rss"]
+        .as_array()
+        .expect("peak RSS")
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap_or(""), n(&p["peak_kib"])))
+        .collect();
+    for p in ["bench", "nats-server", "gateway-1", "seq-a", "fanout-a"] {
+        assert!(
+            peaks.iter().any(|(name, kib)| *name == p && *kib > 0),
+            "{p}: {peaks:?}"
+        );
+    }
+}

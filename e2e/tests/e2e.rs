@@ -32,6 +32,11 @@ struct App {
 }
 
 async fn spawn_app() -> App {
+    spawn_app_with(|_| {}).await
+}
+
+/// [`spawn_app`] with the gateway's settings adjusted by `tweak`.
+async fn spawn_app_with(tweak: impl FnOnce(&mut chat_gateway::Config)) -> App {
     let nats = NatsServer::start();
     let client = nats.client().await;
     provision_all(&client, &Overrides::default()).await.unwrap();
@@ -55,6 +60,7 @@ async fn spawn_app() -> App {
     gateway.auth.hs256_secret = Some(String::from_utf8(SECRET.to_vec()).unwrap());
     gateway.sends_per_second = 1000;
     gateway.send_burst = 1000;
+    tweak(&mut gateway);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ws_url = format!("ws://{}/ws", listener.local_addr().unwrap());
     let tasks = vec![
@@ -790,5 +796,65 @@ async fn a_1024_member_group_reaches_every_online_member_in_order() {
             .unwrap();
         assert_eq!(seqs, want, "member {} saw {seqs:?}", users[SENDERS + i]);
     }
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abuse_limits_refuse_only_the_frames_over_budget() {
+    let app = spawn_app_with(|g| {
+        g.abuse.new_conversations_per_minute = 2;
+        g.abuse.groups_per_hour = 1;
+    })
+    .await;
+    let mut alice = app.connect("alice", "phone").await;
+    let mut bob = app.connect("bob", "phone").await;
+    // Bob opens their conversation (from his own budget).
+    bob.send_acked(CONV, "b1", "hi alice").await;
+    assert_eq!(bob.next_in(CONV).await.0, 1);
+    assert_eq!(alice.next_in(CONV).await.0, 1);
+    // Alice writes to two people she never talked to: her whole budget for the minute.
+    for (conv, id) in [("dm~alice~carol", "a1"), ("dm~alice~dan", "a2")] {
+        alice.send_acked(conv, id, "hello stranger").await;
+        assert_eq!(alice.next_in(conv).await.0, 1);
+    }
+    let refused = |frame: ServerFrame, id: &str| match frame {
+        ServerFrame::Error(e) => {
+            assert_eq!(
+                (e.code, e.id.as_deref()),
+                (ErrorCode::RateLimited, Some(id))
+            );
+            assert!(e.retry_after_ms.is_some_and(|ms| ms > 0), "{e:?}");
+        }
+        other => panic!("expected rate_limited for {id}, got {other:?}"),
+    };
+    alice.send("dm~alice~eve", "a3", "hello stranger").await;
+    refused(alice.next().await, "a3");
+    // Her conversation with bob has a message: not new; stamped and delivered as always.
+    alice.send_acked(CONV, "a4", "hi bob").await;
+    assert_eq!(alice.next_in(CONV).await.0, 2);
+    let m = bob.next_message().await;
+    assert_eq!((m.seq, m.id.as_str()), (2, "a4"));
+    // Groups: the hour's one create is stamped, a second one refused; the group works.
+    alice
+        .group(GroupOp::Create, "g~team", "g1", Some("Team"), &["bob"])
+        .await;
+    assert_eq!(alice.next_in("g~team").await.0, 1);
+    assert_eq!(bob.next_in("g~team").await.0, 1);
+    alice
+        .send_frame(&ClientFrame::Group {
+            op: GroupOp::Create,
+            conv: "g~more".into(),
+            id: "g2".into(),
+            name: Some("More".into()),
+            members: vec![],
+        })
+        .await;
+    refused(alice.next().await, "g2");
+    alice.send_acked("g~team", "a5", "welcome").await;
+    assert_eq!(alice.next_in("g~team").await.0, 2);
+    assert_eq!(bob.next_in("g~team").await.0, 2);
+    // Nothing of the refused send was stored.
+    let (messages, more) = alice.history("dm~alice~eve", None, None, 10).await;
+    assert!(messages.is_empty() && !more, "{messages:?}");
     app.shutdown().await;
 }

@@ -1,9 +1,9 @@
 //! Gateway settings. Every field is documented in `gateway/README.md`; loaded with
 //! `chat_common::config::load` (defaults, then `--config FILE`, then `CHAT_GATEWAY_...` env vars).
 
-use std::{fmt, path::PathBuf, time::Duration};
+use std::time::Duration;
 
-use chat_protocol::auth::{KeyError, TokenVerifier};
+use chat_protocol::auth::{AuthConfigError, TokenVerifier};
 use serde::{Deserialize, Serialize};
 
 /// The gateway's configuration.
@@ -61,6 +61,9 @@ pub struct Config {
     pub shutdown_grace_ms: u64,
     /// Presence reports and typing (`presence.rs`).
     pub presence: crate::presence::PresenceConfig,
+    /// Abuse limits: groups, members and new conversations per user, failed authentications
+    /// per address (`limits.rs`).
+    pub abuse: crate::limits::AbuseConfig,
 }
 
 impl Default for Config {
@@ -92,87 +95,25 @@ impl Default for Config {
             close_timeout_ms: 5000,
             shutdown_grace_ms: 5000,
             presence: Default::default(),
+            abuse: Default::default(),
         }
     }
 }
 
-/// How access tokens are verified: exactly one of the three must be set.
-#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthConfig {
-    /// HS256 shared secret (development only).
-    pub hs256_secret: Option<String>,
-    /// PEM file with the RS256 public key.
-    pub rs256_public_key_file: Option<PathBuf>,
-    /// PEM file with the Ed25519 (EdDSA) public key.
-    pub eddsa_public_key_file: Option<PathBuf>,
-}
-
-// Hand-written so the secret never reaches a log line.
-impl fmt::Debug for AuthConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AuthConfig")
-            .field(
-                "hs256_secret",
-                &self.hs256_secret.as_ref().map(|_| "<redacted>"),
-            )
-            .field("rs256_public_key_file", &self.rs256_public_key_file)
-            .field("eddsa_public_key_file", &self.eddsa_public_key_file)
-            .finish()
-    }
-}
+/// How access tokens are verified (shared with the media service): see
+/// [`chat_protocol::auth::settings`].
+pub use chat_protocol::auth::{AuthConfig, KeyConfig};
 
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error(
-        "auth: exactly one of `hs256_secret`, `rs256_public_key_file`, `eddsa_public_key_file` must be set ({0} are)"
-    )]
-    AuthKeyCount(usize),
-    #[error("auth: `hs256_secret` is empty")]
-    EmptySecret,
-    #[error("auth: cannot read {path}: {source}")]
-    KeyFile {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("auth: {0}")]
-    Key(#[from] KeyError),
+    #[error(transparent)]
+    Auth(#[from] AuthConfigError),
     #[error("`{field}` {reason}")]
     Invalid {
         field: &'static str,
         reason: &'static str,
     },
-}
-
-impl AuthConfig {
-    /// The token verifier these settings describe.
-    pub fn verifier(&self) -> Result<TokenVerifier, ConfigError> {
-        let set = usize::from(self.hs256_secret.is_some())
-            + usize::from(self.rs256_public_key_file.is_some())
-            + usize::from(self.eddsa_public_key_file.is_some());
-        if set != 1 {
-            return Err(ConfigError::AuthKeyCount(set));
-        }
-        let read = |path: &PathBuf| {
-            std::fs::read(path).map_err(|source| ConfigError::KeyFile {
-                path: path.clone(),
-                source,
-            })
-        };
-        if let Some(secret) = &self.hs256_secret {
-            if secret.is_empty() {
-                return Err(ConfigError::EmptySecret);
-            }
-            Ok(TokenVerifier::hs256(secret.as_bytes()))
-        } else if let Some(path) = &self.rs256_public_key_file {
-            Ok(TokenVerifier::rs256_pem(&read(path)?)?)
-        } else if let Some(path) = &self.eddsa_public_key_file {
-            Ok(TokenVerifier::eddsa_pem(&read(path)?)?)
-        } else {
-            unreachable!("exactly one key source is set")
-        }
-    }
 }
 
 impl Config {
@@ -200,7 +141,7 @@ impl Config {
             ("publish_timeout_ms", self.publish_timeout_ms),
             ("history_timeout_ms", self.history_timeout_ms),
         ];
-        for (field, value) in positive {
+        for (field, value) in positive.into_iter().chain(self.abuse.counts()) {
             if value == 0 {
                 return Err(ConfigError::Invalid {
                     field,
@@ -220,7 +161,13 @@ impl Config {
                 reason: "must be greater than `heartbeat_interval_ms`",
             });
         }
-        self.auth.verifier()
+        if self.abuse.ip_header().is_err() {
+            return Err(ConfigError::Invalid {
+                field: "abuse.client_ip_header",
+                reason: "is not a valid HTTP header name",
+            });
+        }
+        Ok(self.auth.verifier()?)
     }
 
     pub(crate) fn ms(ms: u64) -> Duration {
@@ -268,14 +215,21 @@ mod tests {
     }
 
     #[test]
-    fn exactly_one_key_source() {
+    fn key_settings_are_checked() {
         let none = Config::default();
-        assert!(matches!(none.validate(), Err(ConfigError::AuthKeyCount(0))));
+        let err = refusal(&none);
+        assert!(
+            matches!(err, ConfigError::Auth(AuthConfigError::NoKey)),
+            "{err}"
+        );
         let mut two = dev();
         two.auth.eddsa_public_key_file = Some("/nonexistent.pem".into());
         let err = refusal(&two);
-        assert!(matches!(err, ConfigError::AuthKeyCount(2)));
-        assert!(err.to_string().contains("exactly one"), "{err}");
+        assert!(matches!(
+            err,
+            ConfigError::Auth(AuthConfigError::SingleKeyCount(2))
+        ));
+        assert!(err.to_string().contains("at most one"), "{err}");
         let mut missing = Config::default();
         missing.auth.rs256_public_key_file = Some("/nonexistent/key.pem".into());
         let err = refusal(&missing);
@@ -284,7 +238,44 @@ mod tests {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), "not a pem").unwrap();
         garbage.auth.eddsa_public_key_file = Some(file.path().into());
-        assert!(matches!(garbage.validate(), Err(ConfigError::Key(_))));
+        assert!(matches!(
+            garbage.validate(),
+            Err(ConfigError::Auth(AuthConfigError::Key(_)))
+        ));
+        // Keys with ids, beside or instead of the single-key setting.
+        let mut keyed = Config::default();
+        keyed.auth.keys = vec![KeyConfig {
+            kid: Some("2025-06".into()),
+            alg: chat_protocol::auth::KeyAlgorithm::HS256,
+            secret: Some("rotated".into()),
+            public_key_file: None,
+        }];
+        let verifier = keyed.validate().unwrap();
+        assert_eq!(verifier.keys().count(), 1);
+        assert_eq!(verifier.leeway_secs(), 30);
+    }
+
+    #[test]
+    fn abuse_limits_are_checked() {
+        let c = Config::default();
+        assert_eq!(c.abuse.groups_per_hour, 20);
+        assert_eq!(c.abuse.group_members_per_minute, 1024);
+        assert_eq!(c.abuse.new_conversations_per_minute, 10);
+        assert_eq!(c.abuse.auth_failures_per_minute, 20);
+        assert_eq!(c.abuse.client_ip_header, None);
+        let mut c = dev();
+        c.abuse.new_conversations_per_minute = 0;
+        let err = refusal(&c);
+        assert!(
+            err.to_string()
+                .contains("abuse.new_conversations_per_minute"),
+            "{err}"
+        );
+        let mut c = dev();
+        c.abuse.client_ip_header = Some("x forwarded".into());
+        assert!(refusal(&c).to_string().contains("client_ip_header"));
+        c.abuse.client_ip_header = Some("X-Forwarded-For".into());
+        assert!(c.validate().is_ok());
     }
 
     #[test]
@@ -324,7 +315,14 @@ mod tests {
 
     #[test]
     fn debug_never_shows_the_secret() {
-        let shown = format!("{:?}", dev());
+        let mut c = dev();
+        c.auth.keys = vec![KeyConfig {
+            kid: Some("k".into()),
+            alg: chat_protocol::auth::KeyAlgorithm::HS256,
+            secret: Some("s3cret-value-two".into()),
+            public_key_file: None,
+        }];
+        let shown = format!("{c:?}");
         assert!(!shown.contains("s3cret-value"), "{shown}");
         assert!(shown.contains("<redacted>"), "{shown}");
     }
@@ -342,6 +340,32 @@ mod tests {
         assert_eq!(c.max_body_bytes, 1000);
         assert_eq!(c.auth.hs256_secret.as_deref(), Some("x"));
         assert_eq!(c.max_frame_bytes, 131_072);
+
+        // Rotation: keys with ids as a TOML array of tables, and the leeway.
+        std::fs::write(
+            file.path(),
+            "[auth]\nleeway_secs = 5\nhs256_secret = \"old\"\n\
+             [[auth.keys]]\nkid = \"2025-06\"\nalg = \"EdDSA\"\npublic_key_file = \"/keys/ed.pem\"\n\
+             [abuse]\ngroups_per_hour = 3\n",
+        )
+        .unwrap();
+        let c: Config =
+            chat_common::config::load(Some(file.path()), "CHAT_GATEWAY_TEST_UNSET_").unwrap();
+        assert_eq!(c.auth.leeway_secs, 5);
+        assert_eq!(c.auth.keys[0].kid.as_deref(), Some("2025-06"));
+        assert_eq!(c.auth.keys[0].alg, chat_protocol::auth::KeyAlgorithm::EdDSA);
+        assert_eq!(c.abuse.groups_per_hour, 3);
+        assert_eq!(c.abuse.new_conversations_per_minute, 10);
+
+        // The same keys as one environment variable (CHAT_GATEWAY_AUTH__KEYS), whose value
+        // figment parses with its inline array and table syntax.
+        let value: figment::value::Value =
+            r#"[{kid="2025-06", alg="RS256", public_key_file="/etc/chat/jwt/2025-06.pem"}]"#
+                .parse()
+                .unwrap();
+        let keys: Vec<KeyConfig> = value.deserialize().unwrap();
+        assert_eq!(keys[0].alg, chat_protocol::auth::KeyAlgorithm::RS256);
+        assert_eq!(keys[0].kid.as_deref(), Some("2025-06"));
 
         std::fs::write(file.path(), "max_bodies = 1\n").unwrap();
         let err =

@@ -16,7 +16,7 @@ use crate::metrics;
 pub enum UpgradeError {
     #[error("no access token (use `?token=` or `Authorization: Bearer`)")]
     MissingToken,
-    #[error("invalid access token")]
+    #[error("invalid access token{}", token_reason(.0))]
     InvalidToken(#[source] TokenError),
     #[error("access token expired")]
     TokenExpired,
@@ -24,8 +24,12 @@ pub enum UpgradeError {
     InvalidDevice(#[source] IdError),
     #[error("too many connections for this user")]
     TooManyConnections,
+    /// The gateway is at `max_handshakes` handshakes in progress or `max_connections` connections.
     #[error("the gateway is at capacity; retry after {retry_after_s} s, with jittered backoff")]
     Overloaded { retry_after_s: u64 },
+    /// The client's address used up its failed authentications (`abuse.auth_failures_per_minute`).
+    #[error("too many failed authentications from this address; retry after {retry_after_ms} ms")]
+    TooManyAuthFailures { retry_after_ms: u64 },
     #[error("service temporarily unavailable")]
     Unavailable(#[source] anyhow::Error),
 }
@@ -38,8 +42,17 @@ impl UpgradeError {
             Self::InvalidDevice(_) => ErrorCode::InvalidId,
             Self::TooManyConnections => ErrorCode::TooManyConnections,
             Self::Overloaded { .. } => ErrorCode::Overloaded,
+            Self::TooManyAuthFailures { .. } => ErrorCode::RateLimited,
             Self::Unavailable(_) => ErrorCode::Unavailable,
         }
+    }
+
+    /// Whether the refusal is a failed authentication (counted per client address).
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::MissingToken | Self::InvalidToken(_) | Self::TokenExpired
+        )
     }
 
     pub fn status(&self) -> StatusCode {
@@ -48,7 +61,9 @@ impl UpgradeError {
                 StatusCode::UNAUTHORIZED
             }
             Self::InvalidDevice(_) => StatusCode::BAD_REQUEST,
-            Self::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
+            Self::TooManyConnections | Self::TooManyAuthFailures { .. } => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Self::Overloaded { .. } | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -78,14 +93,34 @@ impl IntoResponse for UpgradeError {
         ::metrics::counter!(metrics::UPGRADE_REJECTIONS, "code" => code.as_str()).increment(1);
         // The Display strings above are written for clients: they name the problem, not the
         // internals (those stay in `source`, which is only logged).
-        let body = serde_json::json!({ "code": code, "message": self.to_string() });
+        let mut body = serde_json::json!({ "code": code, "message": self.to_string() });
+        let retry_after_ms = match self {
+            Self::TooManyAuthFailures { retry_after_ms } => Some(retry_after_ms),
+            Self::Overloaded { retry_after_s } => Some(retry_after_s.saturating_mul(1000)),
+            _ => None,
+        };
+        if let Some(ms) = retry_after_ms {
+            body["retry_after_ms"] = ms.into();
+        }
         let mut response = (self.status(), Json(body)).into_response();
-        if let Self::Overloaded { retry_after_s } = self {
+        if let Some(ms) = retry_after_ms {
+            // Whole seconds, rounded up: never earlier than the budget allows.
+            let secs = ms.div_ceil(1000).max(1);
             response
                 .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(retry_after_s));
+                .insert(RETRY_AFTER, HeaderValue::from(secs));
         }
         response
+    }
+}
+
+/// What a client may learn of why its token was refused: the checks of this project
+/// (unknown key id, algorithm, `nbf`, missing claims, subject), not the JWT library's
+/// internals (a bad signature or encoding is just "invalid").
+fn token_reason(err: &TokenError) -> String {
+    match err {
+        TokenError::Invalid(_) => String::new(),
+        other => format!(": {other}"),
     }
 }
 
@@ -116,5 +151,33 @@ mod tests {
         let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["code"], "overloaded");
+    }
+
+    #[tokio::test]
+    async fn auth_failure_refusals_say_when_to_retry() {
+        let resp = UpgradeError::TooManyAuthFailures {
+            retry_after_ms: 2500,
+        }
+        .into_response();
+        assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(resp.headers()[RETRY_AFTER], "3");
+        let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(
+            (v["code"].as_str(), v["retry_after_ms"].as_u64()),
+            (Some("rate_limited"), Some(2500))
+        );
+    }
+
+    #[test]
+    fn token_refusals_name_the_project_checks_not_the_library_internals() {
+        let unknown: UpgradeError = TokenError::UnknownKey("k9".into()).into();
+        assert_eq!(unknown.code(), ErrorCode::Unauthorized);
+        assert!(unknown.to_string().contains("\"k9\""), "{unknown}");
+        assert!(unknown.is_auth_failure());
+        let internal: UpgradeError =
+            TokenError::Invalid("InvalidSignature at byte 7".into()).into();
+        assert_eq!(internal.to_string(), "invalid access token");
+        assert!(!UpgradeError::TooManyConnections.is_auth_failure());
     }
 }

@@ -20,6 +20,9 @@
 //!   (`groups_only`).
 //! - Delivery confirmations (see below): a plain empty reply, or several to the same fan-out
 //!   worker within 2 ms as one batch to `<reply prefix>.c`.
+//! - `$KV.CHAT_LIMITS.<budget>.<user>` (JetStream key-value, bucket `CHAT_LIMITS`): the user's
+//!   abuse budgets, read and written with compare-and-set by every gateway, for group `create`
+//!   and `add` frames and the first message of a one-to-one conversation (`limits.rs`).
 //! - `chat.presence.report.<gateway>` (core NATS): batched connects, disconnects, watches and
 //!   the periodic full state, for the presence service; `chat.api.presence` and
 //!   `chat.api.presence_settings` requests; `typing` frames on `chat.user.<user>` (one-to-one)
@@ -61,6 +64,7 @@ pub mod config;
 mod connection;
 pub mod error;
 mod groups;
+mod limits;
 mod media;
 pub mod metrics;
 mod order;
@@ -96,8 +100,9 @@ use crate::{
     router::{AttachError, Router},
 };
 pub use crate::{
-    config::{AuthConfig, Config, ConfigError},
+    config::{AuthConfig, Config, ConfigError, KeyConfig},
     error::UpgradeError,
+    limits::AbuseConfig,
     presence::PresenceConfig,
 };
 
@@ -124,6 +129,8 @@ struct StateInner {
     read_buffer_bytes: usize,
     write_buffer_bytes: usize,
     max_frame_bytes: usize,
+    /// Failed authentications per client address (`abuse.auth_failures_per_minute`).
+    auth_failures: limits::AuthFailures,
     /// Upgraded connections, so shutdown can wait for them.
     connections: TaskTracker,
 }
@@ -137,6 +144,11 @@ impl AppState {
         push: PushClient,
     ) -> Result<Self, ConfigError> {
         let verifier = config.validate()?;
+        // Per-user budgets in the shared bucket, so they hold across gateways.
+        let user_limits = limits::UserLimits::new(
+            &config.abuse,
+            Some(async_nats::jetstream::new(nats.clone())),
+        );
         let backend = NatsBackend::new(
             nats,
             Config::ms(config.publish_timeout_ms),
@@ -156,7 +168,10 @@ impl AppState {
         Ok(Self {
             inner: Arc::new(StateInner {
                 verifier,
-                shared: Arc::new(Shared::new(config, backend.clone(), router)),
+                shared: Arc::new(Shared {
+                    user_limits,
+                    ..Shared::new(config, backend.clone(), router)
+                }),
                 backend,
                 admission: Admission::new(
                     config.max_handshakes,
@@ -166,6 +181,7 @@ impl AppState {
                 read_buffer_bytes: config.read_buffer_bytes,
                 write_buffer_bytes: config.write_buffer_bytes,
                 max_frame_bytes: config.max_frame_bytes,
+                auth_failures: limits::AuthFailures::new(&config.abuse),
                 connections: TaskTracker::new(),
             }),
         })
@@ -187,6 +203,8 @@ impl AppState {
         }
         shared.presence.prune();
         shared.router.prune();
+        shared.user_limits.prune();
+        self.inner.auth_failures.prune();
     }
 }
 
@@ -203,26 +221,39 @@ struct WsParams {
     device: Option<String>,
 }
 
-/// Admits the handshake, authenticates, checks the device id and the connection limits, makes
-/// the user's subscription live, then upgrades. Every refusal is an HTTP error with a JSON code.
+/// Refuses addresses that failed to authenticate too often, admits the handshake,
+/// authenticates, checks the device id and the connection limits, makes the user's
+/// subscription live, then upgrades. Every refusal is an HTTP error with a JSON code.
 async fn ws_handler(
     State(state): State<AppState>,
+    limits::Peer(peer): limits::Peer,
     query: Result<Query<WsParams>, QueryRejection>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, UpgradeError> {
     let inner = &state.inner;
-    // First: a storm of (re)connects is refused here, before it costs anything else. The
-    // permit is held until the connection's `hello` is queued.
+    let address = inner.auth_failures.client(peer, &headers);
+    // Before the token is looked at: guessing costs the guesser, not our CPU.
+    inner
+        .auth_failures
+        .check(address)
+        .map_err(|retry_after_ms| UpgradeError::TooManyAuthFailures { retry_after_ms })?;
+    // A storm of (re)connects is refused here, before it costs anything else. The permit is
+    // held until the connection's `hello` is queued.
     let permit = inner.admission.try_admit()?;
     // An unreadable query string carries no usable token: it is refused as unauthorized.
     let params = query.map(|Query(p)| p).unwrap_or_default();
-    let token = params
+    let verified = params
         .token
         .as_deref()
         .or_else(|| bearer(&headers))
-        .ok_or(UpgradeError::MissingToken)?;
-    let (user, claims) = inner.verifier.verify(token)?;
+        .ok_or(UpgradeError::MissingToken)
+        .and_then(|token| inner.verifier.verify(token).map_err(UpgradeError::from));
+    let (user, claims) = verified.inspect_err(|err| {
+        if err.is_auth_failure() {
+            inner.auth_failures.failed(address);
+        }
+    })?;
     let device = match params.device.as_deref() {
         Some(d) => DeviceId::parse(d).map_err(UpgradeError::InvalidDevice)?,
         None => generated_device_id(),
@@ -231,8 +262,10 @@ async fn ws_handler(
         Ok(upgrade) => upgrade,
         Err(rejection) => return Ok(rejection.into_response()),
     };
+    // A token accepted within the leeway after its `exp` lives as long as that leeway.
     let remaining = claims
         .exp
+        .saturating_add(inner.verifier.leeway_secs())
         .saturating_mul(1000)
         .saturating_sub(chat_protocol::now_ms());
     let session = Arc::new(Session {
@@ -315,6 +348,7 @@ pub async fn run(
         metrics::describe();
         presence::describe();
         push::describe();
+        limits::describe();
     }
     let servers = PushClient::servers(&config.nats_url).context("push connection")?;
     let push_auth = PushAuth::load(&config.nats_auth).context("push connection")?;
@@ -376,7 +410,9 @@ pub async fn run(
     background.close();
 
     tracing::info!(addr = %listener.local_addr()?, "gateway listening");
-    let served = axum::serve(listener, app(state.clone()))
+    // With the peer address of each connection, for the failed-authentication limit.
+    let service = app(state.clone()).into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let served = axum::serve(listener, service)
         .with_graceful_shutdown(stop.clone().cancelled_owned())
         .await;
     stop.cancel();

@@ -94,6 +94,8 @@ async fn start_gateway(
         ..Config::default()
     };
     config.auth.hs256_secret = Some(String::from_utf8(SECRET.to_vec()).unwrap());
+    // These tests expire tokens on purpose: no clock-skew leeway (tests/abuse.rs covers it).
+    config.auth.leeway_secs = 0;
     tweak(&mut config);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use chat_protocol::auth::{KeyError, TokenVerifier};
+use chat_protocol::auth::{AuthConfigError, TokenVerifier};
 use serde::{Deserialize, Serialize};
 
 /// S3 never accepts more parts than this in one multipart upload.
@@ -106,25 +106,9 @@ impl Default for Config {
     }
 }
 
-/// How access tokens are verified: exactly one of the three, as for the gateway.
-#[derive(Clone, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AuthConfig {
-    /// HS256 shared secret (development only). Never logged.
-    pub hs256_secret: Option<String>,
-    pub rs256_public_key_file: Option<String>,
-    pub eddsa_public_key_file: Option<String>,
-}
-
-impl std::fmt::Debug for AuthConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthConfig")
-            .field("hs256_secret", &self.hs256_secret.as_ref().map(|_| "…"))
-            .field("rs256_public_key_file", &self.rs256_public_key_file)
-            .field("eddsa_public_key_file", &self.eddsa_public_key_file)
-            .finish()
-    }
-}
+/// How access tokens are verified: the gateway's `auth` block (key set selected by `kid`,
+/// clock-skew leeway), `gateway/README.md`.
+pub use chat_protocol::auth::{AuthConfig, KeyConfig};
 
 /// The object store: AWS S3 or any S3-compatible server.
 #[derive(Clone, Serialize, Deserialize)]
@@ -175,17 +159,8 @@ impl std::fmt::Debug for S3Config {
 /// Why a configuration is refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error(
-        "exactly one of auth.hs256_secret, auth.rs256_public_key_file, auth.eddsa_public_key_file must be set"
-    )]
-    AuthChoice,
-    #[error("cannot read {path}: {source}")]
-    KeyFile {
-        path: String,
-        source: std::io::Error,
-    },
     #[error(transparent)]
-    Key(#[from] KeyError),
+    Auth(#[from] AuthConfigError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -248,23 +223,7 @@ impl Config {
     }
 
     fn verifier(&self) -> Result<TokenVerifier, ConfigError> {
-        let a = &self.auth;
-        let read = |path: &str| {
-            std::fs::read(path).map_err(|source| ConfigError::KeyFile {
-                path: path.to_owned(),
-                source,
-            })
-        };
-        match (
-            &a.hs256_secret,
-            &a.rs256_public_key_file,
-            &a.eddsa_public_key_file,
-        ) {
-            (Some(secret), None, None) => Ok(TokenVerifier::hs256(secret.as_bytes())),
-            (None, Some(path), None) => Ok(TokenVerifier::rs256_pem(&read(path)?)?),
-            (None, None, Some(path)) => Ok(TokenVerifier::eddsa_pem(&read(path)?)?),
-            _ => Err(ConfigError::AuthChoice),
-        }
+        Ok(self.auth.verifier()?)
     }
 
     /// Whether `content_type` is on the allow-list (`type/subtype` exactly, or `type/*`).
@@ -299,7 +258,7 @@ mod tests {
         assert!(valid().validate().is_ok());
         assert!(matches!(
             Config::default().validate(),
-            Err(ConfigError::AuthChoice)
+            Err(ConfigError::Auth(AuthConfigError::NoKey))
         ));
     }
 

@@ -550,7 +550,9 @@ pub enum ErrorCode {
     LastAdmin,
     /// The group does not exist.
     NotFound,
-    /// The sender exceeded its send rate; `retry_after_ms` says when to retry.
+    /// The sender exceeded a rate (sends, receipts, typing) or an abuse budget (groups created,
+    /// members added, new conversations), or at upgrade its address failed to authenticate too
+    /// often; `retry_after_ms` says when to retry.
     RateLimited,
     /// The message could not be stored right now; retry with the same `id`.
     Unavailable,
@@ -558,7 +560,8 @@ pub enum ErrorCode {
     InvalidToken,
     /// A server fault; details are in the server's logs.
     Internal,
-    /// No token, a malformed token, or a token signed with another key (HTTP 401).
+    /// No token, a malformed token, a token signed with another key, naming an unknown `kid`,
+    /// with an algorithm other than its key's, without `exp` or before its `nbf` (HTTP 401).
     Unauthorized,
     /// The token's `exp` has passed (HTTP 401 at upgrade, close 4002 on an open connection).
     TokenExpired,

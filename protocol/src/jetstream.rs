@@ -34,6 +34,7 @@ pub const STREAM_FILES: &[(&str, &str)] = files![
     "streams/CHAT_PUSH.json",
     "streams/KV_CHAT_MEDIA.json",
     "streams/KV_PRESENCE.json",
+    "streams/KV_CHAT_LIMITS.json",
 ];
 
 /// Consumer definitions that do not depend on the partition count.
@@ -841,6 +842,18 @@ mod tests {
         assert_eq!(presence["allow_msg_ttl"], true);
         assert!(presence["subject_delete_marker_ttl"].as_u64().unwrap() > 0);
         assert_eq!(presence["max_msgs_per_subject"], 1);
+        let limits = &streams[5].config;
+        assert_eq!(limits["name"], subjects::STREAM_LIMITS);
+        assert_eq!(limits["name"], format!("KV_{}", subjects::LIMITS_BUCKET));
+        assert_eq!(
+            limits["subjects"][0],
+            format!("$KV.{}.>", subjects::LIMITS_BUCKET)
+        );
+        assert_eq!(limits["max_msgs_per_subject"], 1);
+        assert_eq!(limits["allow_direct"], true);
+        // A budget of "n per hour" is full again an hour after its last charge: a key may go
+        // then, not before.
+        assert_eq!(limits["max_age"].as_u64(), Some(3_600_000_000_000));
     }
 
     #[test]

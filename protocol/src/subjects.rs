@@ -60,6 +60,18 @@ pub const MEDIA_QUEUE: &str = "media";
 /// JetStream key-value bucket of the media service's upload records (stream `KV_CHAT_MEDIA`).
 pub const MEDIA_BUCKET: &str = "CHAT_MEDIA";
 
+/// JetStream key-value bucket of the gateways' per-user abuse budgets (stream
+/// [`STREAM_LIMITS`]): groups created, members added, new conversations opened.
+pub const LIMITS_BUCKET: &str = "CHAT_LIMITS";
+/// The stream behind [`LIMITS_BUCKET`].
+pub const STREAM_LIMITS: &str = "KV_CHAT_LIMITS";
+
+/// KV key (in [`LIMITS_BUCKET`]) of `user`'s budget `budget` (`g` groups created, `m` members
+/// added, `n` new conversations opened).
+pub fn limits_key(budget: &str, user: &UserId) -> String {
+    format!("{budget}.{user}")
+}
+
 /// Request subject: which of a bounded list of users share a conversation with a user
 /// (payload: [`crate::api::ContactsRequest`]), answered by the sequencers (queue group `api`).
 pub const CONTACTS_API: &str = "chat.api.contacts";

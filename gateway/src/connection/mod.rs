@@ -121,6 +121,9 @@ pub(crate) struct Shared<B> {
     pub presence: Arc<PresenceHub>,
     /// Who is connected here, and where pushes go.
     pub router: Arc<Router>,
+    /// Per-user abuse budgets: groups, members, new conversations (`limits.rs`). Local to this
+    /// gateway unless `AppState` gives it the shared bucket.
+    pub user_limits: crate::limits::UserLimits,
 }
 
 impl<B> Shared<B> {
@@ -137,6 +140,7 @@ impl<B> Shared<B> {
             receipt_limiter: keyed(config.receipts_per_second, config.receipt_burst),
             presence: Arc::new(PresenceHub::new(config)),
             router,
+            user_limits: crate::limits::UserLimits::new(&config.abuse, None),
         }
     }
 }

@@ -130,8 +130,8 @@ pub(super) fn on_group<B: Backend>(
     submit(ctx, conv_id, conv, id, inbound)
 }
 
-/// The common tail of `send` and `group`: the user's send rate, the media check (sends with
-/// `media`), then the publish to `CHAT_IN` with `Nats-Msg-Id` = [`api::dedupe_id`]; `sent`
+/// The common tail of `send` and `group`: the user's send rate, abuse budgets (`limits.rs`),
+/// the media check (sends with `media`), then the publish to `CHAT_IN` with `Nats-Msg-Id` = [`api::dedupe_id`]; `sent`
 /// (with the gateway's receive time) once JetStream stored it, `unavailable` otherwise.
 fn submit<B: Backend>(
     ctx: &Ctx<B>,
@@ -154,6 +154,16 @@ fn submit<B: Backend>(
     let (shared, outbox, user) = (ctx.shared.clone(), ctx.outbox.clone(), user.clone());
     Step::Wait(
         async move {
+            // The user's abuse budgets (groups, members, new conversations), shared by every
+            // gateway: nothing over a budget is published.
+            let limits = &shared.user_limits;
+            if let Err(r) =
+                crate::limits::admit(&shared.backend, limits, &user, &conv_id, &inbound).await
+            {
+                let frame = send_error(r.code, r.message, id, conv, r.retry_after_ms);
+                outbox.push(encode(&frame))?;
+                return Ok(None);
+            }
             // A media message is published only once the media service confirmed its upload.
             if let Err((code, message)) =
                 crate::media::verify(&shared.backend, &conv_id, &user, &inbound).await
