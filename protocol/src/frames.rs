@@ -398,6 +398,15 @@ pub struct Limits {
     /// How long a `typing` indicator lasts on the client without a new frame.
     #[serde(default)]
     pub typing_ttl_ms: u64,
+    /// The user's abuse budgets, across every gateway: groups created per hour, members added
+    /// per minute (also the most one `group` frame may name), and one-to-one conversations
+    /// opened per minute (a first message to someone). Over one: `rate_limited`.
+    #[serde(default)]
+    pub groups_per_hour: u32,
+    #[serde(default)]
+    pub group_members_per_minute: u32,
+    #[serde(default)]
+    pub new_conversations_per_minute: u32,
 }
 
 /// An error answer. `id` or `req` names the client frame it answers, when there is one.

@@ -102,6 +102,9 @@ impl Settings {
                 receipts_per_second: c.receipts_per_second,
                 receipt_burst: c.receipt_burst,
                 sync_page_max: api::SYNC_PAGE_MAX,
+                groups_per_hour: c.abuse.groups_per_hour,
+                group_members_per_minute: c.abuse.group_members_per_minute,
+                new_conversations_per_minute: c.abuse.new_conversations_per_minute,
                 ..presence::limits(c)
             },
         }

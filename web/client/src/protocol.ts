@@ -55,6 +55,9 @@ export interface Limits {
   typing_per_second?: number;
   typing_burst?: number;
   typing_ttl_ms?: number;
+  groups_per_hour?: number;
+  group_members_per_minute?: number;
+  new_conversations_per_minute?: number;
 }
 
 export interface Receipt {
