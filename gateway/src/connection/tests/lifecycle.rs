@@ -2,7 +2,11 @@ use super::*;
 
 #[tokio::test(start_paused = true)]
 async fn hello_first_then_pong_and_pushes_unchanged() {
-    let mut c = connect(config(), 16, HOUR);
+    let mut cfg = config();
+    cfg.abuse.groups_per_hour = 7;
+    cfg.abuse.group_members_per_minute = 300;
+    cfg.abuse.new_conversations_per_minute = 4;
+    let mut c = connect(cfg, 16, HOUR);
     match c.frame().await {
         ServerFrame::Hello {
             user,
@@ -16,6 +20,15 @@ async fn hello_first_then_pong_and_pushes_unchanged() {
             assert_eq!(
                 (limits.receipts_per_second, limits.receipt_burst),
                 (50, 100)
+            );
+            // The abuse budgets, as configured, so a client can pace itself.
+            assert_eq!(
+                (
+                    limits.groups_per_hour,
+                    limits.group_members_per_minute,
+                    limits.new_conversations_per_minute
+                ),
+                (7, 300, 4)
             );
         }
         other => panic!("expected hello, got {other:?}"),
