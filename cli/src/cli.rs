@@ -4,7 +4,7 @@ use std::{io::BufRead, process::ExitCode, time::Duration};
 
 use anyhow::{Context, bail};
 use chat_protocol::{
-    auth::mint_dev_token,
+    auth::{mint_dev_token, mint_dev_token_for_key},
     frames::{ErrorCode, ServerFrame},
     ids::{ConvId, DeviceId, UserId},
     jetstream::{self, Overrides, ProvisionError},
@@ -99,6 +99,10 @@ pub enum Command {
         /// Lifetime in seconds
         #[arg(long, value_name = "SECS", default_value_t = SESSION_TOKEN_TTL_SECS)]
         ttl: u64,
+        /// Key id for the token's header (`kid`): the gateway verifies it with its key of that
+        /// id only. Needed when every key the gateway has carries a `kid` (key rotation)
+        #[arg(long, value_name = "ID", value_parser = parse_kid)]
+        kid: Option<String>,
         #[command(flatten)]
         secret: DevSecret,
     },
@@ -346,6 +350,13 @@ fn parse_user(s: &str) -> Result<UserId, String> {
     UserId::parse(s).map_err(|e| e.to_string())
 }
 
+fn parse_kid(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        return Err("an empty key id: leave --kid out instead".into());
+    }
+    Ok(s.to_owned())
+}
+
 fn parse_device(s: &str) -> Result<DeviceId, String> {
     DeviceId::parse(s).map_err(|e| e.to_string())
 }
@@ -440,8 +451,17 @@ pub fn error_text(err: &anyhow::Error) -> String {
 
 async fn execute(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Token { user, ttl, secret } => {
-            println!("{}", mint_dev_token(secret.secret.as_bytes(), &user, ttl));
+        Command::Token {
+            user,
+            ttl,
+            kid,
+            secret,
+        } => {
+            let secret = secret.secret.as_bytes();
+            println!(
+                "{}",
+                mint_dev_token_for_key(secret, kid.as_deref(), &user, ttl)
+            );
             Ok(())
         }
         Command::Send { to, text, global } => send(&global, &to, &text.join(" ")).await,
@@ -1221,6 +1241,34 @@ mod tests {
         assert_eq!(user.as_str(), "alice");
         let cli = parse(&["watch", "--token", "given"]).unwrap();
         assert_eq!(global_of(cli).token().unwrap(), "given");
+    }
+
+    #[test]
+    fn token_kid_selects_the_gateway_key_of_that_id() {
+        use chat_protocol::auth::{TokenError, TokenVerifier, VerifyKey};
+        let cli = parse(&["token", "alice", "--kid", "k2", "--secret", "new"]).unwrap();
+        let Command::Token {
+            user, kid, secret, ..
+        } = cli.command
+        else {
+            panic!("not a token command");
+        };
+        let token = mint_dev_token_for_key(secret.secret.as_bytes(), kid.as_deref(), &user, 60);
+        // A gateway in the middle of a rotation: the old secret as k1, the new one as k2.
+        let keys = vec![
+            VerifyKey::hs256(Some("k1".into()), b"old"),
+            VerifyKey::hs256(Some("k2".into()), b"new"),
+        ];
+        let verifier = TokenVerifier::new(keys, 0).unwrap();
+        assert_eq!(verifier.verify(&token).unwrap().0.as_str(), "alice");
+        // Without --kid that gateway cannot tell which key to use.
+        let bare = mint_dev_token(b"new", &user, 60);
+        assert!(matches!(
+            verifier.verify(&bare),
+            Err(TokenError::MissingKid)
+        ));
+        let err = parse(&["token", "alice", "--kid", ""]).unwrap_err();
+        assert!(err.to_string().contains("empty key id"), "{err}");
     }
 
     #[test]

@@ -356,9 +356,21 @@ pub fn now_secs() -> u64 {
 
 /// Mints an HS256 token for `user`, valid for `ttl_secs` (development and tests only).
 pub fn mint_dev_token(secret: &[u8], user: &UserId, ttl_secs: u64) -> String {
+    mint_dev_token_for_key(secret, None, user, ttl_secs)
+}
+
+/// [`mint_dev_token`] with the header's `kid` (a gateway whose keys all have a `kid`, or one
+/// rotating its HS256 secret, needs it).
+pub fn mint_dev_token_for_key(
+    secret: &[u8],
+    kid: Option<&str>,
+    user: &UserId,
+    ttl_secs: u64,
+) -> String {
     let now = now_secs();
-    mint_with_claims(
+    mint_hs256(
         secret,
+        kid,
         &Claims {
             sub: user.to_string(),
             iat: now,
