@@ -53,6 +53,10 @@ pub enum Mode {
     /// CPU. The open-file limit is raised to the hard limit (inherited by the gateway), which
     /// bounds N: each side needs one descriptor per connection.
     Idle(IdleArgs),
+    /// One load-generator process of `idle --clients N` (started by it; not for direct use):
+    /// holds its share of the connections, reconnects them, reports on stdout.
+    #[command(hide = true)]
+    IdleClient(IdleClientArgs),
     /// A device offline while K messages arrive, then reconnecting: time until it has all.
     Catchup(CatchupArgs),
     /// Group fan-out: a group of N members (one WebSocket each) gets messages at a fixed
@@ -73,6 +77,7 @@ impl Mode {
             Self::Max(_) => "max",
             Self::Overload(_) => "overload",
             Self::Idle(_) => "idle",
+            Self::IdleClient(_) => "idle-client",
             Self::Catchup(_) => "catchup",
             Self::Group(_) => "group",
             Self::Presence(_) => "presence",
@@ -233,8 +238,48 @@ pub struct IdleArgs {
     /// the end of it): time to attach a profiler, e.g. `heaptrack -p <gateway pid>`
     #[arg(long, default_value_t = 0.5)]
     pub settle: f64,
+    /// Gateway processes on the one nats-server; user i connects to gateway i mod N
+    #[arg(long, default_value_t = 1)]
+    pub gateways: usize,
+    /// Load-generator processes holding the connections (0: this process holds them all).
+    /// Each process stays under the open-file limit: give one per 15,000 connections or so
+    #[arg(long, default_value_t = 0)]
+    pub clients: usize,
+    /// Each gateway's `max_connections` (0: none); set it below the open-file limit so a full
+    /// gateway answers 503 instead of failing with EMFILE
+    #[arg(long, default_value_t = 19_000)]
+    pub max_per_gateway: usize,
+    /// Then churn for this many seconds: every client process connects fresh users (connect,
+    /// authenticate, subscribe, `hello`) and closes them again, `--concurrency` at a time
+    /// (needs --clients)
+    #[arg(long, default_value_t = 0.0)]
+    pub churn: f64,
+    /// Then SIGKILL gateway-1 and measure until its clients are back on the others (jittered
+    /// backoff as in docs/protocol.md) and receive pushes again (needs --clients, --gateways >= 2)
+    #[arg(long)]
+    pub kill: bool,
     #[command(flatten)]
     pub output: Output,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct IdleClientArgs {
+    /// Gateway URLs, comma-separated
+    #[arg(long)]
+    pub urls: String,
+    /// First global user index of this process
+    #[arg(long)]
+    pub first: usize,
+    /// Connections of this process
+    #[arg(long)]
+    pub count: usize,
+    #[arg(long)]
+    pub per_ip: usize,
+    #[arg(long)]
+    pub concurrency: usize,
+    /// This process's number (its churn users and source addresses)
+    #[arg(long)]
+    pub index: usize,
 }
 
 #[derive(Debug, Clone, Args, Serialize)]

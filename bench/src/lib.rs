@@ -19,6 +19,7 @@ pub mod baseline;
 pub mod catchup;
 pub mod cli;
 pub mod dm;
+pub mod fleet;
 pub mod group;
 pub mod idle;
 pub mod max;
@@ -146,6 +147,10 @@ async fn pipeline(
 /// Runs one mode to the end: summary on stdout, results written under `--out`.
 pub async fn run(cli: Cli) -> Result<()> {
     let nofile = procstat::raise_nofile();
+    // A load-generator process of `idle --clients`: its stdout is its report to the parent.
+    if let Mode::IdleClient(a) = cli.mode {
+        return fleet::client_main(a).await;
+    }
     let machine = Machine::probe();
     let mode = cli.mode.name();
     println!("bench {mode}\n{}", machine.line());
@@ -234,6 +239,32 @@ pub async fn run(cli: Cli) -> Result<()> {
                 ratio_to_jetstream: ratio,
             };
             (o.clone(), report::write(&o, mode, a, machine, &rec)?)
+        }
+        Mode::IdleClient(_) => unreachable!("handled above"),
+        Mode::Idle(a) if a.clients > 0 => {
+            let mut sys = System::start_fleet(a.gateways, a.max_per_gateway).await?;
+            let r = fleet::run(&mut sys, a, nofile).await;
+            let _ = sys.stop();
+            let r = r?;
+            print!("{}", r.summary());
+            print!(
+                "{}",
+                check(
+                    "gateway memory <= 8 KiB per idle connection",
+                    r.bytes_per_conn <= targets::IDLE_BYTES_PER_CONN,
+                    format!("{:.2} KiB", r.bytes_per_conn / 1024.0)
+                )
+            );
+            print!(
+                "{}",
+                check(
+                    "100,000 idle connections held",
+                    r.held as usize >= targets::IDLE_CONNECTIONS,
+                    format!("{} held", r.held)
+                )
+            );
+            let o = out_dir(&a.output);
+            (o.clone(), report::write(&o, mode, a, machine, &r)?)
         }
         Mode::Overload(a) => {
             if a.pipeline.pairs == 0 || a.max_rate <= 0.0 {

@@ -124,6 +124,29 @@ impl System {
         Ok(sys)
     }
 
+    /// nats-server, `gateways` gateways (each with `max_connections` = `max_per_gateway`), one
+    /// sequencer and one fan-out worker: the idle fleet (`bench idle --clients`).
+    pub async fn start_fleet(gateways: usize, max_per_gateway: usize) -> Result<Self> {
+        let mut cluster = Cluster::new(ClusterConfig {
+            gateways: gateways.max(1),
+            sequencers: 1,
+            fanouts: 1,
+            // The production default (one sequencer: it owns every partition either way).
+            sequencer_balance: true,
+        })
+        .await;
+        for g in &mut cluster.gateways {
+            g.set_env("CHAT_GATEWAY_MAX_CONNECTIONS", &max_per_gateway.to_string());
+        }
+        for s in cluster.sequencers.iter_mut().chain(&mut cluster.fanouts) {
+            s.spawn();
+        }
+        cluster.spawn_gateways().await;
+        let sys = Self { cluster };
+        sys.wait_pinned(Duration::from_secs(60)).await?;
+        Ok(sys)
+    }
+
     /// Waits until a process pulls every partition consumer (the sequencer's and the fan-out
     /// worker's, one-to-one and group): a service that is up but not pulling yet (the fan-out
     /// worker listens for its peers first) would otherwise show as latency in the first trial.

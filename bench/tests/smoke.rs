@@ -177,6 +177,56 @@ async fn idle_holds_every_connection_subscribed() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn an_idle_fleet_survives_a_gateway_killed_and_churns() {
+    let dir = tempfile::tempdir().unwrap();
+    let v = bench(
+        "idle",
+        &[
+            "--connections",
+            "300",
+            "--per-ip",
+            "100",
+            "--hold",
+            "1",
+            "--gateways",
+            "3",
+            "--clients",
+            "2",
+            "--churn",
+            "1",
+            "--kill",
+        ],
+        dir.path(),
+    );
+    let r = &v["result"];
+    assert_eq!(n(&r["held"]), 300, "{r:#}");
+    assert_eq!(
+        n(&r["probed"]),
+        300,
+        "every connection is subscribed: {r:#}"
+    );
+    let held: Vec<u64> = r["per_gateway"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| n(&g["held"]))
+        .collect();
+    assert_eq!(held, [100, 100, 100], "user i on gateway i mod 3");
+    assert!(n(&r["churn"]["connects"]) > 0, "{r:#}");
+    let k = &r["kill"];
+    assert_eq!(n(&k["victims"]), 100);
+    assert_eq!(n(&k["held_after"]), 300, "every victim came back: {k:#}");
+    assert_eq!(n(&k["probed_after"]), 300, "and gets pushes again: {k:#}");
+    assert_eq!(
+        n(&k["by_gateway_after"][0]),
+        0,
+        "nobody on the dead gateway"
+    );
+    let closes: u64 = k["closes"].as_object().unwrap().values().map(n).sum();
+    assert_eq!(closes, 100, "only the victims' connections ended: {k:#}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn catchup_brings_back_every_missed_message_once() {
     let dir = tempfile::tempdir().unwrap();
     let v = bench(

@@ -9,7 +9,10 @@
 //! (`_INBOX.<service>.`), so its NATS user may subscribe to its own inboxes only and no other
 //! service's replies can be read or forged by it (`nats/auth.conf`).
 
-use std::{fmt, path::PathBuf};
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+};
 
 use anyhow::Context;
 use serde::{Deserialize, Deserializer, Serialize};
@@ -95,11 +98,7 @@ impl NatsAuth {
     /// Connect options carrying these credentials (files are read now).
     pub async fn options(&self) -> anyhow::Result<async_nats::ConnectOptions> {
         self.validate()?;
-        let read = |path: &PathBuf, what: &str| {
-            std::fs::read_to_string(path)
-                .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
-                .with_context(|| format!("nats_auth: cannot read the {what} {}", path.display()))
-        };
+        let read = |path: &PathBuf, what: &str| read_secret(path, what);
         if let Some(user) = &self.user {
             let password = match (&self.password, &self.password_file) {
                 (Some(p), _) => p.clone(),
@@ -126,6 +125,15 @@ impl NatsAuth {
         }
         Ok(async_nats::ConnectOptions::new())
     }
+}
+
+/// The contents of a file of `nats_auth` (a password, a seed, credentials) without its
+/// trailing line breaks; the error names the file (`what`: "password file", ...), never its
+/// contents.
+pub fn read_secret(path: &Path, what: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
+        .with_context(|| format!("nats_auth: cannot read the {what} {}", path.display()))
 }
 
 /// The inbox prefix of a service (`_INBOX.<service>`): its replies, JetStream acks and pull

@@ -1,8 +1,9 @@
 //! The NATS users of `nats/auth.conf`, on a real nats-server started with that file:
-//! - every service runs with its own user (in-process: gateway, sequencer, fan-out worker,
-//!   presence, media with a real SeaweedFS) and a user sees what it should: a message delivered,
-//!   its history, a presence answer, a media message verified and downloaded, an offline push
-//!   notification pulled by the push adapter's user; the server logs no permission violation;
+//! - every service runs with its own user (in-process: gateway, with its push connection logged
+//!   in as `gateway` too, sequencer, fan-out worker, presence, media with a real SeaweedFS) and
+//!   a user sees what it should: a message delivered, its history, a presence answer, a media
+//!   message verified and downloaded, an offline push notification pulled by the push
+//!   adapter's user; the server logs no permission violation;
 //! - the server refuses what a user must not do (a gateway publishing a stamped message, a
 //!   fan-out worker publishing to the input stream, a gateway reading another service's
 //!   replies, ...): the client gets the server's "Permissions Violation" and nothing arrives.

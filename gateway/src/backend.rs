@@ -14,10 +14,10 @@ use chat_protocol::{
         HistoryRequest, MediaVerifyReply, MediaVerifyRequest, ReceiptsReply, ReceiptsRequest,
         SyncReply, SyncRequest,
     },
-    ids::{ConvId, UserId},
+    ids::ConvId,
     subjects,
 };
-use futures::{FutureExt, StreamExt, future::BoxFuture, stream::BoxStream};
+use futures::{FutureExt, future::BoxFuture};
 use serde::{Serialize, de::DeserializeOwned};
 
 /// Why the backend could not do what was asked.
@@ -37,16 +37,30 @@ pub enum BackendError {
 /// publishes still leave in order.
 pub type PendingAck = BoxFuture<'static, Result<(), BackendError>>;
 
-/// One message of a user's subject: a complete server frame, and the reply subject of a
-/// delivery confirmation request (fan-out workers ask whether any device took the message).
-#[derive(Debug, Clone)]
-pub struct Push {
-    pub payload: Bytes,
-    pub reply: Option<Subject>,
+/// A request to one of the APIs the gateway asks on a client's behalf (core NATS
+/// request/reply, JSON both ways): the subject it goes to and the reply it gets.
+pub trait ApiRequest: Serialize + Send + Sync + 'static {
+    const SUBJECT: &'static str;
+    type Reply: DeserializeOwned + Send + 'static;
 }
 
-/// The messages arriving on one user's subject.
-pub type Pushes = BoxStream<'static, Push>;
+macro_rules! api_request {
+    ($($req:ty => $rep:ty, $subject:expr;)*) => {$(
+        impl ApiRequest for $req {
+            const SUBJECT: &'static str = $subject;
+            type Reply = $rep;
+        }
+    )*};
+}
+
+api_request! {
+    HistoryRequest => HistoryReply, subjects::HISTORY_API;
+    SyncRequest => SyncReply, subjects::SYNC_API;
+    ReceiptsRequest => ReceiptsReply, subjects::RECEIPTS_API;
+    ConversationsRequest => ConversationsReply, subjects::CONVERSATIONS_API;
+    GroupInfoRequest => GroupInfoReply, subjects::GROUP_INFO_API;
+    MediaVerifyRequest => MediaVerifyReply, subjects::MEDIA_VERIFY_API;
+}
 
 /// The gateway's side of NATS, as one connection uses it.
 pub trait Backend: Clone + Send + Sync + 'static {
@@ -60,52 +74,12 @@ pub trait Backend: Clone + Send + Sync + 'static {
         payload: Bytes,
     ) -> impl Future<Output = Result<PendingAck, BackendError>> + Send;
 
-    /// Asks the history responders for a page.
-    fn history(
+    /// Asks the API responders of `R` (history, sync, receipts, conversations, group info,
+    /// media check), bounded by the request timeout.
+    fn request<R: ApiRequest>(
         &self,
-        request: &HistoryRequest,
-    ) -> impl Future<Output = Result<HistoryReply, BackendError>> + Send;
-
-    /// Asks the sync responders for a page.
-    fn sync(
-        &self,
-        request: &SyncRequest,
-    ) -> impl Future<Output = Result<SyncReply, BackendError>> + Send;
-
-    /// Asks the receipts responders for a conversation's watermarks.
-    fn receipts(
-        &self,
-        request: &ReceiptsRequest,
-    ) -> impl Future<Output = Result<ReceiptsReply, BackendError>> + Send;
-
-    /// Asks for a page of the user's conversations.
-    fn conversations(
-        &self,
-        request: &ConversationsRequest,
-    ) -> impl Future<Output = Result<ConversationsReply, BackendError>> + Send;
-
-    /// Asks for a group's members.
-    fn group_info(
-        &self,
-        request: &GroupInfoRequest,
-    ) -> impl Future<Output = Result<GroupInfoReply, BackendError>> + Send;
-
-    /// Asks the media service to check (and claim) the upload a media message references.
-    fn verify_media(
-        &self,
-        request: &MediaVerifyRequest,
-    ) -> impl Future<Output = Result<MediaVerifyReply, BackendError>> + Send;
-
-    /// Subscribes to a large group's subject (`chat.grp.<conv>`); resolves once the server has
-    /// the subscription.
-    fn subscribe_group(
-        &self,
-        conv: &ConvId,
-    ) -> impl Future<Output = Result<Pushes, BackendError>> + Send;
-
-    /// Answers a delivery confirmation request: this device took the push. Core NATS, not
-    /// flushed; confirmations to the same requester within 2 ms go as one message.
-    fn confirm(&self, reply: Subject) -> impl Future<Output = Result<(), BackendError>> + Send;
+        request: &R,
+    ) -> impl Future<Output = Result<R::Reply, BackendError>> + Send;
 }
 
 /// The real backend: a NATS client and a JetStream context over it.
@@ -113,7 +87,7 @@ pub trait Backend: Clone + Send + Sync + 'static {
 pub struct NatsBackend {
     client: async_nats::Client,
     js: jetstream::Context,
-    /// Deadline of history, sync and receipts requests.
+    /// Deadline of API requests.
     request_timeout: Duration,
     /// Delivery confirmations, batched per requester by [`confirm_batches`].
     confirms: tokio::sync::mpsc::Sender<Subject>,
@@ -128,7 +102,8 @@ const CONFIRM_BATCH: usize = 512;
 
 /// Sends queued delivery confirmations: those whose reply subjects share a prefix (one fan-out
 /// worker's inbox) as one message to `<prefix>.c` listing their tokens, instead of one empty
-/// reply each (`chat_protocol::subjects::confirm_batch`).
+/// reply each (`chat_protocol::subjects::confirm_batch`); a confirmation with no other of its
+/// requester in the batch is an ordinary empty reply.
 async fn confirm_batches(client: async_nats::Client, mut rx: tokio::sync::mpsc::Receiver<Subject>) {
     use std::collections::HashMap;
     let mut batch = Vec::with_capacity(CONFIRM_BATCH);
@@ -151,14 +126,14 @@ async fn confirm_batches(client: async_nats::Client, mut rx: tokio::sync::mpsc::
             }
         }
         for (prefix, replies) in by_prefix {
-            if let [reply] = replies.as_slice() {
-                // Alone: a plain empty reply, which any requester understands.
-                let _ = client.publish((*reply).clone(), Bytes::new()).await;
+            // One alone is an ordinary reply, which any requester understands.
+            if let [reply] = replies[..] {
+                let _ = client.publish(reply.clone(), Bytes::new()).await;
                 continue;
             }
             let tokens: Vec<&str> = replies
                 .iter()
-                .filter_map(|r| subjects::split_reply(r).map(|(_, t)| t))
+                .filter_map(|r| subjects::split_reply(r).map(|(_, token)| token))
                 .collect();
             let _ = client
                 .publish(subjects::confirm_batch(prefix), tokens.join(",").into())
@@ -192,42 +167,6 @@ impl NatsBackend {
 
     pub fn client(&self) -> &async_nats::Client {
         &self.client
-    }
-
-    /// Subscribes to `user`'s subject and waits until the server has registered the
-    /// subscription, so nothing published after this returns is missed.
-    pub async fn subscribe_user(&self, user: &UserId) -> Result<Pushes, BackendError> {
-        self.subscribe(subjects::user(user)).await
-    }
-
-    async fn subscribe(&self, subject: String) -> Result<Pushes, BackendError> {
-        let sub = self
-            .client
-            .subscribe(subject)
-            .await
-            .map_err(|e| BackendError::Nats(e.to_string()))?;
-        self.server_round_trip().await?;
-        Ok(sub
-            .map(|m| Push {
-                payload: m.payload,
-                reply: m.reply,
-            })
-            .boxed())
-    }
-
-    /// Returns once the server processed everything this client sent before. (`flush` only
-    /// empties the local write buffer.) A request to a fresh inbox nobody serves is answered
-    /// "no responders" by the server itself, in order with our earlier commands.
-    async fn server_round_trip(&self) -> Result<(), BackendError> {
-        match self
-            .client
-            .request(self.client.new_inbox(), Bytes::new())
-            .await
-        {
-            Ok(_) => Ok(()),
-            Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
-            Err(e) => Err(BackendError::Nats(e.to_string())),
-        }
     }
 
     /// One request to an API responder (history, sync, receipts), bounded by the request
@@ -285,50 +224,27 @@ impl Backend for NatsBackend {
         .boxed())
     }
 
-    async fn history(&self, request: &HistoryRequest) -> Result<HistoryReply, BackendError> {
-        self.api_request(subjects::HISTORY_API, request).await
+    async fn request<R: ApiRequest>(&self, request: &R) -> Result<R::Reply, BackendError> {
+        self.api_request(R::SUBJECT, request).await
     }
+}
 
-    async fn sync(&self, request: &SyncRequest) -> Result<SyncReply, BackendError> {
-        self.api_request(subjects::SYNC_API, request).await
-    }
-
-    async fn receipts(&self, request: &ReceiptsRequest) -> Result<ReceiptsReply, BackendError> {
-        self.api_request(subjects::RECEIPTS_API, request).await
-    }
-
-    async fn conversations(
-        &self,
-        request: &ConversationsRequest,
-    ) -> Result<ConversationsReply, BackendError> {
-        self.api_request(subjects::CONVERSATIONS_API, request).await
-    }
-
-    async fn group_info(&self, request: &GroupInfoRequest) -> Result<GroupInfoReply, BackendError> {
-        self.api_request(subjects::GROUP_INFO_API, request).await
-    }
-
-    async fn verify_media(
-        &self,
-        request: &MediaVerifyRequest,
-    ) -> Result<MediaVerifyReply, BackendError> {
-        self.api_request(subjects::MEDIA_VERIFY_API, request).await
-    }
-
-    async fn subscribe_group(&self, conv: &ConvId) -> Result<Pushes, BackendError> {
-        self.subscribe(subjects::group(conv)).await
-    }
-
-    async fn confirm(&self, reply: Subject) -> Result<(), BackendError> {
+impl NatsBackend {
+    /// Answers a delivery confirmation request: a device here took the push. Core NATS, not
+    /// flushed; confirmations to the same requester within 2 ms go as one message.
+    pub(crate) fn confirm(&self, reply: Subject) {
         match self.confirms.try_send(reply) {
-            Ok(()) => Ok(()),
-            Err(tokio::sync::mpsc::error::TrySendError::Full(reply)) => self
-                .client
-                .publish(reply, Bytes::new())
-                .await
-                .map_err(|e| BackendError::Nats(e.to_string())),
+            Ok(()) => {}
+            Err(tokio::sync::mpsc::error::TrySendError::Full(reply)) => {
+                let client = self.client.clone();
+                tokio::spawn(async move {
+                    if let Err(err) = client.publish(reply, Bytes::new()).await {
+                        tracing::debug!(error = %err, "delivery confirmation failed");
+                    }
+                });
+            }
             Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
-                Err(BackendError::Nats("the confirmation sender stopped".into()))
+                tracing::debug!("the confirmation sender stopped");
             }
         }
     }

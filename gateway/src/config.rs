@@ -33,6 +33,14 @@ pub struct Config {
     pub receipt_burst: u32,
     /// WebSocket connections per user on this gateway; more are refused with HTTP 429.
     pub max_connections_per_user: usize,
+    /// WebSocket connections on this gateway (0: no limit); more are refused with HTTP 503
+    /// `overloaded`. Keep it below the process's open-file limit.
+    pub max_connections: usize,
+    /// Connection handshakes (from the HTTP request to `hello`) in progress at once; more are
+    /// refused with HTTP 503 `overloaded`.
+    pub max_handshakes: usize,
+    /// The `Retry-After` of an `overloaded` refusal, in seconds.
+    pub overloaded_retry_after_s: u64,
     /// Frames queued for one connection; a full queue closes it with 4001 (slow consumer).
     pub outgoing_queue: usize,
     /// Sends, receipts and requests (history, sync, receipts) of one connection awaiting their
@@ -73,11 +81,14 @@ impl Default for Config {
             receipts_per_second: 50,
             receipt_burst: 100,
             max_connections_per_user: 10,
+            max_connections: 0,
+            max_handshakes: 256,
+            overloaded_retry_after_s: 1,
             outgoing_queue: 256,
             max_inflight_sends: 64,
             heartbeat_interval_ms: 15_000,
             heartbeat_timeout_ms: 45_000,
-            read_buffer_bytes: 4096,
+            read_buffer_bytes: 1024,
             write_buffer_bytes: 4096,
             publish_timeout_ms: 5000,
             history_timeout_ms: 5000,
@@ -109,7 +120,7 @@ impl Config {
     /// Checks the settings that have no sensible meaning at zero or out of order, and the
     /// auth keys. [`crate::run`] calls it; `main` reports its error and exits non-zero.
     pub fn validate(&self) -> Result<TokenVerifier, ConfigError> {
-        let positive: [(&'static str, u64); 14] = [
+        let positive: [(&'static str, u64); 16] = [
             ("max_frame_bytes", self.max_frame_bytes as u64),
             ("max_body_bytes", self.max_body_bytes as u64),
             ("sends_per_second", self.sends_per_second.into()),
@@ -120,6 +131,8 @@ impl Config {
                 "max_connections_per_user",
                 self.max_connections_per_user as u64,
             ),
+            ("max_handshakes", self.max_handshakes as u64),
+            ("overloaded_retry_after_s", self.overloaded_retry_after_s),
             ("outgoing_queue", self.outgoing_queue as u64),
             ("max_inflight_sends", self.max_inflight_sends as u64),
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
@@ -195,7 +208,9 @@ mod tests {
             (c.heartbeat_interval_ms, c.heartbeat_timeout_ms),
             (15_000, 45_000)
         );
-        assert_eq!((c.read_buffer_bytes, c.write_buffer_bytes), (4096, 4096));
+        assert_eq!((c.read_buffer_bytes, c.write_buffer_bytes), (1024, 4096));
+        assert_eq!((c.max_connections, c.max_handshakes), (0, 256));
+        assert_eq!(c.overloaded_retry_after_s, 1);
         assert!(dev().validate().is_ok());
     }
 

@@ -24,6 +24,9 @@ pub enum UpgradeError {
     InvalidDevice(#[source] IdError),
     #[error("too many connections for this user")]
     TooManyConnections,
+    /// The gateway is at `max_handshakes` handshakes in progress or `max_connections` connections.
+    #[error("the gateway is at capacity; retry after {retry_after_s} s, with jittered backoff")]
+    Overloaded { retry_after_s: u64 },
     /// The client's address used up its failed authentications (`abuse.auth_failures_per_minute`).
     #[error("too many failed authentications from this address; retry after {retry_after_ms} ms")]
     TooManyAuthFailures { retry_after_ms: u64 },
@@ -38,6 +41,7 @@ impl UpgradeError {
             Self::TokenExpired => ErrorCode::TokenExpired,
             Self::InvalidDevice(_) => ErrorCode::InvalidId,
             Self::TooManyConnections => ErrorCode::TooManyConnections,
+            Self::Overloaded { .. } => ErrorCode::Overloaded,
             Self::TooManyAuthFailures { .. } => ErrorCode::RateLimited,
             Self::Unavailable(_) => ErrorCode::Unavailable,
         }
@@ -60,7 +64,7 @@ impl UpgradeError {
             Self::TooManyConnections | Self::TooManyAuthFailures { .. } => {
                 StatusCode::TOO_MANY_REQUESTS
             }
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded { .. } | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
@@ -92,6 +96,7 @@ impl IntoResponse for UpgradeError {
         let mut body = serde_json::json!({ "code": code, "message": self.to_string() });
         let retry_after_ms = match self {
             Self::TooManyAuthFailures { retry_after_ms } => Some(retry_after_ms),
+            Self::Overloaded { retry_after_s } => Some(retry_after_s.saturating_mul(1000)),
             _ => None,
         };
         if let Some(ms) = retry_after_ms {
@@ -140,6 +145,12 @@ mod tests {
             UpgradeError::TooManyConnections.status(),
             StatusCode::TOO_MANY_REQUESTS
         );
+        let resp = UpgradeError::Overloaded { retry_after_s: 2 }.into_response();
+        assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(resp.headers()[RETRY_AFTER], "2");
+        let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["code"], "overloaded");
     }
 
     #[tokio::test]

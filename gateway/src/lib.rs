@@ -18,7 +18,8 @@
 //!   [`ReceiptsRequest`], [`ConversationsRequest`], [`GroupInfoRequest`] on behalf of the user,
 //!   answered by the sequencer. At connect, before `hello`, the user's groups
 //!   (`groups_only`).
-//! - Empty replies to delivery confirmation requests (see below).
+//! - Delivery confirmations (see below): a plain empty reply, or several to the same fan-out
+//!   worker within 2 ms as one batch to `<reply prefix>.c`.
 //! - `$KV.CHAT_LIMITS.<budget>.<user>` (JetStream key-value, bucket `CHAT_LIMITS`): the user's
 //!   abuse budgets, read and written with compare-and-set by every gateway, for group `create`
 //!   and `add` frames and the first message of a one-to-one conversation (`limits.rs`).
@@ -28,13 +29,15 @@
 //!   or `chat.typing.<conv>` (groups). See `presence.rs`.
 //!
 //! **Consumes**
-//! - `chat.user.<user>` (core NATS), one subscription per connection: complete server frames
-//!   (`message`, `receipt`, or `error` from the sequencer), forwarded to the socket unchanged.
-//!   Fan-out workers publish messages with a reply subject: each connection that queued the
-//!   frame answers with an empty message, and when no device of the user is connected the
-//!   requester gets "no responders" and notifies the user's phone instead.
+//! - `chat.user.<user>` (core NATS), one subscription per user connected here, on the
+//!   gateway's one push connection (`push/`, routed by `router.rs`): complete server frames
+//!   (`message`, `receipt`, or `error` from the sequencer), forwarded unchanged to each of the
+//!   user's connections here. Fan-out workers publish messages with a reply subject: the
+//!   gateway confirms once one of the user's connections here queued the frame (once per
+//!   gateway, however many devices), and when no device of the user is connected anywhere
+//!   the requester gets "no responders" and notifies the user's phone instead.
 //! - `chat.grp.<conv>` (core NATS), one subscription per large group with a member connected
-//!   here, shared by its connections: each event once, forwarded to the members' connections
+//!   here, on the push connection too: each event once, forwarded to the members' connections
 //!   within their membership (see `groups.rs`).
 //! - `chat.presence.push.<gateway>` (core NATS), one subscription per gateway: the presence
 //!   changes of the users its connections watch, handed to those connections.
@@ -55,6 +58,7 @@
 //! [`SyncRequest`]: chat_protocol::api::SyncRequest
 //! [`ReceiptsRequest`]: chat_protocol::api::ReceiptsRequest
 
+mod admission;
 mod backend;
 pub mod config;
 mod connection;
@@ -65,13 +69,14 @@ mod media;
 pub mod metrics;
 mod order;
 mod presence;
-mod registry;
+mod push;
+mod router;
 
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use axum::{
-    Router,
+    Router as Routes,
     extract::{
         Query, State,
         rejection::QueryRejection,
@@ -83,15 +88,16 @@ use axum::{
 };
 use chat_common::admin::{self, Readiness};
 use chat_protocol::{auth::TokenVerifier, ids::DeviceId};
-use futures::StreamExt;
 use serde::Deserialize;
 use tokio::time::Instant;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
+    admission::Admission,
     backend::NatsBackend,
     connection::{Session, Shared},
-    registry::Registry,
+    push::{Interest, PushAuth, PushClient},
+    router::{AttachError, Router},
 };
 pub use crate::{
     config::{AuthConfig, Config, ConfigError, KeyConfig},
@@ -116,8 +122,10 @@ pub struct AppState {
 struct StateInner {
     verifier: TokenVerifier,
     backend: NatsBackend,
-    shared: Arc<Shared>,
-    registry: Registry,
+    shared: Arc<Shared<NatsBackend>>,
+    /// Handshakes in progress (`max_handshakes`).
+    admission: Admission,
+    push: PushClient,
     read_buffer_bytes: usize,
     write_buffer_bytes: usize,
     max_frame_bytes: usize,
@@ -128,17 +136,16 @@ struct StateInner {
 }
 
 impl AppState {
-    /// Builds the state from a validated config and a NATS client. Connections watch
-    /// `shutdown`: when it is cancelled they answer in-flight sends and close with 1001.
-    pub fn new(
+    /// Builds the state from a validated config, a NATS client and the push connection (not
+    /// connected yet: [`run`] runs it).
+    fn new(
         config: &Config,
         nats: async_nats::Client,
-        shutdown: CancellationToken,
+        push: PushClient,
     ) -> Result<Self, ConfigError> {
         let verifier = config.validate()?;
-        let mut shared = Shared::new(config, shutdown);
         // Per-user budgets in the shared bucket, so they hold across gateways.
-        shared.user_limits = limits::UserLimits::new(
+        let user_limits = limits::UserLimits::new(
             &config.abuse,
             Some(async_nats::jetstream::new(nats.clone())),
         );
@@ -147,12 +154,30 @@ impl AppState {
             Config::ms(config.publish_timeout_ms),
             Config::ms(config.history_timeout_ms),
         );
+        let confirmer = backend.clone();
+        let router = Arc::new(Router::new(
+            Arc::new(push.clone()),
+            Arc::new(move |reply| confirmer.confirm(reply)),
+            router::Limits {
+                max_per_user: config.max_connections_per_user,
+                max_connections: config.max_connections,
+                outgoing_queue: config.outgoing_queue,
+                live_timeout: Config::ms(config.publish_timeout_ms),
+            },
+        ));
         Ok(Self {
             inner: Arc::new(StateInner {
                 verifier,
+                shared: Arc::new(Shared {
+                    user_limits,
+                    ..Shared::new(config, backend.clone(), router)
+                }),
                 backend,
-                shared: Arc::new(shared),
-                registry: Registry::new(config.max_connections_per_user),
+                admission: Admission::new(
+                    config.max_handshakes,
+                    Duration::from_secs(config.overloaded_retry_after_s),
+                ),
+                push,
                 read_buffer_bytes: config.read_buffer_bytes,
                 write_buffer_bytes: config.write_buffer_bytes,
                 max_frame_bytes: config.max_frame_bytes,
@@ -162,28 +187,30 @@ impl AppState {
         })
     }
 
-    /// Waits until every connection ended. Call after `shutdown` was cancelled.
+    /// Waits until every connection ended. Call after shutdown began.
     pub async fn connections_closed(&self) {
         self.inner.connections.close();
         self.inner.connections.wait().await;
     }
 
-    /// Forgets rate limiter state of users idle long enough to be back at full burst.
-    fn prune_rate_limits(&self) {
+    /// Forgets rate limiter state of users idle long enough to be back at full burst, and
+    /// gives back the room of maps that shrank.
+    fn prune(&self) {
         let shared = &self.inner.shared;
         for limiter in [&shared.limiter, &shared.receipt_limiter] {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
         shared.presence.prune();
+        shared.router.prune();
         shared.user_limits.prune();
         self.inner.auth_failures.prune();
     }
 }
 
 /// The gateway's HTTP routes: `GET /ws`.
-pub fn app(state: AppState) -> Router {
-    Router::new()
+pub fn app(state: AppState) -> Routes {
+    Routes::new()
         .route("/ws", get(ws_handler))
         .with_state(state)
 }
@@ -194,9 +221,9 @@ struct WsParams {
     device: Option<String>,
 }
 
-/// Refuses addresses that failed to authenticate too often, authenticates, checks the device
-/// id and the per-user connection limit, subscribes to the user's subject, then upgrades. Every
-/// refusal is an HTTP error with a JSON code.
+/// Refuses addresses that failed to authenticate too often, admits the handshake,
+/// authenticates, checks the device id and the connection limits, makes the user's
+/// subscription live, then upgrades. Every refusal is an HTTP error with a JSON code.
 async fn ws_handler(
     State(state): State<AppState>,
     limits::Peer(peer): limits::Peer,
@@ -211,6 +238,9 @@ async fn ws_handler(
         .auth_failures
         .check(address)
         .map_err(|retry_after_ms| UpgradeError::TooManyAuthFailures { retry_after_ms })?;
+    // A storm of (re)connects is refused here, before it costs anything else. The permit is
+    // held until the connection's `hello` is queued.
+    let permit = inner.admission.try_admit()?;
     // An unreadable query string carries no usable token: it is refused as unauthorized.
     let params = query.map(|Query(p)| p).unwrap_or_default();
     let verified = params
@@ -232,37 +262,36 @@ async fn ws_handler(
         Ok(upgrade) => upgrade,
         Err(rejection) => return Ok(rejection.into_response()),
     };
-    let slot = inner
-        .registry
-        .try_acquire(&user)
-        .ok_or(UpgradeError::TooManyConnections)?;
-    let settings = &inner.shared.settings;
-    let pushes = match tokio::time::timeout(
-        settings.publish_timeout,
-        inner.backend.subscribe_user(&user),
-    )
-    .await
-    {
-        Ok(Ok(pushes)) => pushes,
-        Ok(Err(err)) => return Err(UpgradeError::Unavailable(err.into())),
-        Err(_) => {
-            return Err(UpgradeError::Unavailable(anyhow::anyhow!(
-                "subscribing to the user subject timed out"
-            )));
-        }
-    };
     // A token accepted within the leeway after its `exp` lives as long as that leeway.
     let remaining = claims
         .exp
         .saturating_add(inner.verifier.leeway_secs())
         .saturating_mul(1000)
         .saturating_sub(chat_protocol::now_ms());
-    let session = Session {
+    let session = Arc::new(Session {
         user,
         device,
         // Capped like tokio's own "far future", so any `exp` is a valid deadline.
         expires_at: Instant::now() + Duration::from_millis(remaining).min(FAR_FUTURE),
-    };
+    });
+    let shared = &inner.shared;
+    let (attached, live) = shared.router.attach(session).map_err(|e| match e {
+        AttachError::TooManyConnections => UpgradeError::TooManyConnections,
+        AttachError::Full => inner.admission.overloaded(),
+        AttachError::ShuttingDown => {
+            UpgradeError::Unavailable(anyhow::anyhow!("the gateway is shutting down"))
+        }
+    })?;
+    // The user's subject is live at the server before anything is promised to the client.
+    match tokio::time::timeout(shared.settings.publish_timeout, live).await {
+        Ok(Ok(())) => {}
+        _ => {
+            return Err(UpgradeError::Unavailable(anyhow::anyhow!(
+                "subscribing to the user subject timed out (push connection up: {})",
+                inner.push.is_connected()
+            )));
+        }
+    }
 
     // Small socket buffers: tungstenite's defaults (128 KiB each) per connection add up fast.
     // The write buffer must hold one whole outgoing frame, at most a NATS payload plus envelope.
@@ -270,8 +299,7 @@ async fn ws_handler(
         0 => DEFAULT_MAX_PAYLOAD,
         n => n,
     };
-    let backend = inner.backend.clone();
-    let shared = inner.shared.clone();
+    let shared = shared.clone();
     let connections = inner.connections.clone();
     let response = upgrade
         .read_buffer_size(inner.read_buffer_bytes)
@@ -281,11 +309,7 @@ async fn ws_handler(
         .max_frame_size(inner.max_frame_bytes)
         .on_failed_upgrade(|err| tracing::debug!(error = %err, "websocket upgrade failed"))
         .on_upgrade(move |socket| {
-            connections.track_future(async move {
-                let _slot = slot;
-                let (sink, stream) = socket.split();
-                connection::serve(backend, shared, session, pushes, sink, stream).await;
-            })
+            connections.track_future(connection::serve(shared, attached, Some(permit), socket))
         });
     Ok(response)
 }
@@ -323,12 +347,16 @@ pub async fn run(
         admin::metrics_handle();
         metrics::describe();
         presence::describe();
+        push::describe();
         limits::describe();
     }
+    let servers = PushClient::servers(&config.nats_url).context("push connection")?;
+    let push_auth = PushAuth::load(&config.nats_auth).context("push connection")?;
     let nats = chat_common::connect_nats(&config.nats_url, "gateway", &config.nats_auth).await?;
     // A listener failure stops this gateway's connections without cancelling the caller's token.
     let stop = shutdown.child_token();
-    let state = AppState::new(&config, nats.clone(), stop.clone())?;
+    let push = PushClient::new();
+    let state = AppState::new(&config, nats.clone(), push.clone())?;
     let ready = Readiness::default();
 
     let background = TaskTracker::new();
@@ -340,15 +368,42 @@ pub async fn run(
             }
         });
     }
-    background.spawn(watch_readiness(nats.clone(), ready.clone(), stop.clone()));
+    let router = state.inner.shared.router.clone();
     let hub = state.inner.shared.presence.clone();
+    // Stopped last (after the connections closed): `push_stop`, not `stop`.
+    let push_stop = CancellationToken::new();
+    let push_task = tokio::spawn(push.clone().run(
+        servers,
+        push_auth,
+        format!("gateway-push {}", hub.gateway()),
+        router.clone(),
+        push_stop.clone(),
+    ));
+    // Ready while both connections to NATS are up and not shutting down.
+    background.spawn(admin::ready_while_connected(
+        nats.clone(),
+        ready.clone(),
+        {
+            let push = push.clone();
+            move || push.is_connected()
+        },
+        stop.clone(),
+    ));
+    // Connections finish what is in flight and close with 1001 as soon as shutdown begins.
+    background.spawn({
+        let (router, stop) = (router.clone(), stop.clone());
+        async move {
+            stop.cancelled().await;
+            router.shut_down();
+        }
+    });
     background.spawn(presence::run(hub.clone(), nats.clone(), stop.clone()));
     background.spawn({
         let (state, stop) = (state.clone(), stop.clone());
         async move {
             let mut every = tokio::time::interval(Duration::from_secs(60));
             while stop.run_until_cancelled(every.tick()).await.is_some() {
-                state.prune_rate_limits();
+                state.prune();
             }
         }
     });
@@ -381,6 +436,8 @@ pub async fn run(
         Ok(Err(err)) => tracing::warn!(error = %err, "nats drain failed"),
         Err(_) => tracing::warn!("nats drain did not finish in time"),
     }
+    push_stop.cancel();
+    let _ = push_task.await;
     if tokio::time::timeout(grace, background.wait())
         .await
         .is_err()
@@ -389,13 +446,4 @@ pub async fn run(
     }
     tracing::info!("gateway stopped");
     served.context("websocket listener failed")
-}
-
-/// Ready while connected to NATS and not shutting down.
-async fn watch_readiness(nats: async_nats::Client, ready: Readiness, stop: CancellationToken) {
-    let mut every = tokio::time::interval(Duration::from_millis(500));
-    while stop.run_until_cancelled(every.tick()).await.is_some() {
-        ready.set(nats.connection_state() == async_nats::connection::State::Connected);
-    }
-    ready.set(false);
 }

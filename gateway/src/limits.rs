@@ -538,7 +538,7 @@ pub(crate) async fn admit<B: Backend>(
                 limit: 1,
             };
             limits
-                .first_message(user, conv, backend.history(&request))
+                .first_message(user, conv, backend.request(&request))
                 .await
         }
         _ => Ok(()),

@@ -51,7 +51,7 @@ pub(crate) async fn verify<B: Backend>(
         id: message.id.clone(),
         media: media.clone(),
     };
-    let outcome = match backend.verify_media(&request).await {
+    let outcome = match backend.request(&request).await {
         Ok(MediaVerifyReply::Ok) => Ok(()),
         Ok(MediaVerifyReply::Error(e)) => Err((e.code, e.message)),
         Err(err) => {

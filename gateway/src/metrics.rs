@@ -29,8 +29,6 @@ pub const UPGRADE_REJECTIONS: &str = "gateway_upgrade_rejections_total";
 
 /// Gauge: `chat.grp.<conv>` subscriptions held (large groups with a member connected here).
 pub const GROUP_SUBSCRIPTIONS: &str = "gateway_group_subscriptions";
-/// Counter: group subscriptions that failed (their members recover by sync).
-pub const GROUP_SUBSCRIBE_FAILURES: &str = "gateway_group_subscribe_failures_total";
 /// Counter: connections whose group list could not be fetched at connect.
 pub const GROUP_LIST_FAILURES: &str = "gateway_group_list_failures_total";
 /// Counter: large-group events forwarded to connections.
@@ -62,10 +60,6 @@ pub fn describe() {
     describe_gauge!(
         GROUP_SUBSCRIPTIONS,
         "Large-group subscriptions shared by this gateway's connections"
-    );
-    describe_counter!(
-        GROUP_SUBSCRIBE_FAILURES,
-        "Large-group subscriptions that failed"
     );
     describe_counter!(
         GROUP_LIST_FAILURES,

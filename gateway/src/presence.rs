@@ -55,10 +55,9 @@ use chat_protocol::{
 use futures::{FutureExt, StreamExt, future::BoxFuture};
 use governor::{DefaultKeyedRateLimiter, Quota, clock::Clock};
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Config, connection::Outbound};
+use crate::{Config, connection::Outbox};
 
 /// Counter, label `kind` (`presence`, `typing`): ephemeral frames dropped because the
 /// connection's queue was half full.
@@ -124,7 +123,7 @@ pub(crate) fn limits(config: &Config) -> chat_protocol::frames::Limits {
 
 /// A connection that watches: where its pushes go and whom it watches.
 struct Watcher {
-    out: mpsc::Sender<Outbound>,
+    out: Arc<Outbox>,
     users: Vec<String>,
 }
 
@@ -151,9 +150,6 @@ pub(crate) struct PresenceHub {
     heartbeat: Duration,
     flush: Duration,
     request_timeout: Duration,
-    /// Ephemeral frames are dropped when a connection's queue has this many free slots or
-    /// fewer (half of `outgoing_queue`).
-    reserve: usize,
     typing: DefaultKeyedRateLimiter<UserId>,
     inner: Mutex<Inner>,
     next_id: AtomicU64,
@@ -190,7 +186,6 @@ impl PresenceHub {
             heartbeat: Config::ms(p.heartbeat_ms.max(1)),
             flush: Config::ms(p.flush_ms.max(1)),
             request_timeout: Config::ms(config.history_timeout_ms),
-            reserve: config.outgoing_queue.max(1) / 2,
             typing: DefaultKeyedRateLimiter::keyed(
                 Quota::per_second(per_second).allow_burst(burst),
             ),
@@ -198,6 +193,11 @@ impl PresenceHub {
             next_id: AtomicU64::new(1),
             client: OnceLock::new(),
         }
+    }
+
+    /// This gateway's id in presence subjects.
+    pub(crate) fn gateway(&self) -> &GatewayId {
+        &self.gateway
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -343,8 +343,10 @@ impl PresenceHub {
                 continue;
             };
             let frame = ServerFrame::Presence { req: None, users };
-            if offer(&w.out, encode(&frame), self.reserve, "presence") {
+            if w.out.offer(encode(&frame)) {
                 ::metrics::counter!(PUSHED).increment(1);
+            } else {
+                ::metrics::counter!(SHED, "kind" => "presence").increment(1);
             }
         }
     }
@@ -358,7 +360,7 @@ impl PresenceHub {
 }
 
 /// Replaces connection `id`'s watch set (`out` None: the connection is gone).
-fn set_watch(inner: &mut Inner, id: u64, out: Option<mpsc::Sender<Outbound>>, users: Vec<String>) {
+fn set_watch(inner: &mut Inner, id: u64, out: Option<Arc<Outbox>>, users: Vec<String>) {
     let old = inner
         .watchers
         .remove(&id)
@@ -388,30 +390,6 @@ fn set_watch(inner: &mut Inner, id: u64, out: Option<mpsc::Sender<Outbound>>, us
         inner.watchers.insert(id, Watcher { out, users });
     }
     ::metrics::gauge!(WATCHED).set(inner.watched.len() as f64);
-}
-
-/// Queues an ephemeral frame unless the queue is at or past its reserve; true when queued.
-fn offer(
-    out: &mpsc::Sender<Outbound>,
-    text: Utf8Bytes,
-    reserve: usize,
-    kind: &'static str,
-) -> bool {
-    if out.capacity() <= reserve || out.try_send(Outbound::Frame(text)).is_err() {
-        ::metrics::counter!(SHED, "kind" => kind).increment(1);
-        return false;
-    }
-    true
-}
-
-/// Whether a payload of the user's subject is an ephemeral frame (`typing`) that must be
-/// dropped because the connection's queue is half full. Used by the forwarder before queueing.
-pub(crate) fn shed(payload: &[u8], out: &mpsc::Sender<Outbound>, outgoing_queue: usize) -> bool {
-    if payload.starts_with(br#"{"type":"typing""#) && out.capacity() <= outgoing_queue.max(1) / 2 {
-        ::metrics::counter!(SHED, "kind" => "typing").increment(1);
-        return true;
-    }
-    false
 }
 
 /// Runs the gateway's presence until `stop`: the push subscription (one per gateway), batched
@@ -482,7 +460,7 @@ pub(crate) enum Handled {
 pub(crate) fn on_frame(
     hub: &Arc<PresenceHub>,
     conn: &Conn<'_>,
-    out: &mpsc::Sender<Outbound>,
+    out: &Arc<Outbox>,
     frame: ClientFrame,
 ) -> Handled {
     match frame {
@@ -756,11 +734,7 @@ mod tests {
     use super::*;
 
     fn hub() -> Arc<PresenceHub> {
-        let config = Config {
-            outgoing_queue: 4,
-            ..Config::default()
-        };
-        Arc::new(PresenceHub::new(&config))
+        Arc::new(PresenceHub::new(&Config::default()))
     }
 
     #[test]
@@ -808,29 +782,6 @@ mod tests {
     }
 
     #[test]
-    fn typing_is_shed_from_a_half_full_queue_and_nothing_else_is() {
-        let typing = br#"{"type":"typing","conv":"dm~alice~bob","user":"bob","active":true}"#;
-        let message = br#"{"type":"message","conv":"dm~alice~bob","seq":1}"#;
-        let (out, _rx) = mpsc::channel(8);
-        // Empty, then up to half full: typing passes.
-        for _ in 0..3 {
-            assert!(!shed(typing, &out, 8));
-            out.try_send(Outbound::Frame("x".into())).unwrap();
-        }
-        assert!(!shed(typing, &out, 8), "5 of 8 free");
-        out.try_send(Outbound::Frame("x".into())).unwrap();
-        // Half full (4 of 8 free): typing is shed, messages never are.
-        assert!(shed(typing, &out, 8));
-        assert!(!shed(message, &out, 8));
-        while out.try_send(Outbound::Frame("x".into())).is_ok() {}
-        assert!(shed(typing, &out, 8));
-        assert!(
-            !shed(message, &out, 8),
-            "a full queue cuts the connection instead"
-        );
-    }
-
-    #[test]
     fn watches_are_counted_per_gateway_and_pushes_shed_when_the_queue_is_half_full() {
         let hub = hub();
         let (alice, carol) = (
@@ -839,8 +790,8 @@ mod tests {
         );
         let a = hub.connect(&alice);
         let c = hub.connect(&carol);
-        let (a_out, mut a_rx) = mpsc::channel(4);
-        let (c_out, mut c_rx) = mpsc::channel(4);
+        let (a_out, c_out) = (Arc::new(Outbox::new(4)), Arc::new(Outbox::new(4)));
+        let (a_rx, c_rx) = (a_out.clone(), c_out.clone());
         set_watch(
             &mut hub.lock(),
             a.id,
@@ -850,7 +801,7 @@ mod tests {
         set_watch(
             &mut hub.lock(),
             c.id,
-            Some(c_out),
+            Some(c_out.clone()),
             vec!["bob".into(), "dave".into()],
         );
         assert_eq!(hub.watched(), vec!["bob", "dave"]);
@@ -871,18 +822,18 @@ mod tests {
             }],
         };
         hub.deliver(push("bob"));
-        assert!(a_rx.try_recv().is_ok() && c_rx.try_recv().is_ok());
+        assert!(a_rx.pop().is_some() && c_rx.pop().is_some());
         hub.deliver(push("dave"));
-        assert!(a_rx.try_recv().is_err(), "alice does not watch dave");
-        assert!(c_rx.try_recv().is_ok());
+        assert!(a_rx.pop().is_none(), "alice does not watch dave");
+        assert!(c_rx.pop().is_some());
 
         // Fill alice's queue to half (2 of 4): the next push is dropped, not queued.
-        let filler = || Outbound::Frame(Utf8Bytes::from_static("{}"));
-        a_out.try_send(filler()).unwrap();
-        a_out.try_send(filler()).unwrap();
+        let filler = || Utf8Bytes::from_static("{}");
+        a_out.push(filler()).unwrap();
+        a_out.push(filler()).unwrap();
         hub.deliver(push("bob"));
         let mut queued = 0;
-        while a_rx.try_recv().is_ok() {
+        while a_rx.pop().is_some() {
             queued += 1;
         }
         assert_eq!(queued, 2, "only the fillers");

@@ -66,8 +66,28 @@ async fn spawn_gateway_with(provision: bool, tweak: impl FnOnce(&mut Config)) ->
     if provision {
         provision_all(&nats, &Default::default()).await.unwrap();
     }
+    let (addr, shutdown, task) = start_gateway(&server.url(), tweak).await;
+    TestGateway {
+        addr,
+        js: jetstream::new(nats.clone()),
+        nats,
+        shutdown,
+        task: Some(task),
+        _server: server,
+    }
+}
+
+/// A gateway on the nats-server at `nats_url`, listening on a random port.
+async fn start_gateway(
+    nats_url: &str,
+    tweak: impl FnOnce(&mut Config),
+) -> (
+    SocketAddr,
+    CancellationToken,
+    JoinHandle<anyhow::Result<()>>,
+) {
     let mut config = Config {
-        nats_url: server.url(),
+        nats_url: nats_url.to_owned(),
         admin_listen: String::new(),
         sends_per_second: 1000,
         send_burst: 1000,
@@ -81,25 +101,50 @@ async fn spawn_gateway_with(provision: bool, tweak: impl FnOnce(&mut Config)) ->
     let addr = listener.local_addr().unwrap();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(chat_gateway::run(config, listener, None, shutdown.clone()));
-    TestGateway {
-        addr,
-        js: jetstream::new(nats.clone()),
-        nats,
-        shutdown,
-        task: Some(task),
-        _server: server,
+    (addr, shutdown, task)
+}
+
+/// Another gateway on the same nats-server as a [`TestGateway`]; stopped on drop.
+struct OtherGateway {
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+}
+
+impl Drop for OtherGateway {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
+}
+
+impl OtherGateway {
+    async fn connect(&self, user: &str, device: &str) -> Ws {
+        connect_at(self.addr, user, device).await
+    }
+}
+
+/// Connects `user` from `device` to the gateway at `addr` and checks the `hello`.
+async fn connect_at(addr: SocketAddr, user: &str, device: &str) -> Ws {
+    let url = format!("ws://{addr}/ws?token={}&device={device}", token(user));
+    let mut ws = try_connect(url, None).await.expect("upgrade accepted");
+    match next_frame(&mut ws).await {
+        ServerFrame::Hello {
+            user: u, device: d, ..
+        } => assert_eq!((u.as_str(), d.as_str()), (user, device)),
+        other => panic!("expected hello, got {other:?}"),
+    }
+    ws
 }
 
 fn token(user: &str) -> String {
     mint_dev_token(SECRET, &UserId::parse(user).unwrap(), 300)
 }
 
-/// Why a connection attempt failed: HTTP status and JSON body.
+/// Why a connection attempt failed: HTTP status, JSON body and `Retry-After`.
 #[derive(Debug)]
 struct Refused {
     status: u16,
     body: serde_json::Value,
+    retry_after: Option<String>,
 }
 
 impl TestGateway {
@@ -109,15 +154,13 @@ impl TestGateway {
 
     /// Connects `user` from `device` and checks the `hello`.
     async fn connect(&self, user: &str, device: &str) -> Ws {
-        let url = self.url(&format!("token={}&device={device}", token(user)));
-        let mut ws = try_connect(url, None).await.expect("upgrade accepted");
-        match next_frame(&mut ws).await {
-            ServerFrame::Hello {
-                user: u, device: d, ..
-            } => assert_eq!((u.as_str(), d.as_str()), (user, device)),
-            other => panic!("expected hello, got {other:?}"),
-        }
-        ws
+        connect_at(self.addr, user, device).await
+    }
+
+    /// Another gateway on the same nats-server.
+    async fn another(&self, tweak: impl FnOnce(&mut Config)) -> OtherGateway {
+        let (addr, shutdown, _task) = start_gateway(&self._server.url(), tweak).await;
+        OtherGateway { addr, shutdown }
     }
 
     async fn chat_in(&self) -> jetstream::stream::Stream {
@@ -199,6 +242,11 @@ async fn try_connect(
         Err(tungstenite::Error::Http(resp)) => {
             let body = resp.body().clone().unwrap_or_default();
             Err(Refused {
+                retry_after: resp
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
                 status: resp.status().as_u16(),
                 body: serde_json::from_slice(&body)
                     .unwrap_or_else(|e| panic!("refusal body is not JSON ({e}): {body:?}")),
@@ -1480,4 +1528,185 @@ async fn large_group_messages_reach_connected_members_within_their_membership() 
         "the added event is not repeated"
     );
     assert_silent(&mut alice, Duration::from_millis(300)).await;
+}
+
+/// The tokens a delivery confirmation message confirms: one (an ordinary reply to
+/// `<inbox>.<token>`) or several (a batch to `<inbox>.c`).
+fn confirmed_tokens(msg: &async_nats::Message) -> Vec<u64> {
+    let (_, last) = subjects::split_reply(&msg.subject).expect("a token");
+    if last == subjects::CONFIRM_BATCH_TOKEN {
+        std::str::from_utf8(&msg.payload)
+            .unwrap()
+            .split(',')
+            .map(|t| t.parse().unwrap())
+            .collect()
+    } else {
+        vec![last.parse().unwrap()]
+    }
+}
+
+#[tokio::test]
+async fn a_users_devices_on_two_gateways_all_get_every_push_confirmed_once_per_gateway() {
+    let gw1 = spawn_gateway(|_| {}).await;
+    let gw2 = gw1.another(|_| {}).await;
+    let mut phone = gw1.connect("alice", "phone").await;
+    let mut tablet = gw1.connect("alice", "tablet").await;
+    let mut laptop = gw2.connect("alice", "laptop").await;
+    let mut bob = gw2.connect("bob", "phone").await;
+
+    // What a fan-out worker does: each push with a reply subject under its own inbox.
+    let inbox = gw1.nats.new_inbox();
+    let mut confirmations = gw1.nats.subscribe(format!("{inbox}.*")).await.unwrap();
+    let _ = gw1.nats.request(gw1.nats.new_inbox(), "".into()).await;
+    let alice = subjects::user(&UserId::parse("alice").unwrap());
+    let frames: Vec<String> = (1..=20)
+        .map(|seq| message_frame("dm~alice~bob", seq, &format!("push {seq}")))
+        .collect();
+    for (seq, frame) in (1..).zip(&frames) {
+        gw1.nats
+            .publish_with_reply(
+                alice.clone(),
+                format!("{inbox}.{seq}"),
+                frame.clone().into(),
+            )
+            .await
+            .unwrap();
+    }
+    for device in [&mut phone, &mut tablet, &mut laptop] {
+        for frame in &frames {
+            assert_eq!(&next_text(device).await, frame, "every push, in order");
+        }
+    }
+
+    // Each gateway holding a device of alice confirms each push once: twice in all, however
+    // many of her devices a gateway holds. Push 21 is confirmed after everything before it
+    // (each gateway confirms in order), so any extra confirmation would have come first.
+    let last = message_frame("dm~alice~bob", 21, "last");
+    gw1.nats
+        .publish_with_reply(alice.clone(), format!("{inbox}.21"), last.into())
+        .await
+        .unwrap();
+    let mut counts: BTreeMap<u64, u32> = BTreeMap::new();
+    timeout(WAIT, async {
+        while counts.get(&21).copied().unwrap_or(0) < 2 {
+            let msg = confirmations.next().await.expect("subscription open");
+            for token in confirmed_tokens(&msg) {
+                *counts.entry(token).or_default() += 1;
+            }
+        }
+    })
+    .await
+    .expect("every push confirmed in time");
+    assert_eq!(
+        counts,
+        (1..=21).map(|t| (t, 2)).collect::<BTreeMap<u64, u32>>()
+    );
+    assert_silent(&mut bob, Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn handshakes_beyond_the_limit_are_refused_503_overloaded_then_admitted_again() {
+    let gw = spawn_gateway(|c| {
+        c.max_handshakes = 1;
+        c.overloaded_retry_after_s = 2;
+    })
+    .await;
+    // Playing the sequencer: the group list each handshake asks for before its `hello`.
+    let mut lists = gw.responder(subjects::CONVERSATIONS_API).await;
+    let url = |user: &str| gw.url(&format!("token={}&device=phone", token(user)));
+    let first = tokio::spawn(try_connect(url("alice"), None));
+    // The first handshake is in progress (its group list is asked for and not answered yet).
+    let (request, msg): (ConversationsRequest, _) = next_request(&mut lists).await;
+    assert!(request.groups_only);
+
+    let r = refused(url("bob")).await;
+    assert_eq!(
+        (r.status, r.body["code"].as_str()),
+        (503, Some("overloaded"))
+    );
+    assert_eq!(r.retry_after.as_deref(), Some("2"));
+    assert!(r.body["message"].as_str().is_some_and(|m| !m.is_empty()));
+
+    let empty = ConversationsReply::Page {
+        convs: vec![],
+        more: false,
+        next: None,
+    };
+    gw.reply(&msg, &empty).await;
+    let mut phone = first.await.unwrap().expect("the first handshake completes");
+    assert!(matches!(
+        next_frame(&mut phone).await,
+        ServerFrame::Hello { .. }
+    ));
+
+    // Its handshake is over: the next one is admitted.
+    let second = tokio::spawn(try_connect(url("bob"), None));
+    let (request, msg): (ConversationsRequest, _) = next_request(&mut lists).await;
+    assert_eq!(request.user, "bob");
+    gw.reply(&msg, &empty).await;
+    let mut bob = second.await.unwrap().expect("admitted again");
+    assert!(matches!(
+        next_frame(&mut bob).await,
+        ServerFrame::Hello { .. }
+    ));
+}
+
+/// The gateway logs in to a nats-server that requires authentication with each way of
+/// `nats_auth`, its push connection included: the upgrade is answered only once the user's
+/// subscription on the push connection is live, and a push published after `hello` arrives.
+#[tokio::test]
+async fn the_push_connection_logs_in_with_a_password_file_or_an_nkey_seed() {
+    let key = nkeys::KeyPair::new_user();
+    let server = NatsServer::start_with_config(&format!(
+        "authorization {{\n  users: [\n    {{ user: gw, password: \"pw-gw\" }}\n    \
+         {{ user: admin, password: \"pw-admin\" }}\n    {{ nkey: {} }}\n  ]\n}}\n",
+        key.public_key()
+    ));
+    let admin =
+        async_nats::ConnectOptions::with_user_and_password("admin".into(), "pw-admin".into())
+            .connect(server.url())
+            .await
+            .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let password_file = dir.path().join("password");
+    std::fs::write(&password_file, "pw-gw\n").unwrap();
+    let seed_file = dir.path().join("seed");
+    std::fs::write(&seed_file, key.seed().unwrap()).unwrap();
+    let ways = [
+        chat_common::nats::NatsAuth {
+            user: Some("gw".into()),
+            password_file: Some(password_file),
+            ..Default::default()
+        },
+        chat_common::nats::NatsAuth {
+            nkey_seed_file: Some(seed_file),
+            ..Default::default()
+        },
+    ];
+    for (n, auth) in ways.into_iter().enumerate() {
+        let way = format!("{auth:?}");
+        let (addr, shutdown, task) =
+            start_gateway(&server.url(), |c| c.nats_auth = auth.clone()).await;
+        let mut ws = connect_at(addr, "alice", "phone").await;
+        let frame = message_frame("dm~alice~bob", n as u64 + 1, "logged in");
+        admin
+            .publish(
+                subjects::user(&UserId::parse("alice").unwrap()),
+                frame.clone().into(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(next_text(&mut ws).await, frame, "{way}");
+        shutdown.cancel();
+        timeout(WAIT, task)
+            .await
+            .expect("the gateway stops")
+            .unwrap()
+            .unwrap();
+    }
+    assert!(
+        !server.logs().contains("Authorization Violation"),
+        "{}",
+        server.logs()
+    );
 }

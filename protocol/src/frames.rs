@@ -398,6 +398,15 @@ pub struct Limits {
     /// How long a `typing` indicator lasts on the client without a new frame.
     #[serde(default)]
     pub typing_ttl_ms: u64,
+    /// The user's abuse budgets, across every gateway: groups created per hour, members added
+    /// per minute (also the most one `group` frame may name), and one-to-one conversations
+    /// opened per minute (a first message to someone). Over one: `rate_limited`.
+    #[serde(default)]
+    pub groups_per_hour: u32,
+    #[serde(default)]
+    pub group_members_per_minute: u32,
+    #[serde(default)]
+    pub new_conversations_per_minute: u32,
 }
 
 /// An error answer. `id` or `req` names the client frame it answers, when there is one.
@@ -567,6 +576,9 @@ pub enum ErrorCode {
     TokenExpired,
     /// The user already has the maximum number of connections on this gateway (HTTP 429).
     TooManyConnections,
+    /// The gateway is at its limit of handshakes in progress or of connections (HTTP 503 with
+    /// `Retry-After`): retry after it, with jittered backoff, at this or another gateway.
+    Overloaded,
     /// A media message references an upload that does not exist, is not (yet) complete in
     /// the object store, or was not made by the sender for this conversation.
     MediaNotFound,
@@ -595,6 +607,7 @@ impl ErrorCode {
             Self::Unauthorized => "unauthorized",
             Self::TokenExpired => "token_expired",
             Self::TooManyConnections => "too_many_connections",
+            Self::Overloaded => "overloaded",
             Self::MediaNotFound => "media_not_found",
             Self::MediaMismatch => "media_mismatch",
         }
@@ -1018,6 +1031,7 @@ mod tests {
             ErrorCode::NotAdmin,
             ErrorCode::GroupFull,
             ErrorCode::AlreadyExists,
+            ErrorCode::LastAdmin,
             ErrorCode::NotFound,
             ErrorCode::RateLimited,
             ErrorCode::Unavailable,
@@ -1026,6 +1040,7 @@ mod tests {
             ErrorCode::Unauthorized,
             ErrorCode::TokenExpired,
             ErrorCode::TooManyConnections,
+            ErrorCode::Overloaded,
             ErrorCode::MediaNotFound,
             ErrorCode::MediaMismatch,
         ] {

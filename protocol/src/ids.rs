@@ -67,6 +67,13 @@ macro_rules! token_id {
                 f.write_str(&self.0)
             }
         }
+
+        /// Hashes and compares like its text, so maps keyed by it are looked up by `&str`.
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
     };
 }
 

@@ -256,6 +256,20 @@ pub fn user(user: &UserId) -> String {
     format!("chat.user.{user}")
 }
 
+/// The user token of a subject [`user`] built: `chat.user.<user>` (unvalidated).
+pub fn split_user(subject: &str) -> Option<&str> {
+    subject
+        .strip_prefix("chat.user.")
+        .filter(|u| !u.is_empty() && !u.contains('.'))
+}
+
+/// The conversation token of a subject [`group`] built: `chat.grp.<conv>` (unvalidated).
+pub fn split_group(subject: &str) -> Option<&str> {
+    subject
+        .strip_prefix("chat.grp.")
+        .filter(|c| !c.is_empty() && !c.contains('.'))
+}
+
 /// The last token of a delivery confirmation request's reply subject `<prefix>.<token>` names the
 /// push; a gateway confirms several pushes of one requester at once with one message to
 /// `<prefix>.c` ([`confirm_batch`]) whose payload lists their tokens, comma-separated.
@@ -319,6 +333,12 @@ mod tests {
         assert!(is_receipt_subject(&gr) && !is_receipt_subject(&gm));
         assert_eq!(split_partitioned(&gm), Some((5, "g~team")));
         assert_eq!(group(&g), "chat.grp.g~team");
+        assert_eq!(split_group(&group(&g)), Some("g~team"));
+        let bob = UserId::parse("bob").unwrap();
+        assert_eq!(split_user(&user(&bob)), Some("bob"));
+        assert_eq!(split_user("chat.user.a.b"), None);
+        assert_eq!(split_user("chat.grp.g~team"), None);
+        assert_eq!(split_group("chat.user.bob"), None);
         assert!(group_partition_filters(5).contains(&"chat.gmsg.5.*".to_owned()));
         assert_eq!(split_partitioned("chat.inp.x.dm~a~b"), None);
         assert_eq!(split_partitioned("chat.inp"), None);

@@ -60,9 +60,52 @@ pub const SYNC_CONVS_PER_PAGE: u32 = 200;
 struct Responder<S> {
     client: async_nats::Client,
     store: S,
-    stamped: jetstream::stream::Stream,
+    stamped: StreamHead,
     applied: Applied,
     catch_up: Duration,
+}
+
+/// `CHAT_MSGS`'s last sequence, looked up by one request at a time: every read that arrived
+/// before a lookup started shares its answer (the stream it saw is at least as new as the one
+/// the read arrived to). A storm of reads, such as thousands of users reconnecting after their
+/// gateway died and each listing its groups, then costs the JetStream API a few `STREAM.INFO`
+/// requests instead of one each (the server queues its JetStream API and drops requests once
+/// that queue is full).
+struct StreamHead {
+    stream: jetstream::stream::Stream,
+    /// The last answer, with the moment its lookup started.
+    latest: tokio::sync::Mutex<Option<(Instant, u64)>>,
+}
+
+impl StreamHead {
+    fn new(stream: jetstream::stream::Stream) -> Self {
+        Self {
+            stream,
+            latest: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The stream's last sequence at some moment after this call began.
+    async fn last_sequence(&self) -> Result<u64, CatchUpError> {
+        let arrived = Instant::now();
+        let mut latest = self.latest.lock().await;
+        if let Some((started, last)) = *latest
+            && started >= arrived
+        {
+            return Ok(last);
+        }
+        let started = Instant::now();
+        let last = self
+            .stream
+            .clone()
+            .info()
+            .await
+            .map_err(|e| CatchUpError::Stream(e.to_string()))?
+            .state
+            .last_sequence;
+        *latest = Some((started, last));
+        Ok(last)
+    }
 }
 
 pub async fn serve<S: MessageStore + Clone>(
@@ -97,7 +140,7 @@ pub async fn serve<S: MessageStore + Clone>(
     let responder = std::sync::Arc::new(Responder {
         client: client.clone(),
         store,
-        stamped,
+        stamped: StreamHead::new(stamped),
         applied,
         catch_up,
     });
@@ -291,14 +334,7 @@ impl<S: MessageStore> Responder<S> {
     /// Waits until the store applied everything `CHAT_MSGS` held when this was called. A
     /// `floor` (a client's token) beyond that is [`CatchUpError::Future`].
     async fn wait_for_stream(&self, floor: Option<u64>) -> Result<(), CatchUpError> {
-        let last = self
-            .stamped
-            .clone()
-            .info()
-            .await
-            .map_err(|e| CatchUpError::Stream(e.to_string()))?
-            .state
-            .last_sequence;
+        let last = self.stamped.last_sequence().await?;
         if let Some(floor) = floor.filter(|f| *f > last) {
             return Err(CatchUpError::Future { floor, last });
         }

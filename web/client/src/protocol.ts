@@ -55,6 +55,9 @@ export interface Limits {
   typing_per_second?: number;
   typing_burst?: number;
   typing_ttl_ms?: number;
+  groups_per_hour?: number;
+  group_members_per_minute?: number;
+  new_conversations_per_minute?: number;
 }
 
 export interface Receipt {
@@ -114,6 +117,7 @@ export type ErrorCode =
   | "not_admin"
   | "group_full"
   | "already_exists"
+  | "last_admin"
   | "not_found"
   | "rate_limited"
   | "unavailable"
@@ -122,6 +126,7 @@ export type ErrorCode =
   | "unauthorized"
   | "token_expired"
   | "too_many_connections"
+  | "overloaded"
   | "media_not_found"
   | "media_mismatch";
 
