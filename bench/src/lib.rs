@@ -74,6 +74,19 @@ fn check(name: &str, ok: bool, measured: String) -> String {
     )
 }
 
+/// The idle targets: gateway memory per connection, and connections held.
+fn idle_targets(bytes_per_conn: f64, held: usize) -> String {
+    check(
+        "gateway memory <= 8 KiB per idle connection",
+        bytes_per_conn <= targets::IDLE_BYTES_PER_CONN,
+        format!("{:.2} KiB", bytes_per_conn / 1024.0),
+    ) + &check(
+        "100,000 idle connections held",
+        held >= targets::IDLE_CONNECTIONS,
+        format!("{held} held"),
+    )
+}
+
 fn latency_targets(t: &TrialResult) -> String {
     let d = &t.delivery_latency;
     let mut s = check(
@@ -247,22 +260,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             let _ = sys.stop();
             let r = r?;
             print!("{}", r.summary());
-            print!(
-                "{}",
-                check(
-                    "gateway memory <= 8 KiB per idle connection",
-                    r.bytes_per_conn <= targets::IDLE_BYTES_PER_CONN,
-                    format!("{:.2} KiB", r.bytes_per_conn / 1024.0)
-                )
-            );
-            print!(
-                "{}",
-                check(
-                    "100,000 idle connections held",
-                    r.held as usize >= targets::IDLE_CONNECTIONS,
-                    format!("{} held", r.held)
-                )
-            );
+            print!("{}", idle_targets(r.bytes_per_conn, r.held as usize));
             let o = out_dir(&a.output);
             (o.clone(), report::write(&o, mode, a, machine, &r)?)
         }
@@ -323,22 +321,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             };
             let r = idle::run(&sys, spec, nofile).await?;
             print!("{}", r.summary());
-            print!(
-                "{}",
-                check(
-                    "gateway memory <= 8 KiB per idle connection",
-                    r.gateway_bytes_per_conn <= targets::IDLE_BYTES_PER_CONN,
-                    format!("{:.2} KiB", r.gateway_bytes_per_conn / 1024.0)
-                )
-            );
-            print!(
-                "{}",
-                check(
-                    "100,000 idle connections held",
-                    r.held >= targets::IDLE_CONNECTIONS,
-                    format!("{} held", r.held)
-                )
-            );
+            print!("{}", idle_targets(r.gateway_bytes_per_conn, r.held));
             let _ = sys.stop();
             let o = out_dir(&a.output);
             (o.clone(), report::write(&o, mode, a, machine, &r)?)

@@ -76,6 +76,19 @@ struct FakeBackend {
     groups: Arc<Mutex<Vec<ConvInfo>>>,
 }
 
+/// The one conversation the fake's sync answers with.
+pub(super) fn synced_state() -> ConvState {
+    ConvState {
+        conv: "dm~alice~bob".into(),
+        name: None,
+        member_count: 2,
+        latest: 4,
+        unread: 2,
+        members: vec![marks("alice", 4, 2), marks("bob", 4, 4)],
+        left: None,
+    }
+}
+
 fn marks(user: &str, delivered: u64, read: u64) -> MemberMarks {
     MemberMarks {
         user: user.into(),
@@ -104,15 +117,7 @@ impl FakeBackend {
             ));
         }
         SyncReply::Page {
-            convs: vec![ConvState {
-                conv: "dm~alice~bob".into(),
-                name: None,
-                member_count: 2,
-                latest: 4,
-                unread: 2,
-                members: vec![marks("alice", 4, 2), marks("bob", 4, 4)],
-                left: None,
-            }],
+            convs: vec![synced_state()],
             messages: vec![],
             more: false,
             next: None,

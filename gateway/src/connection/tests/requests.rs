@@ -79,15 +79,7 @@ async fn sync_is_validated_clamped_and_answered() {
         c.frame().await,
         ServerFrame::Sync {
             req: "s4".into(),
-            convs: vec![ConvState {
-                conv: "dm~alice~bob".into(),
-                name: None,
-                member_count: 2,
-                latest: 4,
-                unread: 2,
-                members: vec![marks("alice", 4, 2), marks("bob", 4, 4)],
-                left: None,
-            }],
+            convs: vec![synced_state()],
             messages: vec![],
             more: false,
             next: None,
