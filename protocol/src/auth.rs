@@ -395,6 +395,8 @@ pub fn mint_hs256(secret: &[u8], kid: Option<&str>, claims: &impl Serialize) -> 
 
 #[cfg(test)]
 mod tests {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+
     use super::*;
 
     /// Test-only key pairs (`protocol/tests/fixtures/README.md`): never use them anywhere else.
@@ -432,21 +434,6 @@ mod tests {
     fn eddsa(kid: Option<&str>, claims: &impl Serialize) -> String {
         let key = EncodingKey::from_ed_pem(ED_PRIVATE).unwrap();
         sign(Algorithm::EdDSA, kid, &key, claims)
-    }
-
-    fn b64(bytes: &[u8]) -> String {
-        const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let n = chunk
-                .iter()
-                .enumerate()
-                .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
-            for i in 0..=chunk.len() {
-                out.push(ABC[(n >> (18 - 6 * i) & 63) as usize] as char);
-            }
-        }
-        out
     }
 
     fn later() -> u64 {
@@ -533,13 +520,13 @@ mod tests {
     #[test]
     fn alg_none_is_refused() {
         let verifier = TokenVerifier::hs256(b"s1");
-        let body = b64(format!(r#"{{"sub":"alice","exp":{}}}"#, later()).as_bytes());
+        let body = URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"alice","exp":{}}}"#, later()));
         for header in [
             r#"{"alg":"none","typ":"JWT"}"#,
             r#"{"alg":"None"}"#,
             r#"{"typ":"JWT"}"#,
         ] {
-            let unsigned = format!("{}.{body}.", b64(header.as_bytes()));
+            let unsigned = format!("{}.{body}.", URL_SAFE_NO_PAD.encode(header));
             assert!(
                 matches!(verifier.verify(&unsigned), Err(TokenError::Invalid(_))),
                 "{header}"
@@ -549,7 +536,7 @@ mod tests {
             let sig = real.rsplit('.').next().unwrap();
             assert!(
                 verifier
-                    .verify(&format!("{}.{body}.{sig}", b64(header.as_bytes())))
+                    .verify(&format!("{}.{body}.{sig}", URL_SAFE_NO_PAD.encode(header)))
                     .is_err()
             );
         }
