@@ -1,11 +1,12 @@
 //! Runtime plumbing shared by the service binaries: telemetry, layered config, shutdown signals,
-//! the admin endpoint (`/healthz`, `/readyz`, `/metrics`) and the driver for per-partition
+//! the admin endpoint (`/healthz`, `/readyz`, `/metrics`), `Retry-After` on refusals, and the driver for per-partition
 //! pinned JetStream consumers, NATS connections and credentials, and the consumer lag gauges.
 //! Nothing here knows about chat semantics.
 
 pub mod admin;
 pub mod balance;
 pub mod config;
+pub mod http;
 pub mod lag;
 pub mod nats;
 pub mod partitions;

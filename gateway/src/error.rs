@@ -4,7 +4,7 @@
 
 use axum::{
     Json,
-    http::{HeaderValue, StatusCode, header::RETRY_AFTER},
+    http::StatusCode,
     response::{IntoResponse, Response},
 };
 use chat_protocol::{auth::TokenError, frames::ErrorCode, ids::IdError};
@@ -104,11 +104,7 @@ impl IntoResponse for UpgradeError {
         }
         let mut response = (self.status(), Json(body)).into_response();
         if let Some(ms) = retry_after_ms {
-            // Whole seconds, rounded up: never earlier than the budget allows.
-            let secs = ms.div_ceil(1000).max(1);
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(secs));
+            chat_common::http::set_retry_after(&mut response, ms);
         }
         response
     }
@@ -126,6 +122,8 @@ fn token_reason(err: &TokenError) -> String {
 
 #[cfg(test)]
 mod tests {
+    use axum::http::header::RETRY_AFTER;
+
     use super::*;
 
     #[tokio::test]

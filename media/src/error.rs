@@ -4,7 +4,7 @@
 
 use axum::{
     Json,
-    http::{HeaderValue, StatusCode, header::RETRY_AFTER},
+    http::StatusCode,
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
@@ -109,10 +109,7 @@ impl IntoResponse for ApiError {
         };
         let mut response = (self.status(), Json(body)).into_response();
         if let Some(ms) = retry_after_ms {
-            let secs = ms.div_ceil(1000).max(1);
-            response
-                .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from(secs));
+            chat_common::http::set_retry_after(&mut response, ms);
         }
         response
     }
