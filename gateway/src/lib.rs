@@ -145,10 +145,7 @@ impl AppState {
     ) -> Result<Self, ConfigError> {
         let verifier = config.validate()?;
         // Per-user budgets in the shared bucket, so they hold across gateways.
-        let user_limits = limits::UserLimits::new(
-            &config.abuse,
-            Some(async_nats::jetstream::new(nats.clone())),
-        );
+        let limits_bucket = Some(async_nats::jetstream::new(nats.clone()));
         let backend = NatsBackend::new(
             nats,
             Config::ms(config.publish_timeout_ms),
@@ -168,10 +165,7 @@ impl AppState {
         Ok(Self {
             inner: Arc::new(StateInner {
                 verifier,
-                shared: Arc::new(Shared {
-                    user_limits,
-                    ..Shared::new(config, backend.clone(), router)
-                }),
+                shared: Arc::new(Shared::new(config, backend.clone(), router, limits_bucket)),
                 backend,
                 admission: Admission::new(
                     config.max_handshakes,

@@ -124,13 +124,18 @@ pub(crate) struct Shared<B> {
     pub presence: Arc<PresenceHub>,
     /// Who is connected here, and where pushes go.
     pub router: Arc<Router>,
-    /// Per-user abuse budgets: groups, members, new conversations (`limits.rs`). Local to this
-    /// gateway unless `AppState` gives it the shared bucket.
+    /// Per-user abuse budgets: groups, members, new conversations (`limits.rs`), in the shared
+    /// bucket when one was given (local to this gateway otherwise: tests).
     pub user_limits: crate::limits::UserLimits,
 }
 
 impl<B> Shared<B> {
-    pub(crate) fn new(config: &Config, backend: B, router: Arc<Router>) -> Self {
+    pub(crate) fn new(
+        config: &Config,
+        backend: B,
+        router: Arc<Router>,
+        limits_bucket: Option<async_nats::jetstream::Context>,
+    ) -> Self {
         let keyed = |per_second: u32, burst: u32| {
             let per_second = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
             let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
@@ -143,7 +148,7 @@ impl<B> Shared<B> {
             receipt_limiter: keyed(config.receipts_per_second, config.receipt_burst),
             presence: Arc::new(PresenceHub::new(config)),
             router,
-            user_limits: crate::limits::UserLimits::new(&config.abuse, None),
+            user_limits: crate::limits::UserLimits::new(&config.abuse, limits_bucket),
         }
     }
 }

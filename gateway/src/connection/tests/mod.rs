@@ -365,7 +365,10 @@ fn gateway(
             live_timeout: Config::ms(config.publish_timeout_ms),
         },
     ));
-    (Arc::new(Shared::new(config, backend, router)), confirmed)
+    (
+        Arc::new(Shared::new(config, backend, router, None)),
+        confirmed,
+    )
 }
 
 /// Attaches a connection of `alice` from `device` to `shared`'s router and serves it over
