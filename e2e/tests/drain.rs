@@ -29,7 +29,7 @@ use chat_protocol::{
     ids::{ConvId, UserId},
     subjects,
 };
-use futures::{SinkExt, StreamExt};
+use futures::{SinkExt, StreamExt, TryStreamExt};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -335,13 +335,14 @@ async fn check_nothing_left(cluster: &Cluster) {
                     left.push(format!("{stream}: {n} message(s)"));
                 }
             }
-            let names: Vec<String> = s.consumer_names().map(|n| n.unwrap()).collect().await;
-            for name in names {
-                let info = s.consumer_info(&name).await.expect("consumer info");
+            // One listing of every consumer's state: the audit's ordered consumers are
+            // ephemeral and can be gone between a list of names and a lookup by name.
+            let infos: Vec<_> = s.consumers().try_collect().await.expect("list consumers");
+            for info in infos {
                 if info.num_ack_pending > 0 || info.num_pending > 0 {
                     left.push(format!(
-                        "{stream}/{name}: {} pending, {} unacked",
-                        info.num_pending, info.num_ack_pending
+                        "{stream}/{}: {} pending, {} unacked",
+                        info.name, info.num_pending, info.num_ack_pending
                     ));
                 }
             }
