@@ -7,6 +7,7 @@ Run by scripts/test.sh: .venv/bin/python -m unittest discover -s charts/tests -v
 import json
 import pathlib
 import re
+import tomllib
 import unittest
 
 import helm_python as helm
@@ -243,6 +244,81 @@ class Workloads(unittest.TestCase):
         self.assertIn("/etc/chat/jwt", mounts)
         seq = container(by_kind(docs, "Deployment")["chat-sequencer"])
         self.assertIn("/etc/chat/cassandra", {m["mountPath"] for m in seq["volumeMounts"]})
+
+    def test_rotation_keys_are_mounted_and_named_by_kid(self):
+        keys = [
+            {"kid": "2026-06", "alg": "EdDSA", "publicKey": "OLD PEM"},
+            {"kid": "2026-12", "alg": "RS256", "publicKey": "NEW PEM"},
+        ]
+        # Next to the single key (tokens without kid), and alone (every token names its kid).
+        for single in ({"eddsaPublicKey": "PEM"}, {"hs256Secret": ""}):
+            docs = render({"jwt": {**single, "keys": keys}})
+            secret = by_kind(docs, "Secret")["chat-jwt"]["stringData"]
+            self.assertEqual(secret["key-2026-06.pem"], "OLD PEM")
+            self.assertEqual(secret["key-2026-12.pem"], "NEW PEM")
+            for name, prefix in (("chat-gateway", "CHAT_GATEWAY"), ("chat-media", "CHAT_MEDIA")):
+                c = container(by_kind(docs, "Deployment")[name])
+                e = env_of(c)
+                # The services read the list in figment's inline syntax, which is TOML's.
+                parsed = tomllib.loads("keys = " + e[f"{prefix}_AUTH__KEYS"]["value"])["keys"]
+                self.assertEqual(
+                    parsed,
+                    [
+                        {"kid": "2026-06", "alg": "EdDSA", "public_key_file": "/etc/chat/jwt/key-2026-06.pem"},
+                        {"kid": "2026-12", "alg": "RS256", "public_key_file": "/etc/chat/jwt/key-2026-12.pem"},
+                    ],
+                )
+                self.assertIn("/etc/chat/jwt", {m["mountPath"] for m in c["volumeMounts"]})
+                self.assertEqual(f"{prefix}_AUTH__EDDSA_PUBLIC_KEY_FILE" in e, "eddsaPublicKey" in single)
+        # With an existing secret, each key names the secret's key holding its PEM.
+        docs = render({"jwt": {"hs256Secret": "", "existingSecret": "issuer-keys", "keys": [
+            {"kid": "k1", "alg": "EdDSA", "secretKey": "k1.pem"}]}})
+        self.assertNotIn("chat-jwt", by_kind(docs, "Secret"))
+        gw = container(by_kind(docs, "Deployment")["chat-gateway"])
+        self.assertIn('public_key_file="/etc/chat/jwt/k1.pem"', env_of(gw)["CHAT_GATEWAY_AUTH__KEYS"]["value"])
+        self.assertEqual(
+            {v["name"]: v.get("secret", {}).get("secretName") for v in by_kind(docs, "Deployment")["chat-gateway"]["spec"]["template"]["spec"]["volumes"]}["jwt"],
+            "issuer-keys",
+        )
+
+    def test_a_changed_key_rolls_the_gateways_and_media(self):
+        def sums(values):
+            deps = by_kind(render(values), "Deployment")
+            return {
+                n: deps[n]["spec"]["template"]["metadata"]["annotations"].get("checksum/jwt")
+                for n in ("chat-gateway", "chat-media", "chat-sequencer")
+            }
+
+        before = sums({})
+        self.assertIsNone(before["chat-sequencer"])
+        self.assertIsNotNone(before["chat-gateway"])
+        self.assertNotIn("ci-only-secret", json.dumps(before))
+        self.assertEqual(before, sums({}))
+        after = sums({"jwt": {"keys": [{"kid": "k", "alg": "EdDSA", "publicKey": "P"}]}})
+        for name in ("chat-gateway", "chat-media"):
+            self.assertNotEqual(before[name], after[name], name)
+
+    def test_bad_rotation_keys_are_refused_with_the_reason(self):
+        cases = [
+            ({"alg": "EdDSA", "publicKey": "P"}, "kid is required"),
+            ({"kid": "a/b", "alg": "EdDSA", "publicKey": "P"}, "use 1-64 of"),
+            ({"kid": "a", "alg": "HS256", "publicKey": "P"}, "RS256 or EdDSA"),
+            ({"kid": "a", "alg": "EdDSA"}, "publicKey (the PEM) is required"),
+        ]
+        for key, reason in cases:
+            with self.assertRaises(Exception, msg=key) as err:
+                render({"jwt": {"keys": [key]}})
+            self.assertIn(reason, str(err.exception), key)
+        twice = [{"kid": "a", "alg": "EdDSA", "publicKey": "P"}] * 2
+        with self.assertRaises(Exception) as err:
+            render({"jwt": {"keys": twice}})
+        self.assertIn("appears twice", str(err.exception))
+        with self.assertRaises(Exception) as err:
+            render({"jwt": {"hs256Secret": "", "existingSecret": "s", "keys": [{"kid": "a", "alg": "EdDSA"}]}})
+        self.assertIn("secretKey is required", str(err.exception))
+        with self.assertRaises(Exception) as err:
+            render({"jwt": {"hs256Secret": ""}})
+        self.assertIn("jwt: set one of", str(err.exception))
 
     def test_persistent_sequencers_are_a_statefulset(self):
         docs = render({"sequencer": {"persistence": {"enabled": True, "size": "50Gi"}}})

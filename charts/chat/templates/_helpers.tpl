@@ -42,14 +42,62 @@ app.kubernetes.io/component: {{ .name }}
 {{- default (printf "%s-cassandra" (include "chat.fullname" .)) .Values.store.cassandra.existingSecret -}}
 {{- end -}}
 
-{{/* The key of the JWT secret that holds the verification key, and the setting it goes to. */}}
+{{/*
+The key of the JWT secret that holds the single verification key (the key for tokens without
+`kid`), and the setting it goes to. Empty when only jwt.keys are set: then every token must
+name its `kid`.
+*/}}
 {{- define "chat.jwtKind" -}}
 {{- if .Values.jwt.rs256PublicKey -}}rs256
 {{- else if .Values.jwt.eddsaPublicKey -}}eddsa
 {{- else if .Values.jwt.hs256Secret -}}hs256
-{{- else if .Values.jwt.existingSecret -}}{{ required "jwt.kind is required with jwt.existingSecret (rs256, eddsa or hs256)" .Values.jwt.kind }}
-{{- else -}}{{ fail "jwt: set one of hs256Secret, rs256PublicKey, eddsaPublicKey or existingSecret (with kind)" }}
+{{- else if .Values.jwt.existingSecret -}}
+{{- if .Values.jwt.kind -}}{{ .Values.jwt.kind }}
+{{- else if not .Values.jwt.keys -}}{{ fail "jwt.kind is required with jwt.existingSecret (rs256, eddsa or hs256), unless jwt.keys are set" }}
 {{- end -}}
+{{- else if .Values.jwt.keys -}}
+{{- else -}}{{ fail "jwt: set one of hs256Secret, rs256PublicKey, eddsaPublicKey, existingSecret (with kind) or keys" }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The jwt.keys, checked, as a JSON list of {kid, alg, file}: `file` is the key of the JWT secret
+holding the PEM (`key-<kid>.pem` when the chart creates the secret, `secretKey` with
+jwt.existingSecret).
+*/}}
+{{- define "chat.jwtKeys" -}}
+{{- $keys := list -}}
+{{- $seen := dict -}}
+{{- range $i, $k := .Values.jwt.keys -}}
+{{- $kid := required (printf "jwt.keys[%d].kid is required (the key for tokens without kid is the single-key setting)" $i) $k.kid | toString -}}
+{{- if not (regexMatch "^[A-Za-z0-9._-]{1,64}$" $kid) -}}
+{{- fail (printf "jwt.keys[%d].kid %q: use 1-64 of A-Z a-z 0-9 . _ - (it names a file of the JWT secret)" $i $kid) -}}
+{{- end -}}
+{{- if hasKey $seen $kid -}}{{ fail (printf "jwt.keys: kid %q appears twice" $kid) }}{{- end -}}
+{{- $_ := set $seen $kid true -}}
+{{- if not (has $k.alg (list "RS256" "EdDSA")) -}}
+{{- fail (printf "jwt.keys[%d].alg %q: RS256 or EdDSA (public keys only; HS256 keys go through extraEnv, for development)" $i (toString $k.alg)) -}}
+{{- end -}}
+{{- $file := "" -}}
+{{- if $.Values.jwt.existingSecret -}}
+{{- $file = required (printf "jwt.keys[%d].secretKey is required with jwt.existingSecret (the key of that secret holding the PEM)" $i) $k.secretKey -}}
+{{- else -}}
+{{- $_ := required (printf "jwt.keys[%d].publicKey (the PEM) is required" $i) $k.publicKey -}}
+{{- $file = printf "key-%s.pem" $kid -}}
+{{- end -}}
+{{- $keys = append $keys (dict "kid" $kid "alg" $k.alg "file" $file) -}}
+{{- end -}}
+{{- toJson $keys -}}
+{{- end -}}
+
+{{/* What the gateway and media read of the JWT values at start, hashed: a change rolls them. */}}
+{{- define "chat.jwtChecksum" -}}
+{{- toJson .Values.jwt | sha256sum -}}
+{{- end -}}
+
+{{/* "true" when the JWT secret is mounted as files (public keys). */}}
+{{- define "chat.jwtMounted" -}}
+{{- if or .Values.jwt.keys (and (include "chat.jwtKind" .) (ne (include "chat.jwtKind" .) "hs256")) }}true{{ end -}}
 {{- end -}}
 
 {{/*
@@ -65,9 +113,20 @@ value (HS256) or a mounted PEM file.
 {{- else if eq $kind "rs256" }}
 - name: {{ .prefix }}_AUTH__RS256_PUBLIC_KEY_FILE
   value: /etc/chat/jwt/rs256-public.pem
-{{- else }}
+{{- else if eq $kind "eddsa" }}
 - name: {{ .prefix }}_AUTH__EDDSA_PUBLIC_KEY_FILE
   value: /etc/chat/jwt/eddsa-public.pem
+{{- else if $kind }}
+{{- fail (printf "jwt.kind %q: rs256, eddsa or hs256" $kind) }}
+{{- end }}
+{{- with include "chat.jwtKeys" .root | fromJsonArray }}
+{{- $entries := list }}
+{{- range . }}
+{{- $entries = append $entries (printf "{kid=%q, alg=%q, public_key_file=%q}" .kid .alg (printf "/etc/chat/jwt/%s" .file)) }}
+{{- end }}
+{{- /* One value in figment's inline syntax (gateway/README.md, auth.keys). */}}
+- name: {{ $.prefix }}_AUTH__KEYS
+  value: {{ printf "[%s]" (join ", " $entries) | quote }}
 {{- end }}
 {{- end -}}
 
@@ -94,6 +153,8 @@ PodDisruptionBudget. Arguments (dict):
   ports      list of {name, port} served besides the admin port
   env        extra env entries (YAML list, rendered by the caller)
   volumes, volumeMounts, volumeClaimTemplates   YAML strings, optional
+  checksums  dict of pod annotations `checksum/<name>`, optional: a changed value rolls the
+             pods (a mounted secret's new content is only read at start)
   statefulSet  render a StatefulSet instead of a Deployment
 */}}
 {{- define "chat.component" -}}
@@ -136,6 +197,9 @@ spec:
         prometheus.io/scrape: "true"
         prometheus.io/port: {{ $root.Values.adminPort | quote }}
         prometheus.io/path: /metrics
+        {{- end }}
+        {{- range $name, $sum := .checksums }}
+        checksum/{{ $name }}: {{ $sum | quote }}
         {{- end }}
         {{- with $c.podAnnotations }}
         {{- toYaml . | nindent 8 }}
