@@ -234,14 +234,24 @@ mod tests {
         missing.auth.rs256_public_key_file = Some("/nonexistent/key.pem".into());
         let err = refusal(&missing);
         assert!(err.to_string().contains("/nonexistent/key.pem"), "{err}");
+        let report = format!("{:#}", anyhow::Error::new(err));
+        assert_eq!(report.matches("os error 2").count(), 1, "{report}");
         let mut garbage = Config::default();
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), "not a pem").unwrap();
         garbage.auth.eddsa_public_key_file = Some(file.path().into());
-        assert!(matches!(
-            garbage.validate(),
-            Err(ConfigError::Auth(AuthConfigError::Key(_)))
-        ));
+        let err = garbage.validate().unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Auth(AuthConfigError::Key { .. })),
+            "{err}"
+        );
+        // The file is named once, and the reason is said once (not again as a source).
+        let report = format!("{:#}", anyhow::Error::new(err));
+        assert!(
+            report.contains(&file.path().display().to_string()),
+            "{report}"
+        );
+        assert_eq!(report.matches("cannot load EdDSA").count(), 1, "{report}");
         // Keys with ids, beside or instead of the single-key setting.
         let mut keyed = Config::default();
         keyed.auth.keys = vec![KeyConfig {

@@ -133,10 +133,11 @@ impl fmt::Debug for VerifyKey {
 
 /// Why a verification key could not be loaded.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot load {alg} verification key: {source}")]
+#[error("cannot load {alg} verification key: {error}")]
 pub struct KeyError {
     alg: &'static str,
-    source: jsonwebtoken::errors::Error,
+    /// In the message, so not a `source` (a report of the chain would say it twice).
+    error: jsonwebtoken::errors::Error,
 }
 
 impl VerifyKey {
@@ -151,9 +152,9 @@ impl VerifyKey {
 
     /// An RS256 key from a PEM public key.
     pub fn rs256_pem(kid: Option<String>, pem: &[u8]) -> Result<Self, KeyError> {
-        let key = DecodingKey::from_rsa_pem(pem).map_err(|source| KeyError {
+        let key = DecodingKey::from_rsa_pem(pem).map_err(|error| KeyError {
             alg: "RS256",
-            source,
+            error,
         })?;
         Ok(Self {
             kid,
@@ -164,9 +165,9 @@ impl VerifyKey {
 
     /// An EdDSA (Ed25519) key from a PEM public key.
     pub fn eddsa_pem(kid: Option<String>, pem: &[u8]) -> Result<Self, KeyError> {
-        let key = DecodingKey::from_ed_pem(pem).map_err(|source| KeyError {
+        let key = DecodingKey::from_ed_pem(pem).map_err(|error| KeyError {
             alg: "EdDSA",
-            source,
+            error,
         })?;
         Ok(Self {
             kid,

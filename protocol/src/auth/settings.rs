@@ -107,23 +107,37 @@ pub enum AuthConfigError {
     EmptySecret,
     #[error("auth.keys[{index}]: {reason}")]
     BadKey { index: usize, reason: &'static str },
-    #[error("auth: cannot read {path}: {source}")]
+    /// The reason is in the message, not a `source`: with both, a report of the error chain
+    /// (`{:#}`) says it twice.
+    #[error("auth: cannot read {path}: {error}")]
     KeyFile {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
+    #[error("auth: {path}: {error}")]
+    Key { path: PathBuf, error: KeyError },
     #[error("auth: {0}")]
-    Key(#[from] KeyError),
-    #[error("auth: {0}")]
-    Set(#[from] KeySetError),
+    Set(KeySetError),
     #[error("auth: `leeway_secs` is {0}; at most {MAX_LEEWAY_SECS} is accepted")]
     Leeway(u64),
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, AuthConfigError> {
-    std::fs::read(path).map_err(|source| AuthConfigError::KeyFile {
+    std::fs::read(path).map_err(|error| AuthConfigError::KeyFile {
         path: path.clone(),
-        source,
+        error,
+    })
+}
+
+/// Reads the PEM file at `path` and loads it with `load`, naming the file in either error.
+fn pem_key(
+    path: &PathBuf,
+    load: fn(Option<String>, &[u8]) -> Result<VerifyKey, KeyError>,
+    kid: Option<String>,
+) -> Result<VerifyKey, AuthConfigError> {
+    load(kid, &read(path)?).map_err(|error| AuthConfigError::Key {
+        path: path.clone(),
+        error,
     })
 }
 
@@ -149,14 +163,14 @@ impl AuthConfig {
             }
             keys.push(VerifyKey::hs256(None, secret.as_bytes()));
         } else if let Some(path) = &self.rs256_public_key_file {
-            keys.push(VerifyKey::rs256_pem(None, &read(path)?)?);
+            keys.push(pem_key(path, VerifyKey::rs256_pem, None)?);
         } else if let Some(path) = &self.eddsa_public_key_file {
-            keys.push(VerifyKey::eddsa_pem(None, &read(path)?)?);
+            keys.push(pem_key(path, VerifyKey::eddsa_pem, None)?);
         }
         for (index, key) in self.keys.iter().enumerate() {
             keys.push(key.load(index)?);
         }
-        Ok(TokenVerifier::new(keys, self.leeway_secs)?)
+        TokenVerifier::new(keys, self.leeway_secs).map_err(AuthConfigError::Set)
     }
 }
 
@@ -174,8 +188,8 @@ impl KeyConfig {
             (KeyAlgorithm::HS256, _, _) => Err(bad(
                 "an HS256 key takes `secret` (and no `public_key_file`)",
             )),
-            (KeyAlgorithm::RS256, None, Some(path)) => Ok(VerifyKey::rs256_pem(kid, &read(path)?)?),
-            (KeyAlgorithm::EdDSA, None, Some(path)) => Ok(VerifyKey::eddsa_pem(kid, &read(path)?)?),
+            (KeyAlgorithm::RS256, None, Some(path)) => pem_key(path, VerifyKey::rs256_pem, kid),
+            (KeyAlgorithm::EdDSA, None, Some(path)) => pem_key(path, VerifyKey::eddsa_pem, kid),
             (KeyAlgorithm::RS256 | KeyAlgorithm::EdDSA, _, _) => Err(bad(
                 "an RS256 or EdDSA key takes `public_key_file` (and no `secret`)",
             )),
