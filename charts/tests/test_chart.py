@@ -4,6 +4,7 @@ Helm's Go SDK), then checks the rendered manifests for what operators rely on.
 Run by scripts/test.sh: .venv/bin/python -m unittest discover -s charts/tests -v
 """
 
+import itertools
 import json
 import pathlib
 import re
@@ -187,9 +188,10 @@ class Workloads(unittest.TestCase):
         self.assertNotIn("ci-only-secret", json.dumps([d for d in self.docs if d["kind"] != "Secret"]))
 
     def test_every_env_var_is_a_documented_setting(self):
-        for comp, (_b, prefix, *_r) in COMPONENTS.items():
+        tls = by_kind(render({"nats": {"tls": {"enabled": True, "clientCertificate": True}}}), "Deployment")
+        for (comp, (_b, prefix, *_r)), deployments in itertools.product(COMPONENTS.items(), (self.deployments, tls)):
             readme = (ROOT / README[prefix]).read_text()
-            for name in env_of(container(self.deployments[f"chat-{comp}"])):
+            for name in env_of(container(deployments[f"chat-{comp}"])):
                 if not name.startswith(prefix + "_"):
                     continue
                 field = name[len(prefix) + 1 :].lower().replace("__", ".")
@@ -319,6 +321,31 @@ class Workloads(unittest.TestCase):
         with self.assertRaises(Exception) as err:
             render({"jwt": {"hs256Secret": ""}})
         self.assertIn("jwt: set one of", str(err.exception))
+
+    def test_nats_tls_mounts_the_secret_in_every_pod_and_names_its_files(self):
+        self.assertNotIn("NATS_TLS", json.dumps(self.docs))
+        docs = render({"nats": {"url": "tls://nats:4222", "tls": {"enabled": True, "clientCertificate": True}}})
+        pods = [(d["metadata"]["name"], d["spec"]["template"]["spec"]) for d in docs if d["kind"] in ("Deployment", "Job")]
+        self.assertEqual(len(pods), len(COMPONENTS) + 1)
+        for name, pod in pods:
+            volumes = {v["name"]: v for v in pod["volumes"]}
+            self.assertEqual(volumes["nats-tls"]["secret"]["secretName"], "chat-nats-tls", name)
+            c = pod["containers"][0]
+            self.assertIn(
+                {"name": "nats-tls", "mountPath": "/etc/chat/nats-tls", "readOnly": True}, c["volumeMounts"], name
+            )
+            e = {k: v.get("value") for k, v in env_of(c).items()}
+            if name == "chat-provision":
+                want = {"CHAT_NATS_CA": "ca.crt", "CHAT_NATS_CERT": "tls.crt", "CHAT_NATS_KEY": "tls.key"}
+            else:
+                prefix = next(p for comp, (_b, p, *_r) in COMPONENTS.items() if name == f"chat-{comp}")
+                want = {f"{prefix}_NATS_TLS__{k}_FILE": f for k, f in (("CA", "ca.crt"), ("CERT", "tls.crt"), ("KEY", "tls.key"))}
+            for var, file in want.items():
+                self.assertEqual(e.get(var), f"/etc/chat/nats-tls/{file}", f"{name} {var}")
+        # Without a client certificate only the CA is set.
+        gw = container(by_kind(render({"nats": {"tls": {"enabled": True}}}), "Deployment")["chat-gateway"])
+        self.assertIn("CHAT_GATEWAY_NATS_TLS__CA_FILE", env_of(gw))
+        self.assertNotIn("CHAT_GATEWAY_NATS_TLS__CERT_FILE", env_of(gw))
 
     def test_persistent_sequencers_are_a_statefulset(self):
         docs = render({"sequencer": {"persistence": {"enabled": True, "size": "50Gi"}}})

@@ -278,6 +278,25 @@ pub struct NatsLogin {
     /// A NATS .creds file (JWT and seed), instead of a user and password
     #[arg(long, env = "CHAT_NATS_CREDS", value_name = "FILE")]
     pub nats_creds: Option<std::path::PathBuf>,
+    /// TLS: PEM file of the CA that signed the NATS servers' certificates
+    #[arg(long, env = "CHAT_NATS_CA", value_name = "FILE")]
+    pub nats_ca: Option<std::path::PathBuf>,
+    /// TLS: PEM client certificate, for servers that verify clients (with --nats-key)
+    #[arg(
+        long,
+        env = "CHAT_NATS_CERT",
+        value_name = "FILE",
+        requires = "nats_key"
+    )]
+    pub nats_cert: Option<std::path::PathBuf>,
+    /// TLS: PEM private key of --nats-cert
+    #[arg(
+        long,
+        env = "CHAT_NATS_KEY",
+        value_name = "FILE",
+        requires = "nats_cert"
+    )]
+    pub nats_key: Option<std::path::PathBuf>,
 }
 
 impl NatsLogin {
@@ -287,6 +306,15 @@ impl NatsLogin {
             password: self.nats_password.clone(),
             creds_file: self.nats_creds.clone(),
             ..Default::default()
+        }
+    }
+
+    fn tls(&self) -> chat_common::nats::NatsTls {
+        chat_common::nats::NatsTls {
+            ca_file: self.nats_ca.clone(),
+            cert_file: self.nats_cert.clone(),
+            key_file: self.nats_key.clone(),
+            handshake_first: false,
         }
     }
 }
@@ -990,10 +1018,10 @@ fn render(out: &std::path::Path, partitions: u32) -> anyhow::Result<()> {
 }
 
 async fn admin_client(nats: &str, login: &NatsLogin) -> anyhow::Result<async_nats::Client> {
+    let options = login.auth().options().await?;
     login
-        .auth()
-        .options()
-        .await?
+        .tls()
+        .apply(options)?
         .name("chat-admin")
         .connection_timeout(Duration::from_secs(5))
         .connect(chat_common::nats_servers(nats)?)

@@ -78,13 +78,14 @@ pub fn nats_servers(url: &str) -> anyhow::Result<Vec<async_nats::ServerAddr>> {
 }
 
 /// Connects to NATS as `service` (client name and inbox prefix, see [`nats::connect`]) with
-/// the credentials of `auth`.
+/// the credentials of `auth`, over TLS as `tls` says.
 pub async fn connect_nats(
     url: &str,
     service: &str,
     auth: &nats::NatsAuth,
+    tls: &nats::NatsTls,
 ) -> anyhow::Result<async_nats::Client> {
-    nats::connect(url, service, auth).await
+    nats::connect(url, service, auth, tls).await
 }
 
 /// Binds `addr` unless it is empty (a disabled listener).

@@ -127,6 +127,101 @@ impl NatsAuth {
     }
 }
 
+/// TLS to NATS (`nats_tls`): the CA that signed the servers' certificates, and the client
+/// certificate to present when the servers verify clients (`tls { verify: true }`). A
+/// `tls://` URL, or a server that requires TLS, upgrades the connection; with any of these set
+/// every connection must be TLS. Nothing set and TLS still asked for: the system's roots.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsTls {
+    /// PEM file of the CA certificate(s) trusted for the servers (instead of the system's).
+    pub ca_file: Option<PathBuf>,
+    /// PEM file of this service's client certificate (chain), with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of the private key of `cert_file`.
+    pub key_file: Option<PathBuf>,
+    /// Start TLS before the server's `INFO` (servers with `handshake_first: true`).
+    pub handshake_first: bool,
+}
+
+impl NatsTls {
+    /// Whether anything is configured (then TLS is required).
+    pub fn is_set(&self) -> bool {
+        self.ca_file.is_some()
+            || self.cert_file.is_some()
+            || self.key_file.is_some()
+            || self.handshake_first
+    }
+
+    /// The rustls client configuration these settings describe (files are read now); the
+    /// errors name the file and what is wrong with it.
+    pub fn client_config(&self) -> anyhow::Result<rustls::ClientConfig> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let certs = |path: &PathBuf, what: &str| -> anyhow::Result<Vec<CertificateDer<'static>>> {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| anyhow::anyhow!("nats_tls: the {what} {}: {e}", path.display()))?;
+            anyhow::ensure!(
+                !certs.is_empty(),
+                "nats_tls: the {what} {} holds no PEM certificate",
+                path.display()
+            );
+            Ok(certs)
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        match &self.ca_file {
+            Some(path) => {
+                for cert in certs(path, "CA file")? {
+                    roots.add(cert).map_err(|e| {
+                        anyhow::anyhow!("nats_tls: the CA file {}: {e}", path.display())
+                    })?;
+                }
+            }
+            None => {
+                let native = rustls_native_certs::load_native_certs();
+                roots.add_parsable_certificates(native.certs);
+            }
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("nats_tls: TLS versions")?
+            .with_root_certificates(roots);
+        match (&self.cert_file, &self.key_file) {
+            (None, None) => Ok(builder.with_no_client_auth()),
+            (Some(cert), Some(key)) => {
+                let chain = certs(cert, "certificate file")?;
+                let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
+                    anyhow::anyhow!("nats_tls: the key file {}: {e}", key.display())
+                })?;
+                builder.with_client_auth_cert(chain, key).context(
+                    "nats_tls: `cert_file` and `key_file` do not make a client certificate",
+                )
+            }
+            _ => anyhow::bail!("nats_tls: `cert_file` and `key_file` go together"),
+        }
+    }
+
+    /// `options` with these settings (unchanged when nothing is set: async-nats then does TLS
+    /// with the system's roots where the URL or the server asks for it).
+    pub fn apply(
+        &self,
+        options: async_nats::ConnectOptions,
+    ) -> anyhow::Result<async_nats::ConnectOptions> {
+        if !self.is_set() {
+            return Ok(options);
+        }
+        let options = options
+            .tls_client_config(self.client_config()?)
+            .require_tls(true);
+        Ok(if self.handshake_first {
+            options.tls_first()
+        } else {
+            options
+        })
+    }
+}
+
 /// The contents of a file of `nats_auth` (a password, a seed, credentials) without its
 /// trailing line breaks; the error names the file (`what`: "password file", ...), never its
 /// contents.
@@ -142,15 +237,16 @@ pub fn inbox_prefix(service: &str) -> String {
     format!("_INBOX.{service}")
 }
 
-/// Connects to the NATS server(s) of `url` as `service`: the client name that shows in
+/// Connects to the NATS server(s) of `url` as `service` (over TLS as `tls` says): the client
+/// name that shows in
 /// `nats server report connections`, and the inbox prefix [`inbox_prefix`]`(service)`.
 pub async fn connect(
     url: &str,
     service: &str,
     auth: &NatsAuth,
+    tls: &NatsTls,
 ) -> anyhow::Result<async_nats::Client> {
-    auth.options()
-        .await?
+    tls.apply(auth.options().await?)?
         .name(service)
         .custom_inbox_prefix(inbox_prefix(service))
         .retry_on_initial_connect()
@@ -241,6 +337,53 @@ mod tests {
         };
         let err = missing.options().await.unwrap_err().to_string();
         assert!(err.contains("/nonexistent/seed"), "{err}");
+    }
+
+    fn tls_fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../testkit/fixtures/tls")
+            .join(name)
+    }
+
+    #[test]
+    fn tls_settings_load_or_name_the_file_and_the_fault() {
+        assert!(!NatsTls::default().is_set());
+        let good = NatsTls {
+            ca_file: Some(tls_fixture("test-only-ca.pem")),
+            cert_file: Some(tls_fixture("test-only-client.pem")),
+            key_file: Some(tls_fixture("test-only-client-key.pem")),
+            handshake_first: false,
+        };
+        assert!(good.is_set());
+        assert!(
+            good.client_config()
+                .unwrap()
+                .client_auth_cert_resolver
+                .has_certs()
+        );
+        let fault = |tls: NatsTls| tls.client_config().unwrap_err().to_string();
+        let err = fault(NatsTls {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            ..Default::default()
+        });
+        assert!(err.contains("the CA file /nonexistent/ca.pem"), "{err}");
+        // A key is not a certificate.
+        let err = fault(NatsTls {
+            ca_file: Some(tls_fixture("test-only-client-key.pem")),
+            ..Default::default()
+        });
+        assert!(err.contains("holds no PEM certificate"), "{err}");
+        let err = fault(NatsTls {
+            cert_file: good.cert_file.clone(),
+            ..Default::default()
+        });
+        assert!(err.contains("go together"), "{err}");
+        // The server's key with the client's certificate: not a pair.
+        let err = fault(NatsTls {
+            key_file: Some(tls_fixture("test-only-server-key.pem")),
+            ..good.clone()
+        });
+        assert!(err.contains("do not make a client certificate"), "{err}");
     }
 
     fn tempfile_path() -> PathBuf {

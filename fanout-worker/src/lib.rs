@@ -44,6 +44,8 @@ pub struct Config {
     pub nats_url: String,
     /// How this worker authenticates to NATS (`chat_common::nats`).
     pub nats_auth: chat_common::nats::NatsAuth,
+    /// TLS to NATS: CA, client certificate (`chat_common::nats::NatsTls`).
+    pub nats_tls: chat_common::nats::NatsTls,
     /// Admin endpoint (`/healthz`, `/readyz`, `/metrics`); empty disables it.
     pub admin_listen: String,
     /// Partitions this worker competes for (default: all).
@@ -95,6 +97,7 @@ impl Default for Config {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_auth: Default::default(),
+            nats_tls: Default::default(),
             admin_listen: "127.0.0.1:9092".into(),
             partitions: None,
             pull_batch: 256,
@@ -150,7 +153,13 @@ pub async fn run(
     admin_listener: Option<tokio::net::TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let client = chat_common::connect_nats(&config.nats_url, "fanout", &config.nats_auth).await?;
+    let client = chat_common::connect_nats(
+        &config.nats_url,
+        "fanout",
+        &config.nats_auth,
+        &config.nats_tls,
+    )
+    .await?;
     let js = async_nats::jetstream::new(client.clone());
     let count = chat_protocol::jetstream::live_partitions(&js).await?;
     let partitions = partitions::select(config.partitions.as_deref(), count)?;

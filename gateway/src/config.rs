@@ -17,6 +17,8 @@ pub struct Config {
     pub nats_url: String,
     /// How the gateway authenticates to NATS (`chat_common::nats`).
     pub nats_auth: chat_common::nats::NatsAuth,
+    /// TLS to NATS: CA, client certificate (`chat_common::nats::NatsTls`).
+    pub nats_tls: chat_common::nats::NatsTls,
     pub auth: AuthConfig,
     /// Largest inbound WebSocket message; larger closes the connection with 1009.
     pub max_frame_bytes: usize,
@@ -73,6 +75,7 @@ impl Default for Config {
             admin_listen: "127.0.0.1:9090".into(),
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_auth: Default::default(),
+            nats_tls: Default::default(),
             auth: AuthConfig::default(),
             max_frame_bytes: 131_072,
             max_body_bytes: 65_536,

@@ -96,7 +96,7 @@ use crate::{
     admission::Admission,
     backend::NatsBackend,
     connection::{Session, Shared},
-    push::{Interest, PushAuth, PushClient},
+    push::{Interest, PushAuth, PushClient, PushTls},
     router::{AttachError, Router},
 };
 pub use crate::{
@@ -346,7 +346,14 @@ pub async fn run(
     }
     let servers = PushClient::servers(&config.nats_url).context("push connection")?;
     let push_auth = PushAuth::load(&config.nats_auth).context("push connection")?;
-    let nats = chat_common::connect_nats(&config.nats_url, "gateway", &config.nats_auth).await?;
+    let push_tls = PushTls::load(&config.nats_tls, &servers).context("push connection")?;
+    let nats = chat_common::connect_nats(
+        &config.nats_url,
+        "gateway",
+        &config.nats_auth,
+        &config.nats_tls,
+    )
+    .await?;
     // A listener failure stops this gateway's connections without cancelling the caller's token.
     let stop = shutdown.child_token();
     let push = PushClient::new();
@@ -369,6 +376,7 @@ pub async fn run(
     let push_task = tokio::spawn(push.clone().run(
         servers,
         push_auth,
+        push_tls,
         format!("gateway-push {}", hub.gateway()),
         router.clone(),
         push_stop.clone(),

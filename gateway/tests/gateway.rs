@@ -1710,3 +1710,65 @@ async fn the_push_connection_logs_in_with_a_password_file_or_an_nkey_seed() {
         server.logs()
     );
 }
+
+/// Test-only TLS files (`testkit/fixtures/tls/README.md`).
+fn tls_fixture(name: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../testkit/fixtures/tls")
+        .join(name)
+}
+
+/// Over a nats-server that requires TLS and client certificates, the gateway's two connections
+/// (async-nats for JetStream, the push connection for deliveries) both verify the server with
+/// `nats_tls.ca_file` and present `cert_file`: a send is stored and answered `sent`, and a push
+/// published after `hello` arrives.
+#[tokio::test]
+async fn over_tls_with_client_certificates_sends_are_stored_and_pushes_arrive() {
+    let server = NatsServer::start_with_config(&format!(
+        "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
+        tls_fixture("test-only-server.pem"),
+        tls_fixture("test-only-server-key.pem"),
+        tls_fixture("test-only-ca.pem"),
+    ));
+    let tls = chat_common::nats::NatsTls {
+        ca_file: Some(tls_fixture("test-only-ca.pem")),
+        cert_file: Some(tls_fixture("test-only-client.pem")),
+        key_file: Some(tls_fixture("test-only-client-key.pem")),
+        handshake_first: false,
+    };
+    let url = format!("tls://127.0.0.1:{}", server.port());
+    let admin = tls
+        .apply(async_nats::ConnectOptions::new())
+        .unwrap()
+        .connect(&url)
+        .await
+        .unwrap();
+    provision_all(&admin, &Default::default()).await.unwrap();
+    let (addr, shutdown, task) = start_gateway(&url, |c| c.nats_tls = tls.clone()).await;
+    let mut ws = connect_at(addr, "alice", "phone").await;
+    send(&mut ws, &send_json("dm~alice~bob", "t1", "over tls")).await;
+    match next_frame(&mut ws).await {
+        ServerFrame::Sent { id, .. } => assert_eq!(id, "t1"),
+        other => panic!("expected sent, got {other:?}\n{}", server.logs()),
+    }
+    let stream = jetstream::new(admin.clone())
+        .get_stream(subjects::STREAM_INBOUND)
+        .await
+        .unwrap();
+    assert_eq!(stream.get_info().await.unwrap().state.messages, 1);
+    let frame = message_frame("dm~alice~bob", 1, "pushed over tls");
+    admin
+        .publish(
+            subjects::user(&UserId::parse("alice").unwrap()),
+            frame.clone().into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(next_text(&mut ws).await, frame);
+    shutdown.cancel();
+    timeout(WAIT, task)
+        .await
+        .expect("the gateway stops")
+        .unwrap()
+        .unwrap();
+}

@@ -25,6 +25,8 @@ pub struct Config {
     pub nats_url: String,
     /// How the service authenticates to NATS (`chat_common::nats`).
     pub nats_auth: chat_common::nats::NatsAuth,
+    /// TLS to NATS: CA, client certificate (`chat_common::nats::NatsTls`).
+    pub nats_tls: chat_common::nats::NatsTls,
     pub auth: AuthConfig,
     pub s3: S3Config,
     /// Largest upload with one presigned PUT.
@@ -66,6 +68,7 @@ impl Default for Config {
             admin_listen: "127.0.0.1:9093".into(),
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_auth: Default::default(),
+            nats_tls: Default::default(),
             auth: AuthConfig::default(),
             s3: S3Config::default(),
             max_single_upload_bytes: 64 * 1024 * 1024,

@@ -86,7 +86,13 @@ pub async fn run(
         });
     }
 
-    let nats = chat_common::connect_nats(&config.nats_url, "media", &config.nats_auth).await?;
+    let nats = chat_common::connect_nats(
+        &config.nats_url,
+        "media",
+        &config.nats_auth,
+        &config.nats_tls,
+    )
+    .await?;
     let timeout = Config::ms(config.nats_timeout_ms);
     let js = async_nats::jetstream::new(nats.clone());
     // The bucket is provisioned with the streams (`chat admin provision`); wait for it.

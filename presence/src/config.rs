@@ -12,6 +12,8 @@ pub struct Config {
     pub nats_url: String,
     /// How this replica authenticates to NATS (`chat_common::nats`).
     pub nats_auth: chat_common::nats::NatsAuth,
+    /// TLS to NATS: CA, client certificate (`chat_common::nats::NatsTls`).
+    pub nats_tls: chat_common::nats::NatsTls,
     /// Admin endpoint (`/healthz`, `/readyz`, `/metrics`); empty disables it.
     pub admin_listen: String,
     /// This replica's id among the live presence replicas (default: host name and pid).
@@ -46,6 +48,7 @@ impl Default for Config {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_auth: Default::default(),
+            nats_tls: Default::default(),
             admin_listen: "127.0.0.1:9094".into(),
             instance_id: String::new(),
             online_ttl_ms: 90_000,

@@ -131,7 +131,13 @@ pub async fn run(
         admin::metrics_handle();
         metrics::describe();
     }
-    let client = chat_common::connect_nats(&config.nats_url, "presence", &config.nats_auth).await?;
+    let client = chat_common::connect_nats(
+        &config.nats_url,
+        "presence",
+        &config.nats_auth,
+        &config.nats_tls,
+    )
+    .await?;
     let js = jetstream::new(client.clone());
     let kv = js
         .get_key_value(subjects::PRESENCE_BUCKET)

@@ -13,6 +13,8 @@ pub struct Config {
     pub nats_url: String,
     /// How this process authenticates to NATS (`chat_common::nats`).
     pub nats_auth: chat_common::nats::NatsAuth,
+    /// TLS to NATS: CA, client certificate (`chat_common::nats::NatsTls`).
+    pub nats_tls: chat_common::nats::NatsTls,
     /// Admin endpoint (`/healthz`, `/readyz`, `/metrics`); empty disables it.
     pub admin_listen: String,
     /// Which backend holds the message store: `embedded` (in `store_dir`) or `cassandra`
@@ -65,6 +67,7 @@ impl Default for Config {
         Self {
             nats_url: "nats://127.0.0.1:4222".into(),
             nats_auth: Default::default(),
+            nats_tls: Default::default(),
             admin_listen: "127.0.0.1:9091".into(),
             store: Backend::Embedded,
             store_dir: PathBuf::from(".run/store"),

@@ -114,8 +114,13 @@ pub async fn run(
         "group_max_members must be at least 1"
     );
     let store = open_store(&config).await?;
-    let client =
-        chat_common::connect_nats(&config.nats_url, "sequencer", &config.nats_auth).await?;
+    let client = chat_common::connect_nats(
+        &config.nats_url,
+        "sequencer",
+        &config.nats_auth,
+        &config.nats_tls,
+    )
+    .await?;
     let js = async_nats::jetstream::ContextBuilder::new()
         .timeout(Duration::from_secs(5))
         .backpressure_on_inflight(true)

@@ -130,6 +130,38 @@ value (HS256) or a mounted PEM file.
 {{- end }}
 {{- end -}}
 
+{{/*
+TLS to NATS (nats.tls): env entries naming the mounted files, `.prefix` + `.ca`/`.cert`/`.key`
+as the variable names; the secret's mount and volume. Empty when nats.tls is off.
+*/}}
+{{- define "chat.natsTlsEnv" -}}
+{{- $t := .root.Values.nats.tls -}}
+{{- if $t.enabled -}}
+- name: {{ .prefix }}{{ .ca }}
+  value: /etc/chat/nats-tls/{{ $t.caKey }}
+{{- if $t.clientCertificate }}
+- name: {{ .prefix }}{{ .cert }}
+  value: /etc/chat/nats-tls/{{ $t.certKey }}
+- name: {{ .prefix }}{{ .key }}
+  value: /etc/chat/nats-tls/{{ $t.keyKey }}
+{{- end }}
+{{- end -}}
+{{- end -}}
+{{- define "chat.natsTlsMount" -}}
+{{- if .Values.nats.tls.enabled -}}
+- name: nats-tls
+  mountPath: /etc/chat/nats-tls
+  readOnly: true
+{{- end -}}
+{{- end -}}
+{{- define "chat.natsTlsVolume" -}}
+{{- if .Values.nats.tls.enabled -}}
+- name: nats-tls
+  secret:
+    secretName: {{ .Values.nats.tls.secretName }}
+{{- end -}}
+{{- end -}}
+
 {{/* The drain budget of a component: preStop + steps x grace + 5 s, unless set. */}}
 {{- define "chat.terminationGrace" -}}
 {{- $c := .component -}}
@@ -248,6 +280,7 @@ spec:
               valueFrom:
                 secretKeyRef: { name: {{ $root.Values.nats.auth.secretName }}, key: {{ .user }} }
             {{- end }}
+            {{- include "chat.natsTlsEnv" (dict "root" $root "prefix" (printf "%s_NATS_TLS__" .prefix) "ca" "CA_FILE" "cert" "CERT_FILE" "key" "KEY_FILE") | nindent 12 }}
             {{- with .env }}
             {{- . | nindent 12 }}
             {{- end }}
@@ -274,13 +307,19 @@ spec:
           {{- end }}
           resources:
             {{- toYaml $c.resources | nindent 12 }}
-          {{- with .volumeMounts }}
+          {{- if or .volumeMounts $root.Values.nats.tls.enabled }}
           volumeMounts:
+            {{- with .volumeMounts }}
             {{- . | nindent 12 }}
+            {{- end }}
+            {{- include "chat.natsTlsMount" $root | nindent 12 }}
           {{- end }}
-      {{- with .volumes }}
+      {{- if or .volumes $root.Values.nats.tls.enabled }}
       volumes:
+        {{- with .volumes }}
         {{- . | nindent 8 }}
+        {{- end }}
+        {{- include "chat.natsTlsVolume" $root | nindent 8 }}
       {{- end }}
       {{- with $c.nodeSelector }}
       nodeSelector:

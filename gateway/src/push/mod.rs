@@ -31,11 +31,14 @@
 //!   nonce); without it, a user and password or a token in `nats_url`. It logs in as the same
 //!   NATS user, which must be allowed to subscribe `chat.user.*` and `chat.grp.*`
 //!   (`nats/auth.conf`).
-//! - **Not supported:** TLS. `nats_auth` has no TLS settings and none of the project's server
-//!   configurations uses TLS. A `tls://` URL is refused at startup; a server that requires TLS
-//!   is not sent any credentials: the connect fails with that reason (logged, retried).
+//! - **TLS** ([`link`]): as the gateway's async-nats client does it, with the same `nats_tls`
+//!   settings (CA, client certificate, handshake first): TLS when the URL is `tls://`, when
+//!   `nats_tls` is set, or when the server requires it; the server's certificate is verified
+//!   against `nats_tls.ca_file` (the system's roots without it) and the URL's host. No
+//!   credentials are sent before the TLS handshake succeeded.
 
 mod auth;
+mod link;
 pub(crate) mod proto;
 
 use std::{
@@ -56,8 +59,8 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-pub(crate) use self::auth::PushAuth;
-use self::proto::ServerOp;
+pub(crate) use self::{auth::PushAuth, link::PushTls};
+use self::{link::Link, proto::ServerOp};
 
 /// How often the push connection pings the server to find out that it is gone.
 pub(crate) const KEEPALIVE: Duration = Duration::from_secs(20);
@@ -147,8 +150,6 @@ pub(crate) struct PushClient {
 /// Why the push connection cannot be used at all.
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
-    #[error("the push connection does not support TLS (server {0})")]
-    Tls(String),
     #[error("{0}")]
     Url(String),
 }
@@ -172,14 +173,9 @@ impl PushClient {
         }
     }
 
-    /// The servers of `nats_url`, checked for what this client supports.
+    /// The servers of `nats_url`.
     pub(crate) fn servers(nats_url: &str) -> Result<Vec<ServerAddr>, PushError> {
-        let servers =
-            chat_common::nats_servers(nats_url).map_err(|e| PushError::Url(format!("{e:#}")))?;
-        if let Some(tls) = servers.iter().find(|s| s.tls_required()) {
-            return Err(PushError::Tls(tls.as_url_str().to_owned()));
-        }
-        Ok(servers)
+        chat_common::nats_servers(nats_url).map_err(|e| PushError::Url(format!("{e:#}")))
     }
 
     fn push_bytes(&self, write: impl FnOnce(&mut State)) {
@@ -195,6 +191,7 @@ impl PushClient {
         self,
         servers: Vec<ServerAddr>,
         auth: PushAuth,
+        tls: PushTls,
         name: String,
         handler: Arc<dyn Handler>,
         stop: CancellationToken,
@@ -205,7 +202,7 @@ impl PushClient {
             let server = &servers[next % servers.len()];
             next += 1;
             let connected = tokio::select! {
-                c = tokio::time::timeout(CONNECT_TIMEOUT, connect(server, &auth, &name)) => c,
+                c = tokio::time::timeout(CONNECT_TIMEOUT, connect(server, &auth, &tls, &name)) => c,
                 _ = stop.cancelled() => return,
             };
             match connected {
@@ -254,7 +251,7 @@ impl PushClient {
 
     async fn serve(
         &self,
-        stream: TcpStream,
+        stream: Link,
         mut buf: BytesMut,
         handler: &dyn Handler,
         stop: &CancellationToken,
@@ -267,7 +264,7 @@ impl PushClient {
         ::metrics::gauge!(CONNECTED).set(1.0);
         self.inner.wake.notify_one();
 
-        let (mut read, mut write) = stream.into_split();
+        let (mut read, mut write) = tokio::io::split(stream);
         let writer = async {
             let mut keepalive = tokio::time::interval(KEEPALIVE);
             keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -305,6 +302,8 @@ impl PushClient {
                 }
                 if !bytes.is_empty() {
                     write.write_all(&bytes).await?;
+                    // TLS may hold the last record until flushed (a no-op on plain TCP).
+                    write.flush().await?;
                     bytes.clear();
                     // Keep the room of a burst of subscriptions only while it is used.
                     if bytes.capacity() > READ_BUFFER {
@@ -414,16 +413,22 @@ impl Interest for PushClient {
     }
 }
 
-/// Opens a TCP connection to `server`, reads its `INFO`, sends `CONNECT` with the credentials
-/// of `auth` and waits for the `PONG` that says the server took it. Returns the stream and
+/// Opens a TCP connection to `server`, reads its `INFO` (upgrading to TLS where `tls` or the
+/// server asks for it, before or after the `INFO`), sends `CONNECT` with the credentials of
+/// `auth` and waits for the `PONG` that says the server took it. Returns the stream and
 /// whatever was read past the `PONG`.
 async fn connect(
     server: &ServerAddr,
     auth: &PushAuth,
+    tls: &PushTls,
     name: &str,
-) -> std::io::Result<(TcpStream, BytesMut)> {
-    let mut stream = TcpStream::connect((server.host(), server.port())).await?;
-    stream.set_nodelay(true)?;
+) -> std::io::Result<(Link, BytesMut)> {
+    let tcp = TcpStream::connect((server.host(), server.port())).await?;
+    tcp.set_nodelay(true)?;
+    let mut stream = Link::Plain(tcp);
+    if tls.handshake_first() {
+        stream = stream.upgrade(tls, server).await?;
+    }
     let mut buf = BytesMut::with_capacity(READ_BUFFER);
     let mut sent_connect = false;
     loop {
@@ -431,14 +436,24 @@ async fn connect(
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?
         {
             match op {
-                ServerOp::Info(info) if !sent_connect => {
-                    let info: ServerInfo = serde_json::from_slice(info)
+                ServerOp::Info(raw) if !sent_connect => {
+                    let info: ServerInfo = serde_json::from_slice(raw)
                         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-                    if info.tls_required {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::Unsupported,
-                            PushError::Tls(server.as_url_str().to_owned()),
-                        ));
+                    if !stream.is_tls() && (info.tls_required || tls.wanted(server)) {
+                        if !info.tls_required && !link::offers_tls(raw) {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::Unsupported,
+                                "TLS is asked for (a tls:// URL or nats_tls) but the server does not offer it",
+                            ));
+                        }
+                        // The server says nothing more until the client's TLS hello.
+                        if buf.len() != used {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::InvalidData,
+                                "the server sent more than its INFO before TLS",
+                            ));
+                        }
+                        stream = stream.upgrade(tls, server).await?;
                     }
                     let credentials = auth.credentials(server, &info.nonce).map_err(|e| {
                         std::io::Error::new(
@@ -446,8 +461,9 @@ async fn connect(
                             format!("cannot sign the server's nonce: {e}"),
                         )
                     })?;
-                    let hello = proto::connect(name, &credentials);
+                    let hello = proto::connect(name, &credentials, stream.is_tls());
                     stream.write_all(&hello).await?;
+                    stream.flush().await?;
                     sent_connect = true;
                 }
                 ServerOp::Pong if sent_connect => {
@@ -460,7 +476,10 @@ async fn connect(
                         format!("server refused the push connection: {text}"),
                     ));
                 }
-                ServerOp::Ping => stream.write_all(proto::PONG).await?,
+                ServerOp::Ping => {
+                    stream.write_all(proto::PONG).await?;
+                    stream.flush().await?;
+                }
                 _ => {}
             }
             buf.advance(used);
@@ -471,5 +490,113 @@ async fn connect(
                 "the server closed the connection while connecting",
             ));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use chat_common::nats::NatsTls;
+    use chat_testkit::NatsServer;
+
+    use super::*;
+
+    fn fixture(name: &str) -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../testkit/fixtures/tls")
+            .join(name)
+    }
+
+    /// A nats-server that requires TLS and verifies client certificates (`extra`: more of
+    /// its `tls` block).
+    fn tls_server(extra: &str) -> NatsServer {
+        NatsServer::start_with_config(&format!(
+            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n  {extra}\n}}\n",
+            fixture("test-only-server.pem"),
+            fixture("test-only-server-key.pem"),
+            fixture("test-only-ca.pem"),
+        ))
+    }
+
+    fn settings(ca: &str, client_certificate: bool) -> NatsTls {
+        NatsTls {
+            ca_file: Some(fixture(ca)),
+            cert_file: client_certificate.then(|| fixture("test-only-client.pem")),
+            key_file: client_certificate.then(|| fixture("test-only-client-key.pem")),
+            handshake_first: false,
+        }
+    }
+
+    async fn try_connect(url: &str, settings: &NatsTls) -> std::io::Result<Link> {
+        let server: ServerAddr = url.parse().unwrap();
+        let tls = PushTls::load(settings, std::slice::from_ref(&server)).unwrap();
+        let auth = PushAuth::load(&Default::default()).unwrap();
+        let connecting = connect(&server, &auth, &tls, "push-test");
+        let (link, _) = tokio::time::timeout(CONNECT_TIMEOUT * 2, connecting)
+            .await
+            .expect("connected or refused in time")?;
+        Ok(link)
+    }
+
+    #[tokio::test]
+    async fn tls_verifies_the_server_and_presents_the_client_certificate() {
+        let server = tls_server("");
+        let port = server.port();
+        // The CA that signed the server, and a client certificate: up, CONNECT answered.
+        for url in [
+            format!("tls://127.0.0.1:{port}"),
+            format!("nats://127.0.0.1:{port}"),
+        ] {
+            let link = try_connect(&url, &settings("test-only-ca.pem", true))
+                .await
+                .unwrap_or_else(|e| panic!("{url}: {e}\n{}", server.logs()));
+            assert!(link.is_tls(), "{url}");
+        }
+        // Another CA: the server's certificate is refused before any credentials go out.
+        let other = try_connect(
+            &format!("tls://127.0.0.1:{port}"),
+            &settings("test-only-other-ca.pem", true),
+        )
+        .await;
+        let err = other.err().expect("an untrusted server is refused");
+        assert!(err.to_string().contains("TLS handshake failed"), "{err}");
+        // No client certificate where the server verifies clients: the server refuses.
+        let anonymous = try_connect(
+            &format!("tls://127.0.0.1:{port}"),
+            &settings("test-only-ca.pem", false),
+        )
+        .await;
+        assert!(anonymous.is_err(), "connected without a client certificate");
+        // TLS asked for by a plain server: refused with the reason, nothing sent in clear.
+        let plain = NatsServer::start();
+        let err = try_connect(
+            &format!("tls://127.0.0.1:{}", plain.port()),
+            &NatsTls::default(),
+        )
+        .await
+        .err()
+        .expect("a server without TLS is refused");
+        assert!(err.to_string().contains("does not offer"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn handshake_first_starts_tls_before_the_servers_info() {
+        let server = tls_server("handshake_first: true");
+        let url = format!("tls://127.0.0.1:{}", server.port());
+        let first = NatsTls {
+            handshake_first: true,
+            ..settings("test-only-ca.pem", true)
+        };
+        let link = try_connect(&url, &first)
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", server.logs()));
+        assert!(link.is_tls());
+        // Waiting for an INFO such a server never sends in clear: refused.
+        assert!(
+            try_connect(&url, &settings("test-only-ca.pem", true))
+                .await
+                .is_err()
+        );
     }
 }

@@ -144,12 +144,13 @@ pub(crate) struct Credentials {
 }
 
 /// `CONNECT {...}\r\nPING\r\n` for a client called `name`: no echo, no verbose acks, headers
-/// understood (so a message published with headers is delivered as `HMSG`, not refused).
-pub(crate) fn connect(name: &str, credentials: &Credentials) -> Vec<u8> {
+/// understood (so a message published with headers is delivered as `HMSG`, not refused);
+/// `tls`: the connection is TLS.
+pub(crate) fn connect(name: &str, credentials: &Credentials, tls: bool) -> Vec<u8> {
     let mut info = serde_json::json!({
         "verbose": false,
         "pedantic": false,
-        "tls_required": false,
+        "tls_required": tls,
         "name": name,
         "lang": "rust",
         "version": env!("CARGO_PKG_VERSION"),
@@ -297,6 +298,7 @@ mod tests {
                 pass: Some("p".into()),
                 ..Credentials::default()
             },
+            true,
         );
         let text = String::from_utf8(c).unwrap();
         assert!(text.starts_with("CONNECT {") && text.ends_with("}\r\nPING\r\n"));
@@ -304,6 +306,7 @@ mod tests {
             serde_json::from_str(&text["CONNECT ".len()..text.len() - 8]).unwrap();
         assert_eq!(json["headers"], true);
         assert_eq!(json["echo"], false);
+        assert_eq!(json["tls_required"], true);
         assert_eq!(
             (json["user"].as_str(), json["pass"].as_str()),
             (Some("u"), Some("p"))
