@@ -1689,20 +1689,8 @@ async fn the_push_connection_logs_in_with_a_password_file_or_an_nkey_seed() {
             start_gateway(&server.url(), |c| c.nats_auth = auth.clone()).await;
         let mut ws = connect_at(addr, "alice", "phone").await;
         let frame = message_frame("dm~alice~bob", n as u64 + 1, "logged in");
-        admin
-            .publish(
-                subjects::user(&UserId::parse("alice").unwrap()),
-                frame.clone().into(),
-            )
-            .await
-            .unwrap();
-        assert_eq!(next_text(&mut ws).await, frame, "{way}");
-        shutdown.cancel();
-        timeout(WAIT, task)
-            .await
-            .expect("the gateway stops")
-            .unwrap()
-            .unwrap();
+        assert_eq!(push_to_alice(&admin, &mut ws, &frame).await, frame, "{way}");
+        stop_gateway(shutdown, task).await;
     }
     assert!(
         !server.logs().contains("Authorization Violation"),
@@ -1757,14 +1745,20 @@ async fn over_tls_with_client_certificates_sends_are_stored_and_pushes_arrive() 
         .unwrap();
     assert_eq!(stream.get_info().await.unwrap().state.messages, 1);
     let frame = message_frame("dm~alice~bob", 1, "pushed over tls");
-    admin
-        .publish(
-            subjects::user(&UserId::parse("alice").unwrap()),
-            frame.clone().into(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(next_text(&mut ws).await, frame);
+    assert_eq!(push_to_alice(&admin, &mut ws, &frame).await, frame);
+    stop_gateway(shutdown, task).await;
+}
+
+/// Publishes `frame` on alice's push subject with `nats`; returns the next text her device
+/// `ws` reads.
+async fn push_to_alice(nats: &async_nats::Client, ws: &mut Ws, frame: &str) -> String {
+    let alice = subjects::user(&UserId::parse("alice").unwrap());
+    nats.publish(alice, frame.to_owned().into()).await.unwrap();
+    next_text(ws).await
+}
+
+/// Stops a gateway of [`start_gateway`] and checks that it returned without an error.
+async fn stop_gateway(shutdown: CancellationToken, task: JoinHandle<anyhow::Result<()>>) {
     shutdown.cancel();
     timeout(WAIT, task)
         .await
