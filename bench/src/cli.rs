@@ -129,6 +129,22 @@ pub struct Pipeline {
     /// measured on the same server
     #[arg(long)]
     pub sync_always: bool,
+    /// The services reach nats-server over TLS with client certificates (test-only files of
+    /// testkit/fixtures/tls): the gateway's push connection and every async-nats client. The
+    /// baseline and the bench's own clients stay plain on the same port, so the ratio to it
+    /// includes what TLS costs
+    #[arg(long)]
+    pub tls: bool,
+}
+
+impl Pipeline {
+    /// How nats-server runs for this pipeline.
+    pub fn nats_mode(&self) -> crate::system::NatsMode {
+        crate::system::NatsMode {
+            sync_always: self.sync_always,
+            tls: self.tls,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args, Serialize)]

@@ -148,8 +148,7 @@ async fn pipeline(
     if p.pairs == 0 {
         bail!("--pairs must be at least 1");
     }
-    let nats_config = p.sync_always.then_some(system::SYNC_ALWAYS);
-    let sys = System::start_configured(true, &[], &[], p.partitions, nats_config).await?;
+    let sys = System::start_configured(true, &[], &[], p.partitions, p.nats_mode()).await?;
     let b = baseline_on(&sys, load).await?;
     let pop = Population::connect(&sys, p.pairs, 1).await?;
     println!("{} pairs connected ({} sockets)", p.pairs, p.pairs * 2);
@@ -274,7 +273,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 &[],
                 &overload::gateway_env(&admin),
                 a.pipeline.partitions,
-                a.pipeline.sync_always.then_some(system::SYNC_ALWAYS),
+                a.pipeline.nats_mode(),
             )
             .await?;
             let mut pop = Population::connect(&sys, a.pipeline.pairs, 1).await?;

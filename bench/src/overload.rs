@@ -30,10 +30,7 @@ use anyhow::{Context, Result, bail};
 use chat_protocol::frames::ClientFrame;
 use futures::StreamExt;
 use serde::Serialize;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    time::Instant,
-};
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite;
 use tokio_util::sync::CancellationToken;
 
@@ -691,17 +688,9 @@ pub fn by_label(text: &str, name: &str, key: &str) -> BTreeMap<String, u64> {
     out
 }
 
-/// `GET /metrics` over plain HTTP/1.0.
+/// `GET /metrics` from the gateway's admin endpoint.
 async fn scrape(admin: &str) -> Result<String> {
-    let mut s = tokio::net::TcpStream::connect(admin).await?;
-    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes())
-        .await?;
-    let mut buf = String::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut buf)).await??;
-    Ok(buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default())
+    crate::system::http_get(admin, "/metrics").await
 }
 
 #[cfg(test)]

@@ -21,6 +21,113 @@ use crate::procstat::Proc;
 /// JetStream write is fsynced before it is acked.
 pub const SYNC_ALWAYS: &str = "jetstream {\n  sync_interval: always\n}\n";
 
+/// How the bench's nats-server runs, and how the services reach it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NatsMode {
+    /// [`SYNC_ALWAYS`].
+    pub sync_always: bool,
+    /// TLS with client certificates (`verify: true`) for the services, with the test-only files
+    /// of `testkit/fixtures/tls/`. The bench's own connections (its baseline, load and
+    /// backlog readings) stay plain on the same port (`allow_non_tls`).
+    pub tls: bool,
+}
+
+impl NatsMode {
+    /// Lines for nats-server's configuration file, if any; with TLS, its monitoring endpoint
+    /// on `monitor` (for [`check_tls`]).
+    fn config(&self, monitor: u16) -> Option<String> {
+        let mut config = String::new();
+        if self.sync_always {
+            config.push_str(SYNC_ALWAYS);
+        }
+        if self.tls {
+            let file = |name: &str| tls_fixture(name).display().to_string();
+            config.push_str(&format!(
+                "http: \"127.0.0.1:{monitor}\"\nallow_non_tls: true\n\
+                 tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
+                file("test-only-server.pem"),
+                file("test-only-server-key.pem"),
+                file("test-only-ca.pem"),
+            ));
+        }
+        (!config.is_empty()).then_some(config)
+    }
+
+    /// The `nats_tls` settings of a service whose env prefix is `prefix` (none without TLS).
+    fn service_env(&self, prefix: &str) -> Vec<(String, String)> {
+        if !self.tls {
+            return Vec::new();
+        }
+        [
+            ("CA_FILE", "test-only-ca.pem"),
+            ("CERT_FILE", "test-only-client.pem"),
+            ("KEY_FILE", "test-only-client-key.pem"),
+        ]
+        .into_iter()
+        .map(|(field, name)| {
+            let path = tls_fixture(name).display().to_string();
+            (format!("{prefix}_NATS_TLS__{field}"), path)
+        })
+        .collect()
+    }
+}
+
+/// Checks on nats-server's `/connz` (monitoring at `monitor`) that every connection of the
+/// services is TLS, and that each kind is there: the gateway's client and push connection,
+/// the sequencer, the fan-out worker. Returns their names.
+async fn check_tls(monitor: u16) -> Result<Vec<String>> {
+    let body = http_get(&format!("127.0.0.1:{monitor}"), "/connz?limit=4096").await?;
+    let connz: serde_json::Value = serde_json::from_str(&body).context("/connz is not JSON")?;
+    let mut services = Vec::new();
+    for c in connz["connections"]
+        .as_array()
+        .context("/connz has no connections")?
+    {
+        let name = c["name"].as_str().unwrap_or_default();
+        if !["gateway", "sequencer", "fanout"]
+            .iter()
+            .any(|s| name.starts_with(s))
+        {
+            continue;
+        }
+        anyhow::ensure!(
+            c["tls_version"].as_str().is_some_and(|v| !v.is_empty()),
+            "--tls: the connection {name:?} is not TLS"
+        );
+        services.push(name.to_owned());
+    }
+    services.sort();
+    for kind in ["gateway", "gateway-push", "sequencer", "fanout"] {
+        anyhow::ensure!(
+            services
+                .iter()
+                .any(|n| n == kind || n.starts_with(&format!("{kind} "))),
+            "--tls: no {kind} connection on the server ({services:?})"
+        );
+    }
+    Ok(services)
+}
+
+/// `GET path` from `addr` over plain HTTP/1.0; the body.
+pub(crate) async fn http_get(addr: &str, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut buf = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut buf)).await??;
+    Ok(buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default())
+}
+
+fn tls_fixture(name: &str) -> std::path::PathBuf {
+    chat_testkit::workspace_root()
+        .join("testkit/fixtures/tls")
+        .join(name)
+}
+
 /// Sends per second per user the cluster's gateway allows (see the module doc).
 pub const USER_SEND_LIMIT: f64 = 1000.0;
 
@@ -76,19 +183,27 @@ impl System {
         gateway_env: &[(&str, String)],
         partitions: Option<u32>,
     ) -> Result<Self> {
-        Self::start_configured(services, fanout_env, gateway_env, partitions, None).await
+        Self::start_configured(
+            services,
+            fanout_env,
+            gateway_env,
+            partitions,
+            NatsMode::default(),
+        )
+        .await
     }
 
-    /// Like [`System::start_full`], with lines for nats-server's configuration file (such as
-    /// [`SYNC_ALWAYS`]).
+    /// Like [`System::start_full`], with nats-server in `mode` (fsync always, TLS).
     pub async fn start_configured(
         services: bool,
         fanout_env: &[(&str, String)],
         gateway_env: &[(&str, String)],
         partitions: Option<u32>,
-        nats_config: Option<&str>,
+        mode: NatsMode,
     ) -> Result<Self> {
         let n = usize::from(services);
+        let monitor = chat_testkit::free_port();
+        let nats_config = mode.config(monitor);
         let mut cluster = Cluster::with_nats_config(
             ClusterConfig {
                 gateways: n,
@@ -98,9 +213,25 @@ impl System {
                 sequencer_balance: true,
             },
             partitions,
-            nats_config,
+            nats_config.as_deref(),
         )
         .await;
+        let services_of = [
+            (
+                "CHAT_GATEWAY",
+                cluster.gateways.iter_mut().collect::<Vec<_>>(),
+            ),
+            ("CHAT_SEQUENCER", cluster.sequencers.iter_mut().collect()),
+            ("CHAT_FANOUT", cluster.fanouts.iter_mut().collect()),
+        ];
+        for (prefix, services) in services_of {
+            let env = mode.service_env(prefix);
+            for s in services {
+                for (k, v) in &env {
+                    s.set_env(k, v);
+                }
+            }
+        }
         for f in &mut cluster.fanouts {
             for (k, v) in fanout_env {
                 f.set_env(k, v);
@@ -120,6 +251,10 @@ impl System {
         let sys = Self { cluster };
         if services {
             sys.wait_pinned(Duration::from_secs(60)).await?;
+            if mode.tls {
+                let names = check_tls(monitor).await?;
+                println!("TLS (client certificates): {}", names.join(", "));
+            }
         }
         Ok(sys)
     }

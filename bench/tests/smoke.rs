@@ -106,8 +106,10 @@ async fn dm_delivers_every_message_once() {
             "10",
             "--baseline-msgs",
             "1000",
-            // The power-loss durability mode (`max` runs the default one).
+            // The power-loss durability mode (`max` runs the default one), over TLS with
+            // client certificates (the run fails unless every service connection is TLS).
             "--sync-always",
+            "--tls",
         ],
         dir.path(),
     );
@@ -118,6 +120,7 @@ async fn dm_delivers_every_message_once() {
     assert!(r["ratio_to_jetstream"].as_f64().is_some());
     assert_eq!(v["settings"]["pipeline"]["pairs"], 10);
     assert_eq!(v["settings"]["pipeline"]["sync_always"], true);
+    assert_eq!(v["settings"]["pipeline"]["tls"], true);
 }
 
 #[tokio::test(flavor = "multi_thread")]
