@@ -41,13 +41,9 @@ impl NatsMode {
             config.push_str(SYNC_ALWAYS);
         }
         if self.tls {
-            let file = |name: &str| tls_fixture(name).display().to_string();
             config.push_str(&format!(
-                "http: \"127.0.0.1:{monitor}\"\nallow_non_tls: true\n\
-                 tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
-                file("test-only-server.pem"),
-                file("test-only-server-key.pem"),
-                file("test-only-ca.pem"),
+                "http: \"127.0.0.1:{monitor}\"\nallow_non_tls: true\n{}",
+                chat_testkit::tls::server_config("")
             ));
         }
         (!config.is_empty()).then_some(config)
@@ -65,7 +61,7 @@ impl NatsMode {
         ]
         .into_iter()
         .map(|(field, name)| {
-            let path = tls_fixture(name).display().to_string();
+            let path = chat_testkit::tls::fixture(name).display().to_string();
             (format!("{prefix}_NATS_TLS__{field}"), path)
         })
         .collect()
@@ -120,12 +116,6 @@ pub(crate) async fn http_get(addr: &str, path: &str) -> Result<String> {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default())
-}
-
-fn tls_fixture(name: &str) -> std::path::PathBuf {
-    chat_testkit::workspace_root()
-        .join("testkit/fixtures/tls")
-        .join(name)
 }
 
 /// Sends per second per user the cluster's gateway allows (see the module doc).

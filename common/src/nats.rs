@@ -339,11 +339,7 @@ mod tests {
         assert!(err.contains("/nonexistent/seed"), "{err}");
     }
 
-    fn tls_fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../testkit/fixtures/tls")
-            .join(name)
-    }
+    use chat_testkit::tls::fixture as tls_fixture;
 
     #[test]
     fn tls_settings_load_or_name_the_file_and_the_fault() {

@@ -1699,25 +1699,14 @@ async fn the_push_connection_logs_in_with_a_password_file_or_an_nkey_seed() {
     );
 }
 
-/// Test-only TLS files (`testkit/fixtures/tls/README.md`).
-fn tls_fixture(name: &str) -> std::path::PathBuf {
-    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../testkit/fixtures/tls")
-        .join(name)
-}
-
 /// Over a nats-server that requires TLS and client certificates, the gateway's two connections
 /// (async-nats for JetStream, the push connection for deliveries) both verify the server with
 /// `nats_tls.ca_file` and present `cert_file`: a send is stored and answered `sent`, and a push
 /// published after `hello` arrives.
 #[tokio::test]
 async fn over_tls_with_client_certificates_sends_are_stored_and_pushes_arrive() {
-    let server = NatsServer::start_with_config(&format!(
-        "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n}}\n",
-        tls_fixture("test-only-server.pem"),
-        tls_fixture("test-only-server-key.pem"),
-        tls_fixture("test-only-ca.pem"),
-    ));
+    use chat_testkit::tls::{fixture as tls_fixture, server_config};
+    let server = NatsServer::start_with_config(&server_config(""));
     let tls = chat_common::nats::NatsTls {
         ca_file: Some(tls_fixture("test-only-ca.pem")),
         cert_file: Some(tls_fixture("test-only-client.pem")),

@@ -37,6 +37,7 @@ mod cluster;
 mod nats;
 mod process;
 mod seaweed;
+pub mod tls;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};

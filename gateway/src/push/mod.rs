@@ -440,7 +440,7 @@ async fn connect(
                     let info: ServerInfo = serde_json::from_slice(raw)
                         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
                     if !stream.is_tls() && (info.tls_required || tls.wanted(server)) {
-                        if !info.tls_required && !link::offers_tls(raw) {
+                        if !link::offers_tls(raw) {
                             return Err(std::io::Error::new(
                                 std::io::ErrorKind::Unsupported,
                                 "TLS is asked for (a tls:// URL or nats_tls) but the server does not offer it",
@@ -495,28 +495,18 @@ async fn connect(
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-
     use chat_common::nats::NatsTls;
-    use chat_testkit::NatsServer;
+    use chat_testkit::{
+        NatsServer,
+        tls::{fixture, server_config},
+    };
 
     use super::*;
-
-    fn fixture(name: &str) -> PathBuf {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../testkit/fixtures/tls")
-            .join(name)
-    }
 
     /// A nats-server that requires TLS and verifies client certificates (`extra`: more of
     /// its `tls` block).
     fn tls_server(extra: &str) -> NatsServer {
-        NatsServer::start_with_config(&format!(
-            "tls {{\n  cert_file: {:?}\n  key_file: {:?}\n  ca_file: {:?}\n  verify: true\n  {extra}\n}}\n",
-            fixture("test-only-server.pem"),
-            fixture("test-only-server-key.pem"),
-            fixture("test-only-ca.pem"),
-        ))
+        NatsServer::start_with_config(&server_config(extra))
     }
 
     fn settings(ca: &str, client_certificate: bool) -> NatsTls {
